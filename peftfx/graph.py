@@ -1,0 +1,152 @@
+"""The module peftfx returns: an ``fx.GraphModule`` that behaves like the model it came from.
+
+``PeftModel`` is an ordinary ``nn.Module``: ``train()``/``eval()`` switch dropout (the graph's dropout and
+attention-dropout arguments are rewritten and the code recompiled when the mode changes), ``.to()`` moves
+parameters and rewrites device constants frozen into the graph at trace time, ``state_dict()`` has the
+original model's keys plus the adapters', and DDP wraps it like any module.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+__all__ = ["PeftModel", "PeftInfo", "AdapterRecord"]
+
+
+@dataclass
+class AdapterRecord:
+    """One adapter module spliced into the graph (or merged into a weight)."""
+
+    name: str                 # submodule name in the PeftModel, e.g. "model.layers.0.self_attn.q_proj.lora"
+    method: str               # registry name, e.g. "lora"
+    rule_index: int           # which rule of ``PeftInfo.rules`` put it there
+    site: dict[str, Any]      # Site.describe(): path, role, layer, kind, weight name and shape …
+    node: str = ""            # the graph node the adapter acts on (site node name)
+    merged: bool = False      # folded into the weight; its node is gone but its parameters are kept
+
+
+@dataclass
+class PeftInfo:
+    input_names: list[str] = field(default_factory=list)
+    constants: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")
+    rules: list[Any] = field(default_factory=list)
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    base_node_count: int = 0
+
+
+class PeftModel(fx.GraphModule):
+    """A traced model with adapters. Build it with :func:`peftfx.apply` or :func:`peftfx.trace`."""
+
+    def __init__(self, root: nn.Module | dict, graph: fx.Graph, class_name: str = "PeftModel"):
+        super().__init__(root, graph, class_name)
+        self.peft_info = PeftInfo()
+        self._graph_mode: bool | None = None
+        self.register_forward_pre_hook(_fill_constants, with_kwargs=True)
+
+    # ----------------------------------------------------------------------------------------- modes
+    def train(self, mode: bool = True) -> "PeftModel":
+        super().train(mode)
+        if self._graph_mode is not mode:
+            changed = False
+            for node in self.graph.nodes:
+                spec = node.meta.get("peftfx", {}).get("dropout")
+                if spec is not None:
+                    changed |= _set_dropout(node, spec, mode)
+            if changed:
+                self.recompile()
+            self._graph_mode = mode
+        return self
+
+    # ---------------------------------------------------------------------------------------- device
+    def _apply(self, fn, recurse: bool = True):  # called by .to(), .cuda(), .half(), to_empty() …
+        out = super()._apply(fn, recurse)
+        device = next((p.device for p in self.parameters()), None)
+        if device is not None and device != self.peft_info.device:
+            self._rewrite_devices(device)
+        return out
+
+    def _rewrite_devices(self, device: torch.device) -> None:
+        """Device constants frozen at trace time (``arange(device=cpu)``, ``.to(cpu)``) follow the weights."""
+        old = self.peft_info.device
+
+        def fix(v):
+            if isinstance(v, torch.device) and v.type == old.type:
+                return device
+            return v
+
+        for node in self.graph.nodes:
+            if node.op == "call_function":
+                node.args = fx.node.map_aggregate(node.args, fix)
+                node.kwargs = fx.node.map_aggregate(node.kwargs, fix)
+        self.peft_info.device = device
+        self.recompile()
+
+    # ------------------------------------------------------------------------------------------ copy
+    def fork(self, graph: fx.Graph | None = None) -> "PeftModel":
+        """A new PeftModel over a copy of this graph, sharing every parameter and adapter module.
+
+        Passes that must not touch the caller's model (merge, unmerge) work on a fork."""
+        if graph is None:
+            graph = fx.Graph()
+            out = graph.graph_copy(self.graph, {})
+            graph.output(out)
+            graph._codegen = copy.deepcopy(self.graph._codegen)
+            for new in graph.nodes:
+                if "peftfx" in new.meta:
+                    new.meta["peftfx"] = copy.deepcopy(new.meta["peftfx"])
+        twin = PeftModel(self, graph, class_name=type(self).__name__.replace("GraphModuleImpl", "PeftModel"))
+        for name in self.peft_info.adapters:
+            if _get(twin, name) is None:
+                twin.add_submodule(name, self.get_submodule(name))
+        twin.peft_info = copy.deepcopy(self.peft_info)
+        twin.train(self.training)
+        return twin
+
+    def adapter_modules(self) -> dict[str, nn.Module]:
+        return {name: self.get_submodule(name) for name in self.peft_info.adapters}
+
+
+def _fill_constants(module: "PeftModel", args: tuple, kwargs: dict):
+    """Non-tensor inputs fixed at trace time (``use_cache=False``) may be omitted; a different value is an
+    error because the graph cannot honour it."""
+    info = module.peft_info
+    if not info.constants and len(args) <= len(info.input_names):
+        return None
+    kwargs = dict(kwargs)
+    for name, value in zip(info.input_names, args):
+        if name in kwargs:
+            raise TypeError(f"got multiple values for argument '{name}'")
+        kwargs[name] = value
+    for name, value in info.constants.items():
+        if name in kwargs and kwargs[name] != value:
+            raise ValueError(f"the model was traced with {name}={value!r}; the graph cannot run with "
+                             f"{name}={kwargs[name]!r}. Trace again with example_inputs containing "
+                             f"{name}={kwargs[name]!r}.")
+        kwargs[name] = value
+    return (), kwargs
+
+
+def _set_dropout(node: fx.Node, spec: dict, mode: bool) -> bool:
+    args, kwargs = tuple(node.args), dict(node.kwargs)
+    if spec["kind"] == "flag":          # aten.dropout(x, p, train)
+        args = args[:2] + (mode,) + args[3:]
+    elif len(args) > 4:                 # sdpa(q, k, v, mask, dropout_p, …)
+        args = args[:4] + (spec["p"] if mode else 0.0,) + args[5:]
+    else:
+        kwargs["dropout_p"] = spec["p"] if mode else 0.0
+    if args == tuple(node.args) and kwargs == dict(node.kwargs):
+        return False
+    node.args, node.kwargs = args, kwargs
+    return True
+
+
+def _get(module: nn.Module, name: str):
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None

@@ -1,0 +1,159 @@
+"""The method registry. A method is a frozen config dataclass (hyperparameters + ``targets`` selector)
+registered with :func:`register_method`, plus the adapter module it builds. Nothing outside a method's own
+file branches on its name: splice, merge, freeze and checkpoints ask the config and the module.
+
+A config provides:
+  ``name``                 registry key, used in the data form (``{"method": "lora", …}``)
+  ``default_targets()``    the selector used when ``targets`` is None
+  ``decline(site)``        None if the site can take this method, else the reason (recorded for inspect)
+  ``build(site, weight, roles)``  the adapter module for that site (``roles``: the site's roles the
+                           selector asked for, e.g. only q and v of a fused QKV weight)
+An adapter module provides ``position`` ("output": ``forward(x, y) → y'``; "input": ``forward(x) → x'``),
+``mergeable``, and if mergeable ``merge(w, b)``/``unmerge(w, b)`` acting in place on the canonical
+``[out, in]`` weight view and bias.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._errors import RuleError
+from ..rules import Selector, selector_from_dict
+
+__all__ = ["MethodConfig", "AdapterModule", "register_method", "METHODS", "rule_from_dict", "rules_from_data"]
+
+METHODS: dict[str, type["MethodConfig"]] = {}
+
+
+def register_method(cls: type["MethodConfig"]) -> type["MethodConfig"]:
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise RuleError(f"method name {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config; ``targets`` is the selector (None = the method's default roles)."""
+
+    name: ClassVar[str] = ""
+    composes: ClassVar[bool] = False   # may share a site with a rule of another method
+
+    def default_targets(self) -> Selector:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def selector(self) -> Selector:
+        targets = getattr(self, "targets", None)
+        return self.default_targets() if targets is None else targets
+
+    def decline(self, site) -> str | None:
+        return None
+
+    def build(self, site, weight: torch.Tensor, roles: set[str] = frozenset()) -> "AdapterModule":  # pragma: no cover
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------- data form
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.name}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "targets":
+                v = None if v is None else v.to_dict()
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    def __post_init__(self):
+        t = getattr(self, "targets", None)
+        if t is not None and not isinstance(t, Selector):
+            object.__setattr__(self, "targets", selector_from_dict(t))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise RuleError for bad hyperparameters."""
+
+
+class AdapterModule(nn.Module):
+    position: ClassVar[str] = "output"
+    mergeable: ClassVar[bool] = False
+
+    def delta(self) -> torch.Tensor:
+        """For additive methods: the ``[out, in]`` update; merge/unmerge then add/subtract it."""
+        raise NotImplementedError(f"{type(self).__name__} is not mergeable")
+
+    @torch.no_grad()
+    def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        weight += self.delta().to(weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        weight -= self.delta().to(weight.dtype)
+
+
+def rule_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """``{"method": "lora", "rank": 8, "targets": {...}}`` → ``LoRA(rank=8, targets=...)``."""
+    if isinstance(data, MethodConfig):
+        return data
+    if not isinstance(data, dict) or "method" not in data:
+        raise RuleError(f"a rule in data form is a dict with a 'method' key, got {data!r}")
+    data = dict(data)
+    method = data.pop("method")
+    cls = METHODS.get(str(method).lower())
+    if cls is None:
+        raise RuleError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise RuleError(f"method {method!r} has no option(s) {unknown}; its options are {sorted(names)}")
+    for f in dataclasses.fields(cls):
+        if f.name in data and isinstance(data[f.name], list) and f.name != "targets":
+            data[f.name] = tuple(data[f.name])
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise RuleError(f"bad options for method {method!r}: {e}") from None
+
+
+def rules_from_data(data: Any) -> list[MethodConfig]:
+    """A rule, a list of rules, dicts, a JSON/YAML string or a path to a .json/.yaml file → rule objects."""
+    import json
+    import os
+
+    if isinstance(data, (str, os.PathLike)):
+        text = str(data)
+        if os.path.exists(text):
+            with open(text) as f:
+                text = f.read()
+            path = str(data)
+        else:
+            path = ""
+        if path.endswith((".yaml", ".yml")) or (not path and not text.lstrip().startswith(("{", "["))):
+            try:
+                import yaml
+            except ImportError:
+                raise RuleError("reading YAML rules needs PyYAML: pip install pyyaml") from None
+            data = yaml.safe_load(text)
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise RuleError(f"rules are not valid JSON ({e}); pass a list of rules or a .json/.yaml file") from None
+        if isinstance(data, dict) and "rules" in data:
+            data = data["rules"]
+    if isinstance(data, (MethodConfig, dict)):
+        data = [data]
+    if not isinstance(data, (list, tuple)) or not data:
+        raise RuleError(f"expected one rule or a non-empty list of rules, got {data!r}")
+    return [rule_from_dict(d) for d in data]
+
+
+def _load_builtin() -> None:
+    from . import lora  # noqa: F401
+
+
+_load_builtin()

@@ -1,0 +1,141 @@
+"""LoRA — Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685).
+
+    y = W₀x + b + s · B A dropout(x),   A ∈ ℝ^{r×in}, B ∈ ℝ^{out×r},  s = α/r  (rsLoRA: s = α/√r, Kalajdzievski 2023)
+
+A starts Kaiming-uniform (a=√5) and B at zero ("kaiming"), or A ~ N(0, 1/r) ("gaussian"), so an untrained
+LoRA is the identity. On an embedding the roles flip as in Hugging Face PEFT: A ∈ ℝ^{r×vocab} starts at zero,
+B ∈ ℝ^{dim×r} Gaussian, and the update is s · embedding(ids, Aᵀ) Bᵀ. Merging adds s·BA to the ``[out, in]``
+view of the weight; unmerging subtracts it.
+
+A fused projection (GPT-2's ``c_attn``) takes one pair for the whole weight (``fused="joint"``, as HF PEFT) or,
+with ``fused="split"``, one pair per selected q/k/v slice, laid out block-wise so that the update is still one
+low-rank product B_full A_full whose rows outside the selected slices are zero.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._errors import RuleError
+from ..rules import Selector, select
+from . import AdapterModule, MethodConfig, register_method
+
+__all__ = ["LoRA", "LoRALinear", "LoRAEmbedding"]
+
+
+@register_method
+@dataclass(frozen=True)
+class LoRA(MethodConfig):
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: Selector | None = None
+    rslora: bool = False
+    init: str = "kaiming"          # "kaiming" | "gaussian"
+    fused: str = "joint"           # "joint" | "split"
+
+    name: ClassVar[str] = "lora"
+    composes: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise RuleError(f"LoRA rank must be a positive int, got {self.rank!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise RuleError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise RuleError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.fused not in ("joint", "split"):
+            raise RuleError(f"LoRA fused must be 'joint' or 'split', got {self.fused!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def default_targets(self) -> Selector:
+        return select.role("attn.q") | select.role("attn.v")
+
+    def decline(self, site) -> str | None:
+        if self.rank > min(site.in_features, site.out_features) and site.kind != "embedding":
+            return f"rank {self.rank} exceeds min(in, out) = {min(site.in_features, site.out_features)}"
+        return None
+
+    def build(self, site, weight: torch.Tensor, roles: set[str] = frozenset()) -> AdapterModule:
+        kw = dict(device=weight.device, dtype=weight.dtype)
+        if site.kind == "embedding":
+            return LoRAEmbedding(site.in_features, site.out_features, self.rank, self.scaling, **kw)
+        spans = [site.slices[r] for r in ("attn.q", "attn.k", "attn.v") if r in roles and r in site.slices]
+        if self.fused == "split" and "attn.qkv" in site.roles and spans:
+            spans = sorted(spans)
+        else:
+            spans = [(0, site.out_features)]
+        return LoRALinear(site.in_features, site.out_features, self.rank, self.scaling, self.dropout,
+                          self.init, spans, **kw)
+
+
+class LoRALinear(AdapterModule):
+    """``forward(x, y) = y + s · (dropout(x) Aᵀ) B_fullᵀ``; ``B_full`` places each slice's B in its rows."""
+
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, in_features, out_features, rank, scaling, dropout, init, spans, device=None, dtype=None):
+        super().__init__()
+        n = len(spans)
+        self.scaling = scaling
+        self.out_features = out_features
+        self.spans = [tuple(s) for s in spans]
+        self.lora_A = nn.Parameter(torch.empty(rank * n, in_features, device=device, dtype=dtype))
+        rows = sum(e - s for s, e in self.spans)
+        self.lora_B = nn.Parameter(torch.zeros(rows, rank, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if self.lora_A.device.type != "meta":
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / rank)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def full_B(self) -> torch.Tensor:
+        """B as ``[out, rank·n]``: slice i's rows hold B_i in columns i·r…(i+1)·r, zeros elsewhere."""
+        if self.spans == [(0, self.out_features)]:
+            return self.lora_B
+        r = self.lora_B.shape[1]
+        full = self.lora_B.new_zeros(self.out_features, r * len(self.spans))
+        row = 0
+        for i, (s, e) in enumerate(self.spans):
+            full = full.index_put((torch.arange(s, e, device=full.device)[:, None],
+                                   torch.arange(i * r, (i + 1) * r, device=full.device)[None, :]),
+                                  self.lora_B[row: row + e - s])
+            row += e - s
+        return full
+
+    def delta(self) -> torch.Tensor:
+        return (self.full_B() @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.linear(self.dropout(x), self.lora_A)
+        return y + F.linear(h, self.full_B()) * self.scaling
+
+
+class LoRAEmbedding(AdapterModule):
+    """``forward(ids, y) = y + s · embedding(ids, Aᵀ) Bᵀ``."""
+
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, num_embeddings, embedding_dim, rank, scaling, device=None, dtype=None):
+        super().__init__()
+        self.scaling = scaling
+        self.lora_embedding_A = nn.Parameter(torch.zeros(rank, num_embeddings, device=device, dtype=dtype))
+        self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, rank, device=device, dtype=dtype))
+        if self.lora_embedding_B.device.type != "meta":
+            nn.init.normal_(self.lora_embedding_B)
+
+    def delta(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A) * self.scaling
+
+    def forward(self, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(ids, self.lora_embedding_A.t())
+        return y + (h @ self.lora_embedding_B.t()) * self.scaling

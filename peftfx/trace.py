@@ -1,0 +1,169 @@
+"""Model → graph: ``torch.export`` (non-strict) as the front end, a plain trainable GraphModule as the result.
+
+The traced module keeps the original calling convention (same keyword names, positional order of the
+original ``forward``) and output structure (``ModelOutput``, tuple, tensor), and every node carries
+``node.meta["peftfx"] = {"path", "layer", "module_type"}``.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import time
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ._errors import TraceError
+from .graph import PeftModel
+from .passes.cleanup import cleanup_pass
+from .passes.dropout import mode_dropout_pass
+
+__all__ = ["trace", "normalize_inputs"]
+
+log = logging.getLogger(__name__)
+
+_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def normalize_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    """Bind ``example_inputs`` (a dict, a tuple of positionals, or one tensor) to ``model.forward``'s
+    parameter names, in the order of its signature. Hugging Face models that take ``use_cache`` get
+    ``use_cache=False`` unless the caller set it: a KV cache object cannot be traced and a user who
+    passes only ``input_ids`` must not need to know that."""
+    if example_inputs is None:
+        raise TraceError(
+            "apply()/trace() needs example inputs to trace the model: pass example_inputs={'input_ids': ids} "
+            "(a dict of keyword inputs), a tuple of positional inputs, or a single tensor."
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise TraceError(
+            f"example_inputs must be a dict, a tuple or a tensor, got {type(example_inputs).__name__}."
+        )
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind_partial(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise TraceError(f"example_inputs do not fit {type(model).__name__}.forward: {e}") from None
+    params = sig.parameters
+    if any(p.kind == p.VAR_POSITIONAL for name, p in params.items() if name in bound.arguments):
+        raise TraceError("peftfx cannot trace a forward(*args) call; pass inputs by keyword instead.")
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if params[name].kind == inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    if "use_cache" in params and "use_cache" not in out and hasattr(model, "config"):
+        out["use_cache"] = False
+    return out
+
+
+def _dynamic_shapes(kwargs: dict[str, Any], dynamic: bool) -> dict[str, Any] | None:
+    if not dynamic:
+        return None
+    auto = torch.export.Dim.AUTO
+    spec: dict[str, Any] = {}
+    for name, v in kwargs.items():
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            spec[name] = None
+        elif v.dim() == 2 or (v.dim() == 3 and v.is_floating_point()):
+            spec[name] = {0: auto, 1: auto}   # (batch, sequence[, hidden])
+        else:
+            spec[name] = {0: auto}            # (batch, …) e.g. pixel values
+    return spec
+
+
+def _widen_batch(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A batch-1 example makes torch.export specialise the batch dimension to 1; trace with 2 rows."""
+    tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if tensors and all(t.shape[0] == 1 for t in tensors):
+        log.info("example inputs have batch 1; tracing with the row repeated so the batch stays dynamic")
+        return {k: (v.repeat(2, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+                for k, v in kwargs.items()}
+    return kwargs
+
+
+def layer_index(path: str) -> int | None:
+    """The first integer component of a module path (``model.layers.3.self_attn`` → 3)."""
+    m = _LAYER_RE.search(path)
+    return int(m.group(1)) if m else None
+
+
+def _annotate(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        path, mtype = "", ""
+        if stack:
+            path, cls = list(stack.values())[-1]
+            mtype = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+            path = _clean_path(path)
+        if node.op == "get_attr":
+            path = node.target.rsplit(".", 1)[0] if "." in node.target else ""
+        node.meta["peftfx"] = {"path": path, "layer": layer_index(path), "module_type": mtype.rsplit(".", 1)[-1]}
+
+
+def _clean_path(path: str) -> str:
+    # nn_module_stack paths look like "L['self'].model.layers[0]" in some versions and plain dotted in others.
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"\._modules\.", ".", path)
+    return path.strip(".")
+
+
+def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True) -> PeftModel:
+    """Trace ``model`` with ``example_inputs`` into a :class:`PeftModel` (an ``fx.GraphModule``).
+
+    Guarantees: batch and sequence dimensions are dynamic (``dynamic=True``); the parameters are the
+    model's own tensors (nothing is copied); dropout follows ``train()``/``eval()``; the model's
+    train/eval mode is unchanged afterwards and the result starts in the same mode.
+    """
+    if isinstance(model, PeftModel):
+        raise TraceError("this model is already a peftfx model; apply rules to the original nn.Module.")
+    kwargs = normalize_inputs(model, example_inputs)
+    trace_kwargs = _widen_batch(kwargs) if dynamic else kwargs
+    was_training = model.training
+    t0 = time.perf_counter()
+    model.train()  # so dropout is recorded in the graph; the dropout pass makes it follow the mode
+    try:
+        ep = torch.export.export(model, (), kwargs=trace_kwargs,
+                                 dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic), strict=False)
+    except Exception as e:  # torch.export raises many types; say which model failed and how to proceed
+        msg = str(e).strip().splitlines()
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__} with inputs "
+            f"{ {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()} }: "
+            f"{type(e).__name__}: {msg[0] if msg else ''}\n"
+            "Try: pass every input the model needs as a keyword in example_inputs, use a batch of at least 2, "
+            "or set dynamic=False if a dimension cannot be dynamic."
+        ) from e
+    finally:
+        model.train(was_training)
+    unlifted = ep.module()
+    pm = PeftModel(unlifted, unlifted.graph, class_name=type(model).__name__)
+    pm.peft_info.input_names = list(kwargs)
+    pm.peft_info.constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    pm.peft_info.device = _first_device(model)
+    _annotate(pm)
+    cleanup_pass(pm)
+    mode_dropout_pass(pm)
+    pm.train(was_training)
+    log.debug("traced %s in %.2fs (%d nodes)", type(model).__name__, time.perf_counter() - t0,
+              len(pm.graph.nodes))
+    return pm
+
+
+def _first_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
