@@ -58,6 +58,10 @@ def normalize_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in bound.arguments.items():
         if params[name].kind == inspect.Parameter.VAR_KEYWORD:
+            if hasattr(model, "config") and value:   # HF forwards swallow typos in **kwargs
+                named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+                raise TraceError(f"example_inputs do not fit {type(model).__name__}.forward: "
+                                 f"{sorted(value)} is not one of its inputs {named}.")
             out.update(value)
         else:
             out[name] = value
