@@ -1,6 +1,7 @@
 """Roles read from the graph on five architectures plus a hand-written model; selectors and rules as data."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -143,11 +144,19 @@ def test_conflicting_rules_are_an_error_naming_both():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@dataclasses.dataclass(frozen=True)
+class _Picky(LoRA):
+    """A LoRA that declines wide layers — exercises the decline path of the planner."""
+
+    def decline(self, site):
+        return f"in_features {site.in_features} > 32" if site.in_features > 32 else None
+
+
 def test_inspect_does_not_change_the_model_and_reports_declines():
     model = M.llama()
-    rep = peftfx.inspect(model, LoRA(rank=100, targets=select.role("attn.k")), {"input_ids": M.ids()})
+    rep = peftfx.inspect(model, _Picky(rank=2, targets=select.role("attn.k")), {"input_ids": M.ids()})
     d = rep.to_dict()["rules"][0]
-    assert d["sites"] == [] and len(d["declined"]) == 2 and "rank 100 exceeds" in d["declined"][0]["reason"]
+    assert d["sites"] == [] and len(d["declined"]) == 2 and d["declined"][0]["reason"] == "in_features 64 > 32"
     assert "declined model.layers.0.self_attn.k_proj" in str(rep)
     assert all(p.requires_grad for p in model.parameters())
     full = peftfx.inspect(model, None, {"input_ids": M.ids()})

@@ -59,11 +59,6 @@ class LoRA(MethodConfig):
     def default_targets(self) -> Selector:
         return select.role("attn.q") | select.role("attn.v")
 
-    def decline(self, site) -> str | None:
-        if self.rank > min(site.in_features, site.out_features) and site.kind != "embedding":
-            return f"rank {self.rank} exceeds min(in, out) = {min(site.in_features, site.out_features)}"
-        return None
-
     def build(self, site, weight: torch.Tensor, roles: set[str] = frozenset()) -> AdapterModule:
         kw = dict(device=weight.device, dtype=weight.dtype)
         if site.kind == "embedding":
