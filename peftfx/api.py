@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class Plan:
     rules: list[MethodConfig]
     matches: list[Match] = field(default_factory=list)
     declines: list[tuple[int, str, str]] = field(default_factory=list)   # (rule index, site key, reason)
+    graph_edits: dict[int, Any] = field(default_factory=dict)   # rule index → prepared edit (graph-level rules)
 
     def for_rule(self, i: int) -> list[Match]:
         return [m for m in self.matches if m.rule_index == i]
@@ -54,6 +56,8 @@ def plan(pm: PeftModel, rules: Sequence[MethodConfig], *, allow_empty: bool = Fa
     assign_roles(pm.graph, sites)
     p = Plan(sites=sites, rules=list(rules))
     for i, rule in enumerate(p.rules):
+        if getattr(rule, "graph_level", False):    # graph-level methods: see the extension point in apply_to_graph
+            continue
         sel = rule.selector
         hits = 0
         for s in sites:
@@ -69,6 +73,9 @@ def plan(pm: PeftModel, rules: Sequence[MethodConfig], *, allow_empty: bool = Fa
         if not hits and not allow_empty:
             raise NoMatchError(_no_match_message(i, rule, sites, p.declines))
     _check_conflicts(p)
+    for i, rule in enumerate(p.rules):
+        if getattr(rule, "graph_level", False):
+            p.graph_edits[i] = rule.prepare(pm, p, i)   # validates; raises before anything is changed
     return p
 
 
@@ -100,17 +107,17 @@ def _check_conflicts(p: Plan) -> None:
             "Rules of different methods that compose (LoRA with IA3, for example) may share a site.")
 
 
-def _patterns(d: Any) -> list[str]:
+def _patterns(d: Any, keys: tuple[str, ...] = ("name", "regex")) -> list[str]:
     if isinstance(d, dict):
         out = []
         for k, v in d.items():
-            if k in ("name", "regex"):
+            if k in keys:
                 out += v if isinstance(v, list) else [v]
             elif k != "not":
-                out += _patterns(v)
+                out += _patterns(v, keys)
         return out
     if isinstance(d, list):
-        return [x for v in d for x in _patterns(v)]
+        return [x for v in d for x in _patterns(v, keys)]
     return []
 
 
@@ -130,6 +137,10 @@ def _no_match_message(i: int, rule: MethodConfig, sites: list[Site], declines) -
            f"  {len(sites)} sites in all; see peftfx.inspect(model, None, example_inputs) for the full list.")
     if why:
         msg += "\n  declined: " + "; ".join(why)
+    lacking = [p for p in dict.fromkeys(_patterns(rule.selector.to_dict(), ("role",)))
+               if not any(fnmatch.fnmatchcase(r, p) for r in roles)]
+    if lacking:
+        msg += f"\n  roles the rule asks for that this model lacks: {', '.join(lacking)}"
     return msg
 
 
@@ -158,6 +169,17 @@ def apply_to_graph(pm: PeftModel, rules: list[MethodConfig], *, _before_splice=N
         items.append((m.site.node, m.site.op, name, module))
         pm.peft_info.adapters[name] = AdapterRecord(name=name, method=m.rule.name, rule_index=m.rule_index,
                                                     site=m.site.describe(), node=m.site.node.name)
+    # ---- extension point: graph-level methods (``rule.graph_level = True``: prompt/prefix tuning, p-tuning) act
+    # on the graph as a whole, not at one weight site. ``plan`` ran ``rule.prepare(pm, plan, i)`` (checks, no
+    # change); ``rule.build_graph(pm, edit) → {name: (module, site description)}`` builds their modules, recorded
+    # as adapters so checkpoints fill them in ``_before_splice``; ``rule.rewrite(pm, edit, modules)`` registers
+    # them and rewrites the graph after splicing, before freezing.
+    built: dict[int, dict[str, nn.Module]] = {}
+    for i, edit in p.graph_edits.items():
+        built[i] = {}
+        for name, (module, site) in p.rules[i].build_graph(pm, edit).items():
+            modules[name] = built[i][name] = module
+            pm.peft_info.adapters[name] = AdapterRecord(name=name, method=p.rules[i].name, rule_index=i, site=site)
     if _before_splice is not None:
         try:
             _before_splice(pm, p, modules)
@@ -166,6 +188,8 @@ def apply_to_graph(pm: PeftModel, rules: list[MethodConfig], *, _before_splice=N
             raise
     pm.peft_info.base_node_count = len(pm.graph.nodes)
     splice_pass(pm, items)
+    for i, edit in p.graph_edits.items():
+        p.rules[i].rewrite(pm, edit, built[i])
     pm.peft_info.rules = list(rules)
     freeze_pass(pm)
     log.info("applied %d rule(s) at %d site(s)", len(rules), len(items))

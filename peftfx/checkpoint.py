@@ -30,12 +30,24 @@ def _adapter_state(pm: PeftModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: PeftModel, path: str | os.PathLike) -> str:
-    """Write the adapter of ``model`` to folder ``path`` (created or replaced atomically); returns it."""
+def save_adapter(model: PeftModel, path: str | os.PathLike, *, format: str = "peftfx",
+                 adapter: str | None = None) -> str:
+    """Write the adapter of ``model`` to folder ``path`` (created or replaced atomically); returns it.
+    ``format="hf"`` writes a Hugging Face PEFT folder instead (:mod:`peftfx.formats.hf`). On a model with
+    named adapters (:mod:`peftfx.multi`) ``adapter`` picks one; it is written in the single-adapter form."""
     from safetensors.torch import save_file
 
     from . import __version__
+    from .multi import adapter_names, adapter_view, is_multi
 
+    if adapter is not None or is_multi(model):
+        model, adapter = adapter_view(model, adapter), adapter or adapter_names(model)[0]
+    if format == "hf":
+        from .formats.hf import save_hf_adapter
+
+        return save_hf_adapter(model, path)
+    if format != "peftfx":
+        raise CheckpointError(f"save_adapter format must be 'peftfx' or 'hf', got {format!r}.")
     if not isinstance(model, PeftModel) or not model.peft_info.adapters:
         raise CheckpointError("save_adapter needs a model returned by peftfx.apply() with at least one adapter.")
     info = model.peft_info
@@ -48,6 +60,7 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> str:
         "adapters": [{"name": r.name, "method": r.method, "rule_index": r.rule_index, "site": r.site}
                      for r in info.adapters.values()],
         "inputs": info.input_names,
+        **({"adapter_name": adapter} if adapter else {}),
     }
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -124,13 +137,22 @@ def check_state(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor],
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
-                 dynamic: bool = True) -> PeftModel:
+                 dynamic: bool = True, adapter: str | None = None) -> PeftModel:
     """Trace ``model``, apply the saved rules and load the saved adapter tensors. The model is left
-    untouched if the checkpoint is damaged or does not fit it."""
+    untouched if the checkpoint is damaged or does not fit it. A Hugging Face PEFT folder (config with
+    ``peft_type``) is recognised and converted (:mod:`peftfx.formats.hf`). Given a peftfx model instead,
+    the adapter is added to it as named adapter ``adapter`` (:func:`peftfx.multi.add_adapter`)."""
+    if isinstance(model, PeftModel):
+        from .multi import add_adapter
+
+        return add_adapter(model, adapter, path)
     from .api import apply_to_graph
+    from .formats.hf import is_hf_adapter, load_hf_adapter
     from .methods import rules_from_data
     from .trace import trace
 
+    if is_hf_adapter(path):
+        return load_hf_adapter(model, path, example_inputs, dynamic=dynamic)
     config, tensors = read_adapter(path)
     rules = rules_from_data(config["rules"])
     pm = trace(model, example_inputs, dynamic=dynamic)

@@ -37,6 +37,7 @@ class PeftInfo:
     rules: list[Any] = field(default_factory=list)
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     base_node_count: int = 0
+    multi: dict[str, Any] = field(default_factory=dict)   # named adapters (peftfx.multi): adapters, active
 
 
 class PeftModel(fx.GraphModule):

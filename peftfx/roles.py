@@ -52,7 +52,11 @@ def dataflow_graph(graph: fx.Graph) -> nx.DiGraph:
     g = nx.DiGraph()
     for node in graph.nodes:
         g.add_node(node)
-        for inp in node.all_input_nodes:
+        inputs = node.all_input_nodes
+        if node.op == "call_module" and "adapter" in node.meta.get("peftfx", {}) and len(node.args) > 1:
+            # an output adapter m(x, y) belongs to its site: data flows y → m; x → m is no new path
+            inputs = [i for i in inputs if i is not node.args[0] or i is node.args[1]]
+        for inp in inputs:
             if _is_tensor(inp) or inp.op in ("get_attr", "call_module"):
                 g.add_edge(inp, node)
     return g

@@ -80,6 +80,10 @@ def canonical_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _param_attr(gm: fx.GraphModule, node: Any) -> tuple[str, torch.Tensor] | None:
+    if isinstance(node, fx.Node) and node.op == "call_module" and "dequant_of" in node.meta.get("peftfx", {}):
+        # a quantized base weight (peftfx.quant): the dequantizer stands in for the parameter it replaced
+        w = gm.get_submodule(node.target).weight_meta
+        return (node.meta["peftfx"]["dequant_of"], w) if w.dim() == 2 else None
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     try:

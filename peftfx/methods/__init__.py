@@ -10,7 +10,8 @@ A config provides:
                            selector asked for, e.g. only q and v of a fused QKV weight)
 An adapter module provides ``position`` ("output": ``forward(x, y) → y'``; "input": ``forward(x) → x'``),
 ``mergeable``, and if mergeable ``merge(w, b)``/``unmerge(w, b)`` acting in place on the canonical
-``[out, in]`` weight view and bias.
+``[out, in]`` weight view and bias. An "output" module with ``reads_weight = True`` (DoRA) is called
+``forward(x, y, w, b)`` with the site's weight as stored and its bias (None when absent).
 """
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ class MethodConfig:
 class AdapterModule(nn.Module):
     position: ClassVar[str] = "output"
     mergeable: ClassVar[bool] = False
+    reads_weight: ClassVar[bool] = False
+    reads_input: ClassVar[bool] = True    # False: an "output" module that ignores x (merge may rewire it)
 
     def delta(self) -> torch.Tensor:
         """For additive methods: the ``[out, in]`` update; merge/unmerge then add/subtract it."""
@@ -153,7 +156,8 @@ def rules_from_data(data: Any) -> list[MethodConfig]:
 
 
 def _load_builtin() -> None:
-    from . import lora  # noqa: F401
+    from . import adapter, dora, ia3, lora, vera  # noqa: F401
+    from . import prefix, prompt, ptuning  # noqa: F401  (virtual-token methods)
 
 
 _load_builtin()

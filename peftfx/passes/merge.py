@@ -6,6 +6,8 @@ Guarantees: every mergeable adapter's node is gone (a model with only mergeable 
 base graph's nodes, plus one ``get_attr`` per site whose weight was shared with another site — a tied
 embedding/LM head — and had to be untied so that each adapter merges into its own copy), outputs equal the unmerged model up to float rounding, and the adapter parameters
 are kept (unused) so ``unmerge_pass`` can restore the weights and re-splice the nodes.
+Several adapters on one site fold in the order that reproduces the graph (see ``_fold_sequences``); an
+adapter that would have to fold through a non-mergeable one stays in the graph, and merge logs why.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import logging
 import torch
 from torch import nn
 
-from ..sites import canonical_weight, set_site_input
+from ..sites import canonical_weight
 from .base import PassResult, fail, graph_pass
 from .splice import adapter_nodes, splice_one
 
@@ -54,6 +56,10 @@ def _untie_if_shared(gm, rec, site_node) -> None:
                if n.op == "get_attr" and _is_param(gm, n.target) and gm.get_parameter(n.target) is w]
     users = {u for r in readers for u in r.users}
     own = {site_node} | {u for u in users if u.op == "call_function" and site_node in u.users}
+    # a reads_weight adapter (DoRA) of this same site reads the weight too: that is not a tie
+    adapters = gm.peft_info.adapters
+    own |= {u for u in users if u.op == "call_module"
+            and getattr(adapters.get(u.meta.get("peftfx", {}).get("adapter")), "node", None) == rec.node}
     if users <= own:
         return
     idx, node = _weight_arg(site_node, target)
@@ -71,7 +77,9 @@ def _untie_if_shared(gm, rec, site_node) -> None:
         transpose.replace_input_with(node, fresh)
     else:
         site_node.replace_input_with(node, fresh)
-    rec.site["weight"] = new_target
+    for other in gm.peft_info.adapters.values():     # every adapter of this site folds into the copy
+        if other.node == rec.node and other.site["weight"] == target:
+            other.site["weight"] = new_target
     log.info("merge: %s is shared with other sites; %s merges into a private copy %s", target, rec.name, new_target)
 
 
@@ -83,36 +91,74 @@ def _is_param(gm, target: str) -> bool:
         return False
 
 
+def _fold_sequences(pm) -> list[list[str]]:
+    """Per site, its adapters in the order that folds exactly what the graph computes. A site computes
+    y = O_k(…O_1(W·x')…) with x' = I_m(…I_1(x)): output adapters O in chain (rule) order, each reading x', and
+    input adapters I, I_m nearest the weight; so W becomes f_k(…f_1(W)…) · I_m ⋯ I_1 — output adapters first,
+    in chain order, then input adapters from the weight outwards. Unmerging walks this order backwards."""
+    by_site: dict[str, list[str]] = {}
+    for name, rec in pm.peft_info.adapters.items():
+        by_site.setdefault(rec.node, []).append(name)
+    seqs = []
+    for names in by_site.values():
+        inputs = [n for n in names if pm.get_submodule(n).position == "input"]
+        seqs.append([n for n in names if n not in inputs] + inputs[::-1])
+    return seqs
+
+
+def _merge_order(pm) -> list[str]:
+    """The unmerged adapters that can fold, in fold order. An output adapter after a non-mergeable one on
+    its site stays (it acts on that adapter's output); input adapters stay while an unmerged output adapter
+    still reads their output (``reads_input``)."""
+    recs, order = pm.peft_info.adapters, []
+    for seq in _fold_sequences(pm):
+        outs = [n for n in seq if pm.get_submodule(n).position != "input"]
+        blocked = False
+        for name in outs:
+            blocked = not _take(pm, name, blocked, order)
+        blocked = any(not recs[n].merged and n not in order and getattr(pm.get_submodule(n), "reads_input", True)
+                      for n in outs)
+        for name in seq[len(outs):]:
+            blocked = not _take(pm, name, blocked, order)
+    return order
+
+
+def _take(pm, name: str, blocked: bool, order: list[str]) -> bool:
+    """Append ``name`` to ``order`` if it can fold now; False if it stays in the graph."""
+    rec, module = pm.peft_info.adapters[name], pm.get_submodule(name)
+    if rec.merged:
+        return True
+    if blocked or not getattr(module, "mergeable", False):
+        why = "is not mergeable" if not getattr(module, "mergeable", False) else \
+            "acts next to an adapter on the same site that stays in the graph"
+        log.info("adapter %s (%s) %s; it stays in the graph", name, rec.method, why)
+        return False
+    order.append(name)
+    return True
+
+
 @graph_pass("merge", inplace=False)
 def merge_pass(gm, inplace: bool = False) -> PassResult:
     out = gm if inplace else gm.fork()
     nodes = adapter_nodes(out.graph)
+    by_name = {n.name: n for n in out.graph.nodes}
     owned: set[str] = set()
-    modified = False
-    for name, rec in out.peft_info.adapters.items():
-        if rec.merged:
-            continue
-        module = out.get_submodule(name)
-        if not getattr(module, "mergeable", False):
-            log.info("adapter %s (%s) is not mergeable; it stays in the graph", name, rec.method)
-            continue
+    order = _merge_order(out)
+    for name in order:
+        rec, module = out.peft_info.adapters[name], out.get_submodule(name)
         node = nodes.get(name)
         if node is None:
             raise fail("merge", f"adapter {name} has no node in the graph")
-        _untie_if_shared(out, rec, next(n for n in out.graph.nodes if n.name == rec.node))
+        _untie_if_shared(out, rec, by_name[rec.node])
         w = _own_weight(out, rec.site["weight"], inplace, owned)
         b = _own_weight(out, rec.site["bias"], inplace, owned) if rec.site.get("bias") else None
         with torch.no_grad():
             module.merge(canonical_weight(w.data, rec.site["kind"]), None if b is None else b.data)
-        if module.position == "input":
-            site_node = next(iter(node.users))
-            set_site_input(site_node, rec.site["op"], node.args[0])
-        else:
-            node.replace_all_uses_with(node.args[1])
+        # input adapter: the site (and adapters that ignore x) read the raw input; output: the site's output
+        node.replace_all_uses_with(node.args[0] if module.position == "input" else node.args[1])
         out.graph.erase_node(node)
         rec.merged = True
-        modified = True
-    return PassResult(out, modified or not inplace)
+    return PassResult(out, bool(order) or not inplace)
 
 
 @graph_pass("unmerge", inplace=False)
@@ -120,17 +166,20 @@ def unmerge_pass(gm, inplace: bool = False) -> PassResult:
     out = gm if inplace else gm.fork()
     owned: set[str] = set()
     by_name = {n.name: n for n in out.graph.nodes}
-    for name, rec in out.peft_info.adapters.items():
-        if not rec.merged:
-            continue
-        module = out.get_submodule(name)
-        site_node = by_name.get(rec.node)
-        if site_node is None:
-            raise fail("unmerge", f"site node {rec.node!r} of adapter {name} is not in the graph")
+    recs = out.peft_info.adapters
+    todo = [n for seq in _fold_sequences(out) for n in seq if recs[n].merged]
+    for name in todo:
+        if recs[name].node not in by_name:
+            raise fail("unmerge", f"site node {recs[name].node!r} of adapter {name} is not in the graph")
+    for name in reversed(todo):          # undo the folds last-in first-out
+        rec, module = recs[name], out.get_submodule(name)
         w = _own_weight(out, rec.site["weight"], inplace, owned)
         b = _own_weight(out, rec.site["bias"], inplace, owned) if rec.site.get("bias") else None
         with torch.no_grad():
             module.unmerge(canonical_weight(w.data, rec.site["kind"]), None if b is None else b.data)
-        splice_one(out, site_node, rec.site["op"], name, module)
+    undone = set(todo)
+    for name in [n for n in recs if n in undone]:   # re-splice in rule order: chains come back as built
+        rec = recs[name]
+        splice_one(out, by_name[rec.node], rec.site["op"], name, out.get_submodule(name))
         rec.merged = False
     return PassResult(out, True)

@@ -3,7 +3,9 @@
 Guarantees: for each (site node, adapter name, module) the module is registered under ``name`` and a node
 calling it is inserted next to the site — after it for "output" adapters (``y' = m(x, y)``, every former
 user of ``y`` now reads ``y'``), before it for "input" adapters (the site reads ``m(x)`` instead of ``x``).
-Adapters on the same site chain in the order given. The base nodes are not changed otherwise.
+Adapters on the same site chain in the order given (an output adapter re-spliced after unmerge goes back
+to its place in ``peft_info.adapters`` order), and every output adapter reads the input the weight reads
+(the output of the site's input adapters). The base nodes are not changed otherwise.
 """
 from __future__ import annotations
 
@@ -26,21 +28,55 @@ def splice_one(gm: fx.GraphModule, site_node: fx.Node, op: str, name: str, modul
         with graph.inserting_before(site_node):
             new = graph.call_module(name, (x,))
         set_site_input(site_node, op, new)
+        _rewire_outputs(site_node, x, new)
     else:
         x = site_input(site_node, op)
-        # chain after the last adapter already on this site's output
+        # chain after the last adapter already on this site's output that was spliced before this one
+        rank = _ranks(gm, name)
         anchor = site_node
         while len(anchor.users) == 1 and _adapter_of(next(iter(anchor.users))) is not None \
-                and next(iter(anchor.users)).args[1] is anchor:
+                and next(iter(anchor.users)).args[1] is anchor \
+                and rank.get(_adapter_of(next(iter(anchor.users))), -1) < rank[name]:
             anchor = next(iter(anchor.users))
+        extra = _base_operands(site_node, op) if getattr(module, "reads_weight", False) else ()
         with graph.inserting_after(anchor):
-            new = graph.call_module(name, (x, anchor))
+            new = graph.call_module(name, (x, anchor) + extra)
         anchor.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
     new.meta["peftfx"] = {k: v for k, v in {**site_node.meta.get("peftfx", {}), "adapter": name}.items()
                           if k != "dropout"}
     if "val" in site_node.meta:
         new.meta["val"] = site_node.meta["val"] if module.position == "output" else x.meta.get("val")
     return new
+
+
+_WEIGHT_INDEX = {"linear": 1, "addmm": 2, "embedding": 0, "mm": 1, "matmul": 1}
+
+
+def _base_operands(site_node: fx.Node, op: str) -> tuple:
+    """(weight as stored, bias or None) of a site, for ``reads_weight`` adapters (``m(x, y, w, b)``)."""
+    w = site_node.args[_WEIGHT_INDEX[op]]
+    if w.op == "call_function":          # mm(x, t(W)): the parameter behind the transpose
+        w = w.args[0]
+    if op == "linear":
+        return w, (site_node.args[2] if len(site_node.args) > 2 else None)
+    return w, (site_node.args[0] if op == "addmm" else None)
+
+
+def _ranks(gm: fx.GraphModule, name: str) -> dict[str, float]:
+    """Splice order of the adapters (``peft_info.adapters`` order); ``name`` last if it is not recorded."""
+    info = getattr(gm, "peft_info", None)
+    rank: dict[str, float] = {n: i for i, n in enumerate(info.adapters)} if info is not None else {}
+    rank.setdefault(name, float("inf"))
+    return rank
+
+
+def _rewire_outputs(site_node: fx.Node, old: fx.Node, new: fx.Node) -> None:
+    """Output adapters of the site read the input the weight reads: ``old`` → ``new`` along the chain."""
+    node = site_node
+    while len(node.users) == 1 and _adapter_of(nxt := next(iter(node.users))) is not None and nxt.args[1] is node:
+        if nxt.args[0] is old:
+            nxt.args = (new,) + tuple(nxt.args[1:])
+        node = nxt
 
 
 def _missing(gm: nn.Module, name: str) -> bool:

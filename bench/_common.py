@@ -1,0 +1,46 @@
+"""Shared benchmark helpers: interleaved timing with medians, JSON + markdown output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call for each fn, run A B C A B C … so machine noise hits all alike."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count()}
+
+
+def write(name: str, results: dict, table: list[tuple]) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    tmp = os.path.join(RESULTS, f".{name}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"env": environment(), "results": results}, f, indent=2)
+    os.replace(tmp, os.path.join(RESULTS, f"{name}.json"))
+    md = ["| " + " | ".join(str(c) for c in table[0]) + " |", "|" + "---|" * len(table[0])]
+    md += ["| " + " | ".join(str(c) for c in row) + " |" for row in table[1:]]
+    text = "\n".join(md)
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+        f.write(f"threads={torch.get_num_threads()} torch={torch.__version__}\n\n{text}\n")
+    print(text)

@@ -1,0 +1,374 @@
+"""The ``peftfx`` command.
+
+    peftfx inspect MODEL [--rules RULES.json|yaml]        sites (and what each rule would take)
+    peftfx merge-export MODEL --adapter DIR -o OUT.onnx   merge, export, verify in ONNX Runtime
+    peftfx run OUT.onnx --text "..." | --ids "1 2 3"      feed an exported model (--generate N for causal LMs)
+    peftfx quickstart                                     LoRA-tune MiniLM offline, export, verify, compare
+
+MODEL is a local Hugging Face model folder (config.json + weights) or ``package.module:factory`` — a callable
+returning a module, ``(module, tokenizer)`` or ``{"model": …, "tokenizer": …, "example_inputs": {...}}``.
+Every error is one line on stderr and a non-zero exit code; exports are written only once they verify.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import PeftfxError
+
+__all__ = ["main", "load_model"]
+
+EXIT_ERROR = 2
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any = None
+    example_inputs: dict | None = None
+    folder: str | None = None
+
+
+def _fail(message: str) -> PeftfxError:
+    return PeftfxError(message)
+
+
+def load_model(spec: str) -> Loaded:
+    """A local Hugging Face folder or ``package.module:factory`` → :class:`Loaded`."""
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - a plain torch factory does not need transformers
+        pass
+    if os.path.isdir(spec):
+        return _load_folder(spec)
+    if ":" in spec and not os.path.exists(spec):
+        return _load_factory(spec)
+    raise _fail(f"model {spec!r} is neither a folder (with config.json) nor package.module:factory.")
+
+
+def _load_folder(folder: str) -> Loaded:
+    import transformers
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise _fail(f"{folder} has no config.json; give a Hugging Face model folder or package.module:factory.")
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    cls = cls or transformers.AutoModel
+    try:
+        model = cls.from_pretrained(folder, local_files_only=True).eval()
+    except OSError as e:
+        raise _fail(f"cannot load the model weights from {folder}: {str(e).splitlines()[0]}") from None
+    tokenizer = None
+    if any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return Loaded(model, tokenizer, None, os.path.abspath(folder))
+
+
+def _load_factory(spec: str) -> Loaded:
+    from torch import nn
+
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise _fail(f"cannot import {module_name!r} for model {spec!r}: {e}") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise _fail(f"{module_name} has no {attr!r} (model {spec!r}).")
+    made = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if isinstance(made, dict):
+        loaded = Loaded(made.get("model"), made.get("tokenizer"), made.get("example_inputs"))
+    elif isinstance(made, tuple) and len(made) == 2:
+        loaded = Loaded(*made)
+    else:
+        loaded = Loaded(made)
+    if not isinstance(loaded.model, nn.Module):
+        raise _fail(f"{spec} returned {type(loaded.model).__name__}, not a torch module.")
+    return loaded
+
+
+def example_inputs(loaded: Loaded, batch: int, seq: int, ids_only: bool = False) -> dict:
+    """The factory's example inputs, else tokenizer output, else random token ids (or pixels) from the config."""
+    import inspect as pyinspect
+
+    import torch
+
+    if loaded.example_inputs is not None:
+        ex = dict(loaded.example_inputs)
+        return {"input_ids": ex["input_ids"]} if ids_only and "input_ids" in ex else ex
+    model, tok = loaded.model, loaded.tokenizer
+    params = pyinspect.signature(model.forward).parameters
+    if tok is not None:
+        enc = tok(["peftfx example input"] * batch, padding="max_length", max_length=seq, truncation=True,
+                  return_tensors="pt")
+        keys = ("input_ids",) if ids_only else ("input_ids", "attention_mask", "token_type_ids")
+        return {k: enc[k] for k in keys if k in enc and k in params}
+    cfg = getattr(model, "config", None)
+    gen = torch.Generator().manual_seed(0)
+    if getattr(cfg, "vocab_size", None):
+        return {"input_ids": torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)}
+    if getattr(cfg, "image_size", None) and getattr(cfg, "num_channels", None):
+        size = cfg.image_size
+        return {"pixel_values": torch.randn(batch, cfg.num_channels, size, size, generator=gen)}
+    raise _fail(f"cannot make example inputs for {type(model).__name__}; return "
+                "{'model': m, 'example_inputs': {...}} from the factory.")
+
+
+class _Stages:
+    """Prints ``name … 1.23s`` per stage and keeps the timings."""
+
+    def __init__(self, quiet: bool = False):
+        self.times: dict[str, float] = {}
+        self.quiet = quiet
+
+    def run(self, name: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.times[name] = time.perf_counter() - t
+        if not self.quiet:
+            print(f"  {name:<28} {self.times[name]:7.2f}s", flush=True)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def cmd_inspect(args) -> int:
+    import peftfx
+
+    rules = _rules(args.rules) if args.rules else None
+    loaded = load_model(args.model)
+    report = peftfx.inspect(loaded.model, rules, example_inputs(loaded, args.batch, args.seq))
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else str(report))
+    return 0
+
+
+def _rules(path: str):
+    from .methods import rules_from_data
+
+    if not os.path.isfile(path):
+        raise _fail(f"rules file {path!r} not found (a .json or .yaml file with a list of rules).")
+    return rules_from_data(path)
+
+
+def cmd_merge_export(args) -> int:
+    import peftfx
+    from .export import adapter_inputs, export_onnx, write_onnx_adapter
+
+    if len(args.adapter) > 1 and not args.adapter_inputs:
+        raise _fail("several --adapter folders need --adapter-inputs (one ONNX model, one adapter file each).")
+    for a in args.adapter:
+        if not os.path.isdir(a):
+            raise _fail(f"adapter folder {a!r} not found.")
+    if os.path.isdir(args.output) or not args.output.endswith(".onnx"):
+        raise _fail(f"--output must be a file path ending with .onnx, got {args.output!r}.")
+    st = _Stages(args.json)
+    loaded = st.run("load model", load_model, args.model)
+    ex = example_inputs(loaded, args.batch, args.seq, ids_only=args.kv_cache)
+    models = [st.run(f"load adapter {os.path.basename(os.path.normpath(a))}", peftfx.load_adapter, loaded.model, a, ex)
+              for a in args.adapter]
+    if args.adapter_inputs:
+        layouts = [[(e.name, e.shape) for e in adapter_inputs(m)] for m in models]
+        for a, lay in zip(args.adapter[1:], layouts[1:]):
+            if lay != layouts[0]:
+                raise _fail(f"adapter {a} has other sites or shapes than {args.adapter[0]}; one ONNX model serves "
+                            "only adapters trained with the same rules on the same model.")
+    meta = {"peftfx.source": loaded.folder} if loaded.folder else {}
+    report = st.run("merge, export, verify", export_onnx, models[0], args.output, ex, dtype=args.dtype,
+                    opset=args.opset, kv_cache=args.kv_cache, source=loaded.model, adapter_inputs=args.adapter_inputs,
+                    device=args.device, metadata=meta)
+    files = []
+    if args.adapter_inputs:
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        for a, m in zip(args.adapter, models):
+            name = os.path.basename(os.path.normpath(a)) + ".onnx_adapter"
+            files.append(st.run(f"write {name}", write_onnx_adapter, m, os.path.join(out_dir, name),
+                                model=args.output))
+    _summary(report, st, files, args.json)
+    return 0
+
+
+def _summary(report, st: _Stages, files: list[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report.to_dict() | {"cli_stages": st.times, "adapter_files": files}, indent=2, default=str))
+        return
+    print("  export stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.stages.items()))
+    print(str(report))
+    for f in files:
+        print(f"  adapter file {f}  {os.path.getsize(f) / 1e3:.1f} kB")
+
+
+def _parse_ids(texts: list[str]):
+    import numpy as np
+
+    rows = []
+    for t in texts:
+        try:
+            rows.append([int(x) for x in t.replace(",", " ").split()])
+        except ValueError:
+            raise _fail(f"--ids takes integers separated by spaces or commas, got {t!r}.") from None
+    if not rows or any(len(r) != len(rows[0]) or not r for r in rows):
+        raise _fail("every --ids row must be non-empty and of the same length.")
+    return np.array(rows, dtype=np.int64)
+
+
+def _tokenizer(args, rt):
+    folder = args.tokenizer or rt.metadata.get("peftfx.source")
+    if not folder:
+        return None
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(folder):
+        raise _fail(f"tokenizer folder {folder!r} not found; pass --tokenizer DIR.")
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from .export import Runtime
+
+    rt = Runtime(args.onnx, device=args.device)
+    tok = _tokenizer(args, rt)
+    if args.text:
+        if tok is None:
+            raise _fail("--text needs a tokenizer: pass --tokenizer DIR (a Hugging Face folder) or use --ids.")
+        enc = tok(args.text, padding=True, return_tensors="np")
+        feeds = {k: enc[k] for k in rt.inputs if k in enc}
+    else:
+        ids = _parse_ids(args.ids)
+        feeds = {"input_ids": ids}
+        for name in ("attention_mask", "token_type_ids"):
+            if name in rt.inputs:
+                feeds[name] = np.ones_like(ids) if name == "attention_mask" else np.zeros_like(ids)
+    adapter = None
+    if args.adapter:
+        rt.load_adapter("cli", args.adapter)
+        adapter = "cli"
+    if args.generate:
+        out = rt.generate(feeds["input_ids"], args.generate, adapter=adapter,
+                          eos_token_id=getattr(tok, "eos_token_id", None) if tok is not None else None)
+        result = {"tokens": out.tolist()}
+        if tok is not None:
+            result["text"] = tok.batch_decode(out, skip_special_tokens=True)
+    else:
+        past = (rt.kv or {}).get("inputs", [])
+        for name in past:
+            feeds[name] = np.zeros((feeds["input_ids"].shape[0], 0, rt.kv["kv_heads"] * rt.kv["head_dim"]),
+                                   rt.input_dtype(name))
+        outs = rt.run(feeds, adapter=adapter)
+        result = {k: _describe(v) for k, v in outs.items() if not k.startswith("present.")}
+    result["providers"] = rt.providers
+    print(json.dumps(result, indent=None if not args.json else 2))
+    return 0
+
+
+def _describe(v) -> dict:
+    import numpy as np
+
+    d: dict[str, Any] = {"shape": list(v.shape)}
+    if v.dtype.kind == "f" and v.ndim >= 2:
+        last = v[:, -1] if v.ndim == 3 else v
+        e = np.exp(last - last.max(-1, keepdims=True))
+        probs = e / e.sum(-1, keepdims=True)
+        d["argmax"] = last.argmax(-1).tolist()
+        d["prob"] = [round(float(p[i]), 4) for p, i in zip(probs, last.argmax(-1))]
+    elif v.size <= 64:
+        d["values"] = v.tolist()
+    return d
+
+
+def cmd_quickstart(args) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(steps=args.steps, out=args.out, threads=args.threads, progress=not args.no_progress)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftfx", description="Parameter-efficient fine-tuning as graph passes.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("inspect", help="list the sites a rules file would take on a model")
+    i.add_argument("model", help="Hugging Face model folder or package.module:factory")
+    i.add_argument("--rules", help="rules as a .json or .yaml file (omit: list every site and its roles)")
+    m = sub.add_parser("merge-export", help="model + adapter → merged, verified ONNX")
+    m.add_argument("model", help="Hugging Face model folder or package.module:factory")
+    m.add_argument("--adapter", action="append", required=True, help="adapter folder (peftfx or Hugging Face PEFT)")
+    m.add_argument("-o", "--output", required=True, help="output .onnx path")
+    m.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    m.add_argument("--opset", type=int, default=18)
+    m.add_argument("--kv-cache", action="store_true", help="export the decode step with key/value cache I/O")
+    m.add_argument("--adapter-inputs", action="store_true",
+                   help="keep adapters unmerged as graph inputs; write one .onnx_adapter per --adapter")
+    m.add_argument("--device", choices=("cpu", "cuda"), default=None, help="ONNX Runtime device for verification")
+    r = sub.add_parser("run", help="feed text or token ids to an exported model")
+    r.add_argument("onnx", help="exported .onnx file")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text", nargs="+", help="text(s) to tokenize (needs a tokenizer)")
+    g.add_argument("--ids", action="append", help="token ids, e.g. '1 2 3' (repeat for a batch)")
+    r.add_argument("--tokenizer", help="Hugging Face folder with the tokenizer (default: the exported model's)")
+    r.add_argument("--generate", type=int, default=0, help="greedy-generate N tokens (kv-cache exports)")
+    r.add_argument("--adapter", help=".onnx_adapter file to activate (adapter-input exports)")
+    r.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    q = sub.add_parser("quickstart", help="LoRA-tune MiniLM offline, merge, export, verify, compare latency")
+    q.add_argument("--steps", type=int, default=60)
+    q.add_argument("--out", default="peftfx-quickstart", help="output folder")
+    q.add_argument("--threads", type=int, default=1, help="threads for PyTorch and ONNX Runtime (default 1)")
+    q.add_argument("--no-progress", action="store_true")
+    for sp in (i, m):
+        sp.add_argument("--batch", type=int, default=2, help="example batch (≥ 2 keeps the batch axis dynamic)")
+        sp.add_argument("--seq", type=int, default=16, help="example sequence length")
+    for sp in (i, m, r):
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    return text or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)     # "torchvision is not installed" notices
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    commands = {"inspect": cmd_inspect, "merge-export": cmd_merge_export, "run": cmd_run, "quickstart": cmd_quickstart}
+    try:
+        return commands[args.command](args)
+    except PeftfxError as e:
+        if args.debug:
+            raise
+        print(f"peftfx: error: {_one_line(e)}", file=sys.stderr)
+    except (OSError, ImportError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"peftfx: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("peftfx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything else is a bug; still one line unless --debug
+        if args.debug:
+            raise
+        print(f"peftfx: error: unexpected {type(e).__name__}: {_one_line(e)[:500]} (run with --debug for the "
+              "traceback)", file=sys.stderr)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

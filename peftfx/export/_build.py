@@ -1,0 +1,188 @@
+"""What every exporter needs from a :class:`~peftfx.PeftModel`: a flat tensors-in/tensors-out view of it, named
+dynamic axes, the same inputs at other shapes (for verification), and the base graph with its adapters cut out.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .._errors import ExportError
+
+__all__ = ["FlatModule", "flatten_outputs", "dynamic_axes", "resize_inputs", "strip_adapters", "keep_modes",
+           "tensor_inputs", "export_program", "rename_dims"]
+
+BATCH, SEQUENCE, PAST = "batch", "sequence", "past_sequence"
+
+
+def flatten_outputs(out: Any) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every tensor of a model output: ``ModelOutput``/dict keys (``logits``), tuple
+    positions (``output_0``), or ``output`` for a lone tensor. ``None`` entries are skipped."""
+    items: list[tuple[str, torch.Tensor]] = []
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            items.append((prefix or "output", v))
+        elif isinstance(v, Mapping):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, (tuple, list)):
+            for i, x in enumerate(v):
+                walk(f"{prefix}.{i}" if prefix else f"output_{i}", x)
+        elif v is not None:
+            raise ExportError(f"the model returns {prefix or 'a value'} of type {type(v).__name__}, which ONNX cannot "
+                              "carry; return tensors (for Hugging Face models trace with use_cache=False).")
+
+    walk("", out)
+    return items
+
+
+class FlatModule(nn.Module):
+    """``forward(*inputs, *adapter_params) -> tuple(outputs)``: ``model`` called with ``input_names`` as keywords;
+    when ``param_names`` are given, those parameters of ``model`` are taken from the trailing arguments
+    (``torch.func.functional_call``) so that they become graph inputs of the export."""
+
+    def __init__(self, model: nn.Module, input_names: Sequence[str], param_names: Sequence[str] = ()):
+        super().__init__()
+        self.model = model
+        self.input_names = list(input_names)
+        self.param_names = list(param_names)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = len(self.input_names)
+        kwargs = dict(zip(self.input_names, args[:n]))
+        if self.param_names:
+            params = dict(zip(self.param_names, args[n:]))
+            out = torch.func.functional_call(self.model, params, (), kwargs, strict=False)
+        else:
+            out = self.model(**kwargs)
+        return tuple(t for _, t in flatten_outputs(out))
+
+
+def tensor_inputs(kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensor inputs only (constants such as ``use_cache=False`` are filled by the model itself)."""
+    return {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+
+
+def dynamic_axes(inputs: Mapping[str, torch.Tensor], past: Sequence[str] = ()) -> dict[str, dict[int, str]]:
+    """Axis names per input: ``batch`` on axis 0; ``sequence`` on axis 1 of token-like inputs (2-D, or 3-D float
+    embeddings), ``past_sequence`` on axis 1 of the key/value cache inputs named in ``past``."""
+    axes: dict[str, dict[int, str]] = {}
+    for name, t in inputs.items():
+        if name in past:
+            axes[name] = {0: BATCH, 1: PAST}
+        elif t.dim() == 0:
+            axes[name] = {}
+        elif t.dim() == 2 or (t.dim() == 3 and t.is_floating_point()):
+            axes[name] = {0: BATCH, 1: SEQUENCE}
+        else:
+            axes[name] = {0: BATCH}
+    return axes
+
+
+def export_program(flat: FlatModule, args: tuple, axes: Sequence[dict[int, str]]):
+    """``torch.export`` of ``flat`` with every named axis dynamic (``Dim.DYNAMIC``: guards the model implies, such
+    as BERT's 512 positions, become range constraints instead of errors; :func:`rename_dims` names the axes in the
+    ONNX file). Returns (program, {axis name: largest size the model accepts})."""
+    from torch.export import Dim
+
+    spec = (tuple({i: Dim.DYNAMIC for i in a} or None for a in axes),)
+    try:
+        ep = torch.export.export(flat, args, dynamic_shapes=spec, strict=False)
+    except Exception as e:  # torch.export raises many types
+        raise _export_error(e) from e
+    return ep, _limits(ep, axes)
+
+
+def _limits(ep, axes: Sequence[dict[int, str]]) -> dict[str, int]:
+    user = set(ep.graph_signature.user_inputs)
+    nodes = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    limits: dict[str, int] = {}
+    for node, ax in zip(nodes, axes):
+        val = node.meta.get("val")
+        for i, name in ax.items():
+            size = val.shape[i] if val is not None and i < val.dim() else None
+            expr = getattr(getattr(size, "node", None), "expr", None)
+            rng = ep.range_constraints.get(expr) if expr is not None else None
+            try:
+                upper = int(rng.upper)
+            except (AttributeError, TypeError, ValueError, OverflowError):
+                continue                         # no constraint, or unbounded (int_oo)
+            limits[name] = min(limits.get(name, upper), upper)
+    return limits
+
+
+def _export_error(e: Exception) -> ExportError:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    summary = next((ln for ln in lines if "Exception summary" not in ln and not ln.startswith(("[", "-", "#"))),
+                   type(e).__name__)
+    return ExportError(f"torch.export could not capture the model for ONNX: {type(e).__name__}: {summary[:300]}. "
+                       "Check that the model runs on the example inputs; an op torch.export does not support "
+                       "must be replaced in the model.")
+
+
+def rename_dims(model_proto, axes: Mapping[str, dict[int, str]]) -> None:
+    """Replace the exporter's symbols (``s17``) by the axis names given for the graph inputs, everywhere they appear
+    (outputs read ``past_sequence + sequence``)."""
+    table: dict[str, str] = {}
+    graph = model_proto.graph
+    for inp in graph.input:
+        for i, d in enumerate(inp.type.tensor_type.shape.dim):
+            name = axes.get(inp.name, {}).get(i)
+            if name and d.dim_param and re.fullmatch(r"s\d+", d.dim_param):
+                table[d.dim_param] = name
+    if not table:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, table)) + r")\b")
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: table[m.group(1)], d.dim_param)
+
+
+def resize_inputs(inputs: Mapping[str, torch.Tensor], axes: Mapping[str, dict[int, str]], batch: int,
+                  seq: int) -> dict[str, torch.Tensor]:
+    """The example inputs at another batch and sequence length: rows and columns repeated cyclically, so token ids
+    stay in the vocabulary and masks keep their pattern."""
+    out = {}
+    for name, t in inputs.items():
+        ax = axes.get(name, {})
+        if 0 in ax:
+            t = t.index_select(0, torch.arange(batch, device=t.device) % t.shape[0])
+        if ax.get(1) == SEQUENCE:
+            t = t.index_select(1, torch.arange(seq, device=t.device) % t.shape[1])
+        out[name] = t
+    return out
+
+
+def strip_adapters(pm) -> Any:
+    """A fork of ``pm`` computing the base model: every adapter node is cut out (an output adapter's node is
+    replaced by the site's output, an input adapter's by its input). Parameters are shared, nothing is changed."""
+    from ..passes.splice import adapter_nodes
+
+    out = pm.fork()
+    for name, node in adapter_nodes(out.graph).items():
+        module = out.get_submodule(name)
+        node.replace_all_uses_with(node.args[0] if getattr(module, "position", "output") == "input" else node.args[1])
+        out.graph.erase_node(node)
+    out.graph.lint()
+    out.recompile()
+    return out
+
+
+@contextlib.contextmanager
+def keep_modes(*modules: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval flag (and a PeftModel's graph mode) on exit."""
+    roots = [m for m in modules if m is not None]
+    saved = {id(m): (m, m.training) for root in roots for m in root.modules()}
+    try:
+        yield
+    finally:
+        for root in roots:
+            if hasattr(root, "_graph_mode"):      # a PeftModel rewrites its dropout nodes on train()/eval()
+                root.train(saved[id(root)][1])
+        for m, flag in saved.values():
+            m.training = flag

@@ -1,0 +1,343 @@
+"""``export_onnx``: merge → fold → torch.onnx (dynamo) → check → verify in ONNX Runtime → rename into place.
+
+Guarantees: the file at ``path`` is only ever a verified model — it is written into a temporary folder beside
+``path`` and renamed into place after ``onnx.checker`` passes and ONNX Runtime reproduces PyTorch on several input
+shapes (batch 1 and batch > 1, short and long sequences; for ``kv_cache=True`` a prefill and a one-token decode
+step against the PyTorch model's own full-sequence logits).
+
+Tolerance, per output: max |ORT − PyTorch| ≤ tol · max(1, max |ref|), tol = 1e-4 for float32 and 1e-2 for
+float16 (float16 rounds at 2⁻¹¹ ≈ 5e-4 relative per operation; the models in the tests measure 2e-4 – 4e-4).
+Batch and sequence axes are dynamic and named ``batch``, ``sequence`` (``past_sequence`` for the cache). The opset
+is 18 unless asked otherwise and is recorded in the file's metadata with the peftfx version, dtype and layout.
+Models over 2 GB get an external ``.onnx.data`` file. float16 files keep float32/int64 inputs and outputs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import ExportError
+from ..graph import PeftModel
+from ._build import (FlatModule, dynamic_axes, export_program, flatten_outputs, keep_modes, rename_dims,
+                     tensor_inputs)
+
+__all__ = ["export_onnx", "ExportReport", "DEFAULT_OPSET", "TOLERANCE"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
+_TWO_GB = 2_000_000_000
+
+
+@dataclass
+class ExportReport:
+    """What was written and how well it matched PyTorch."""
+
+    path: str
+    data_path: str | None
+    opset: int
+    dtype: str
+    inputs: dict[str, list]
+    outputs: dict[str, list]
+    size_bytes: int
+    tolerance: float
+    checks: list[dict] = field(default_factory=list)   # per case and output: max_abs, max_rel
+    providers: list[str] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    kv_cache: dict | None = None
+    adapter_inputs: list[str] = field(default_factory=list)
+
+    @property
+    def max_abs(self) -> float:
+        return max((c["max_abs"] for c in self.checks), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((c["max_rel"] for c in self.checks), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"max_abs": self.max_abs, "max_rel": self.max_rel}
+
+    def __str__(self) -> str:
+        size = f"{self.size_bytes / 1e6:.2f} MB" + (" (+ external data)" if self.data_path else "")
+        lines = [f"{self.path}  {size}  opset {self.opset}  {self.dtype}",
+                 "  inputs:  " + ", ".join(f"{k} {v}" for k, v in self.inputs.items() if k not in self.adapter_inputs),
+                 "  outputs: " + ", ".join(f"{k} {v}" for k, v in list(self.outputs.items())[:4])
+                 + (f", … {len(self.outputs) - 4} more" if len(self.outputs) > 4 else "")]
+        if self.adapter_inputs:
+            lines.append(f"  adapter inputs: {len(self.adapter_inputs)} (default zeros = base model)")
+        if self.checks:
+            lines.append(f"  parity vs PyTorch: max abs {self.max_abs:.2e}, max rel {self.max_rel:.2e} over "
+                         f"{len(self.checks)} checks (tolerance {self.tolerance:g}) on {', '.join(self.providers)}")
+        return "\n".join(lines)
+
+
+def _fold(pm):
+    """Run ``peftfx.fold`` (input-independent adapter compute → constants) when the package provides it."""
+    import peftfx
+
+    fold = getattr(peftfx, "fold", None)
+    if fold is None:
+        return pm
+    out = fold(pm)
+    return pm if out is None else out
+
+
+def _inputs_of(pm: PeftModel, example_inputs: Any) -> dict[str, torch.Tensor]:
+    names = pm.peft_info.input_names
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        example_inputs = dict(zip(names, example_inputs))
+    if not isinstance(example_inputs, dict) or not tensor_inputs(example_inputs):
+        raise ExportError("export_onnx needs example_inputs: a dict of tensors such as {'input_ids': ids} "
+                          f"(the model takes {names}).")
+    unknown = [k for k in example_inputs if k not in names]
+    if unknown:
+        raise ExportError(f"example_inputs has {unknown}, which the traced model does not take; it takes {names}.")
+    return tensor_inputs(example_inputs)
+
+
+def _check_args(model, path, dtype, kv_cache, source, opset) -> str:
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"export_onnx takes a model (PeftModel or nn.Module), got {type(model).__name__}.")
+    if dtype not in TOLERANCE:
+        raise ExportError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
+    if not isinstance(opset, int) or opset < 18:
+        raise ExportError(f"opset must be an int ≥ 18 (the torch.onnx dynamo exporter's minimum), got {opset!r}.")
+    if kv_cache and isinstance(model, PeftModel) and source is None:
+        raise ExportError("kv_cache=True needs source=<the Hugging Face model the PeftModel was traced from>: "
+                          "the cache graph is traced from its code and receives the PeftModel's weights and adapters.")
+    path = os.fspath(path)
+    if not path.endswith(".onnx"):
+        raise ExportError(f"the output path must end with .onnx, got {path!r}.")
+    if os.path.isdir(path):
+        raise ExportError(f"{path} is a folder; give a file path ending with .onnx.")
+    return path
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, dtype: str = "float32",
+                opset: int = DEFAULT_OPSET, kv_cache: bool = False, source: nn.Module | None = None,
+                adapter_inputs: bool = False, verify: bool = True, tolerance: float | None = None,
+                external_data: bool | None = None, device: str | None = None,
+                metadata: dict[str, str] | None = None) -> ExportReport:
+    """Export ``model`` (a PeftModel, or any module peftfx can trace) to a verified ONNX file at ``path``.
+
+    Mergeable adapters are merged and ``peftfx.fold`` (when available) folds input-independent adapter compute
+    first, so the graph is the base graph with updated weights. ``kv_cache=True`` exports the decode-step graph of
+    a causal LM (``source`` = the Hugging Face model the PeftModel came from) for :meth:`Runtime.generate`.
+    ``adapter_inputs=True`` keeps adapters unmerged with their parameters as named graph inputs (see
+    :mod:`peftfx.export.adapters`). Raises :class:`peftfx.ExportError` — and leaves nothing at ``path`` — if any
+    step or the verification fails. ``device`` picks the ONNX Runtime device for verification (default: auto);
+    ``metadata`` adds string entries to the file's metadata.
+    """
+    path = _check_args(model, path, dtype, kv_cache, source, opset)
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    pm = model if isinstance(model, PeftModel) else _trace(model, example_inputs)
+    if not isinstance(model, PeftModel):
+        source = model if kv_cache else source
+    inputs = _inputs_of(pm, example_inputs)
+    stages["trace"] = time.perf_counter() - t0
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmpdir = tempfile.mkdtemp(prefix=".peftfx-export-", dir=parent)
+    try:
+        plan = _prepare(pm, inputs, kv_cache, source, adapter_inputs, stages)
+        plan["metadata"] = {str(k): str(v) for k, v in (metadata or {}).items()}
+        tmp = os.path.join(tmpdir, os.path.basename(path))
+        big = external_data if external_data is not None else _param_bytes(plan["model"]) > _TWO_GB
+        report = _write(plan, tmp, dtype, opset, big, stages)
+        if verify:
+            from ._verify import verify_export
+
+            t = time.perf_counter()
+            report.tolerance = TOLERANCE[dtype] if tolerance is None else float(tolerance)
+            report.checks, report.providers = verify_export(tmp, pm, plan, report.tolerance, device)
+            stages["verify"] = time.perf_counter() - t
+        _move_into_place(tmpdir, tmp, path, report)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    stages["total"] = time.perf_counter() - t0
+    report.stages = stages
+    log.info("exported %s (%.1fs): %s", path, stages["total"], report)
+    return report
+
+
+def _trace(model: nn.Module, example_inputs: Any) -> PeftModel:
+    from ..trace import trace
+
+    if example_inputs is None:
+        raise ExportError("export_onnx needs example_inputs, e.g. {'input_ids': ids}, to trace the model.")
+    return trace(model, example_inputs)
+
+
+def _prepare(pm: PeftModel, inputs: dict, kv_cache: bool, source, adapter_inputs: bool, stages: dict) -> dict:
+    """Merge/fold (or keep adapters as inputs) and build the flat module to export, with its inputs and axes."""
+    import peftfx
+
+    from .adapters import adapter_inputs as list_adapter_inputs
+
+    t = time.perf_counter()
+    work = pm
+    if adapter_inputs and pm.peft_info.multi.get("adapters"):
+        raise ExportError("adapter_inputs=True exports one adapter layout; this model holds several named adapters. "
+                          "Export a model with one adapter (peftfx.load_adapter) and write each named adapter with "
+                          "write_onnx_adapter(model, path, adapter=name).")
+    if (kv_cache or adapter_inputs) and any(r.merged for r in pm.peft_info.adapters.values()):
+        work = peftfx.unmerge(pm)
+    plan: dict[str, Any] = {"kv": None, "entries": [], "prefix": ""}
+    if kv_cache:
+        from ._kv import PREFIX, build_step_model, past_names
+
+        if "input_ids" not in inputs:
+            raise ExportError("kv_cache=True needs example_inputs with 'input_ids'.")
+        work, inputs, layout = build_step_model(work, source, inputs["input_ids"])
+        plan.update(kv=layout, prefix=PREFIX + ".")
+        names = ["input_ids"] + past_names(layout.layers)
+        stages["cache graph"] = time.perf_counter() - t
+        t = time.perf_counter()
+    else:
+        names = list(inputs)
+    if not adapter_inputs:
+        work = peftfx.merge(work)
+    stages["merge"] = time.perf_counter() - t
+    t = time.perf_counter()
+    work = _fold(work)
+    stages["fold"] = time.perf_counter() - t
+    if adapter_inputs:
+        plan["entries"] = list_adapter_inputs(work, plan["prefix"])
+    axes = dynamic_axes(dict(zip(names, inputs.values())), past=names[1:] if kv_cache else ())
+    plan.update(model=work, inputs=inputs, names=names, axes=axes)
+    return plan
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict) -> ExportReport:
+    work, inputs, entries = plan["model"], plan["inputs"], plan["entries"]
+    t = time.perf_counter()
+    flat = FlatModule(work, list(inputs), [e.path for e in entries])
+    args = tuple(inputs.values()) + tuple(work.get_parameter(e.path).detach() for e in entries)
+    axes = [plan["axes"][n] for n in plan["names"]] + [{} for _ in entries]
+    with keep_modes(work), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        work.eval()
+        with torch.no_grad():
+            out_names = [n for n, _ in flatten_outputs(work(**inputs))]
+        ep, plan["limits"] = export_program(flat.eval(), args, axes)
+        stages["torch.export"] = time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False, optimize=True,
+                                        input_names=plan["names"] + [e.name for e in entries],
+                                        output_names=out_names)
+            program.save(tmp, external_data=big)
+        except Exception as e:  # the exporter raises its own error types; name the op when it says which
+            raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e
+    plan["out_names"] = out_names
+    _postprocess(tmp, plan, dtype, opset, big)
+    stages["onnx"] = time.perf_counter() - t
+    return _report(tmp, plan, dtype, opset, big)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(("[", "#", "- "))]
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _postprocess(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> None:
+    """Name the dynamic axes, convert to float16, add adapter defaults and metadata, and check the model."""
+    import onnx
+
+    from .. import __version__
+    from .adapters import _set_meta, zero_defaults
+
+    proto = onnx.load(tmp, load_external_data=(dtype == "float16"))
+    rename_dims(proto, plan["axes"])
+    if dtype == "float16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proto = convert_float_to_float16(proto, keep_io_types=True)
+        _toposort(proto.graph)
+    if plan["entries"]:
+        zero_defaults(proto, plan["entries"], "float32")
+    meta = {"peftfx.version": __version__, "peftfx.opset": str(opset), "peftfx.dtype": dtype,
+            "peftfx.inputs": json.dumps(plan["names"]), "peftfx.outputs": json.dumps(plan["out_names"])}
+    if plan["kv"] is not None:
+        meta["peftfx.kv_cache"] = json.dumps(plan["kv"].to_dict())
+    meta.update(plan.get("metadata", {}))
+    for k, v in meta.items():
+        _set_meta(proto, k, v)
+    data = tmp + ".data"
+    if dtype == "float16" and os.path.exists(data):
+        os.remove(data)
+    if big and dtype == "float16":
+        onnx.save(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=os.path.basename(data))
+    else:
+        onnx.save(proto, tmp)
+    try:
+        onnx.checker.check_model(tmp)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"onnx.checker rejected the exported model: {str(e).splitlines()[0][:300]}") from None
+
+
+def _toposort(graph) -> None:
+    """Order nodes so each comes after the producers of its inputs (the float16 converter may append its casts)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, order = list(graph.node), []
+    while pending:
+        rest = [n for n in pending if not all(i in ready for i in n.input)]
+        done = [n for n in pending if all(i in ready for i in n.input)]
+        if not done:
+            raise ExportError(f"the float16 graph has a cycle or a missing tensor at node {rest[0].name!r}.")
+        for n in done:
+            ready.update(n.output)
+        order += done
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(order)
+
+
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def _report(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> ExportReport:
+    import onnx
+
+    proto = onnx.load(tmp, load_external_data=False)
+    data = tmp + ".data"
+    return ExportReport(path=tmp, data_path=data if os.path.exists(data) else None, opset=opset, dtype=dtype,
+                        inputs={i.name: _dims(i) for i in proto.graph.input},
+                        outputs={o.name: _dims(o) for o in proto.graph.output},
+                        size_bytes=os.path.getsize(tmp) + (os.path.getsize(data) if os.path.exists(data) else 0),
+                        tolerance=TOLERANCE[dtype], kv_cache=None if plan["kv"] is None else plan["kv"].to_dict(),
+                        adapter_inputs=[e.name for e in plan["entries"]])
+
+
+def _move_into_place(tmpdir: str, tmp: str, path: str, report: ExportReport) -> None:
+    data = tmp + ".data"
+    if os.path.exists(data):
+        os.replace(data, path + ".data")
+        report.data_path = path + ".data"
+    elif os.path.exists(path + ".data"):
+        os.remove(path + ".data")       # a stale companion of an older export at this path
+    os.replace(tmp, path)
+    report.path = path

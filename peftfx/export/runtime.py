@@ -1,0 +1,247 @@
+"""Serving an exported model with ONNX Runtime: :class:`Runtime`.
+
+Provider choice: the CUDA provider only when a GPU is present and this onnxruntime build offers it, else the CPU
+provider — never asking ORT for a provider that would fail to load and print errors on a CPU-only machine. ORT's
+own log is kept to errors (``log_severity_level=3``). On CUDA, runs use I/O binding: inputs go to the device once,
+outputs stay there, and the key/value cache of :meth:`Runtime.generate` never leaves the GPU between steps.
+Inputs may be numpy arrays, torch tensors or lists.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from .._errors import CheckpointError, ExportError
+
+__all__ = ["Runtime", "select_providers", "gpu_present"]
+
+log = logging.getLogger(__name__)
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+             "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+
+
+def gpu_present() -> bool:
+    """A CUDA device is visible (torch says so, or the NVIDIA driver lists a GPU)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    gpus = "/proc/driver/nvidia/gpus"
+    return os.path.isdir(gpus) and bool(os.listdir(gpus))
+
+
+def select_providers(device: str | None = None) -> list[str]:
+    """``["CUDAExecutionProvider", "CPUExecutionProvider"]`` when CUDA is usable (or ``device="cuda"``), else CPU."""
+    import onnxruntime as ort
+
+    if device not in (None, "cpu", "cuda"):
+        raise ExportError(f"device must be 'cpu', 'cuda' or None (automatic), got {device!r}.")
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if (device == "cuda" or gpu_present()) and "CUDAExecutionProvider" in available:
+        if device == "cuda" and not gpu_present():
+            raise ExportError("device='cuda' asked for, but no GPU is visible on this machine; use device='cpu'.")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise ExportError(f"device='cuda' asked for, but this onnxruntime offers {available}; install onnxruntime-gpu.")
+    return ["CPUExecutionProvider"]
+
+
+class Runtime:
+    """An ONNX Runtime session over a peftfx export.
+
+        rt = Runtime("model.onnx")                  # CUDA if present, else CPU
+        rt.run({"input_ids": ids})["logits"]
+        rt.generate(ids, max_new_tokens=32)         # files exported with kv_cache=True
+        rt.load_adapter("a", "a.onnx_adapter"); rt.run({"input_ids": ids}, adapter="a")   # adapter_inputs=True
+    """
+
+    def __init__(self, path: str | os.PathLike, *, device: str | None = None, providers: list[str] | None = None,
+                 threads: int | None = None, io_binding: bool | None = None, spin: bool = True):
+        import onnxruntime as ort
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ExportError(f"no ONNX model at {path!r}.")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        if not spin:     # idle ORT threads busy-wait by default, stealing cores from whatever runs between calls
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(path, opts, providers=providers or select_providers(device))
+        except Exception as e:  # ORT raises Fail/InvalidGraph/NoSuchFile …
+            raise ExportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+        self.path = path
+        self.providers: list[str] = self.session.get_providers()
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
+        raw = self.session.get_modelmeta().custom_metadata_map
+        self.metadata: dict[str, Any] = {k: _maybe_json(v) for k, v in raw.items()}
+        self._in = {i.name: i for i in self.session.get_inputs()}
+        self._required = list(self._in)
+        self._in.update({i.name: i for i in self.session.get_overridable_initializers()})
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.kv = self.metadata.get("peftfx.kv_cache")
+        self._adapters: dict[str, tuple[Any, dict[str, np.ndarray], dict[str, Any]]] = {}
+        self.step_times: list[float] = []
+
+    # ------------------------------------------------------------------------------------------- inputs
+    @property
+    def inputs(self) -> dict[str, list]:
+        """Graph inputs a caller feeds (adapter parameters excluded), with their shapes."""
+        adapter = {n for n, _ in self.metadata.get("peftfx.adapter_inputs", [])}
+        return {n: list(i.shape) for n, i in self._in.items() if n not in adapter}
+
+    def input_dtype(self, name: str):
+        return _NP_TYPES.get(self._in[name].type, np.float32)
+
+    def _array(self, name: str, value: Any) -> np.ndarray:
+        if name not in self._in:
+            raise ExportError(f"{os.path.basename(self.path)} has no input {name!r}; "
+                              f"its inputs are {list(self.inputs)}.")
+        if hasattr(value, "detach"):                  # torch tensor
+            value = value.detach().cpu().numpy()
+        return np.ascontiguousarray(np.asarray(value), dtype=self.input_dtype(name))
+
+    # ------------------------------------------------------------------------------------------- adapters
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Make an ONNX Runtime adapter file available as ``adapter=name``; checked against the model first."""
+        import onnxruntime as ort
+
+        from .adapters import check_adapter_fits, fingerprint, read_onnx_adapter
+
+        layout = self.metadata.get("peftfx.adapter_inputs")
+        if layout is None:
+            raise ExportError(f"{os.path.basename(self.path)} was exported without adapter inputs; export with "
+                              "adapter_inputs=True to serve adapter files.")
+        layout = [(n, tuple(s)) for n, s in layout]
+        version, params = read_onnx_adapter(path)
+        check_adapter_fits({k: v.shape for k, v in params.items()}, layout, os.fspath(path))
+        if version != fingerprint(layout):
+            raise CheckpointError(f"the adapter {os.fspath(path)} was written for another model (fingerprint "
+                                  f"{version}, this model {fingerprint(layout)}).")
+        adapter = ort.LoraAdapter()
+        adapter.Load(os.fspath(path))
+        self._adapters[name] = (adapter, params, {})
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def unload_adapter(self, name: str) -> None:
+        self._adapters.pop(name, None)
+
+    def _adapter(self, name: str | None):
+        if name is None:
+            return None
+        if name not in self._adapters:
+            raise ExportError(f"no adapter named {name!r} is loaded; loaded: {self.adapters or 'none'} "
+                              "(Runtime.load_adapter(name, path)).")
+        return self._adapters[name]
+
+    # ------------------------------------------------------------------------------------------- running
+    def run(self, feeds: Mapping[str, Any] | None = None, *, adapter: str | None = None,
+            **kwargs: Any) -> dict[str, np.ndarray]:
+        """Run the model; returns every output as a numpy array, by name. ``adapter``: a loaded adapter's name."""
+        arrays = {k: self._array(k, v) for k, v in {**(feeds or {}), **kwargs}.items()}
+        out = self._execute(arrays, adapter)
+        return {k: v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else v for k, v in out.items()}
+
+    def _execute(self, feeds: dict[str, Any], adapter: str | None) -> dict[str, Any]:
+        missing = [n for n in self._required if n not in feeds]
+        if missing:
+            raise ExportError(f"missing input(s) {missing} for {os.path.basename(self.path)}.")
+        entry = self._adapter(adapter)
+        if self.io_binding:
+            return self._execute_bound(feeds, entry)
+        import onnxruntime as ort
+
+        opts = None
+        if entry is not None:
+            opts = ort.RunOptions()
+            opts.add_active_adapter(entry[0])
+        values = self.session.run(self.outputs, feeds, opts)
+        return dict(zip(self.outputs, values))
+
+    def _execute_bound(self, feeds: dict[str, Any], entry) -> dict[str, Any]:
+        """I/O binding (the adapter's parameters are bound as inputs: RunOptions adapters do not apply to binding)."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        device = self.device
+        for name, v in feeds.items():
+            binding.bind_ortvalue_input(name, v if isinstance(v, ort.OrtValue)
+                                        else ort.OrtValue.ortvalue_from_numpy(v, device, 0))
+        if entry is not None:
+            _, params, on_device = entry
+            for name, arr in params.items():
+                if name not in on_device:
+                    on_device[name] = ort.OrtValue.ortvalue_from_numpy(arr.astype(self.input_dtype(name)), device, 0)
+                binding.bind_ortvalue_input(name, on_device[name])
+        for name in self.outputs:
+            binding.bind_output(name, device)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.outputs, binding.get_outputs()))
+
+    # ------------------------------------------------------------------------------------------- generation
+    def generate(self, input_ids: Any, max_new_tokens: int = 32, *, eos_token_id: int | None = None,
+                 adapter: str | None = None) -> np.ndarray:
+        """Greedy decoding with the key/value cache: one prefill over the prompt, then one single-token step per new
+        token feeding the previous step's ``present.*`` back as ``past_key_values.*``. Returns prompt + new tokens
+        (rows that produced ``eos_token_id`` are padded with it). Prompts in a batch must have equal length.
+        ``self.step_times`` holds the seconds of each step (prefill first)."""
+        if not self.kv:
+            raise ExportError(f"{os.path.basename(self.path)} has no key/value cache inputs; export it with "
+                              "kv_cache=True to generate.")
+        ids = self._array("input_ids", input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if max_new_tokens < 1:
+            return ids
+        pasts, presents, width = self.kv["inputs"], self.kv["outputs"], self.kv["kv_heads"] * self.kv["head_dim"]
+        dtype = self.input_dtype(pasts[0])
+        feeds: dict[str, Any] = {n: np.zeros((ids.shape[0], 0, width), dtype) for n in pasts}
+        tokens, current = [ids], ids
+        done = np.zeros(ids.shape[0], dtype=bool)
+        self.step_times = []
+        for _ in range(max_new_tokens):
+            t0 = time.perf_counter()
+            out = self._execute({"input_ids": current, **feeds}, adapter)
+            logits = out["logits"]
+            last = (logits.numpy() if not isinstance(logits, np.ndarray) else logits)[:, -1]
+            nxt = last.argmax(-1).astype(np.int64)
+            if eos_token_id is not None:
+                nxt = np.where(done, eos_token_id, nxt)
+                done |= nxt == eos_token_id
+            feeds = {p: out[q] for p, q in zip(pasts, presents)}
+            current = nxt[:, None]
+            tokens.append(current)
+            self.step_times.append(time.perf_counter() - t0)
+            if eos_token_id is not None and done.all():
+                break
+        return np.concatenate(tokens, axis=1)
+
+    def __repr__(self) -> str:
+        return f"Runtime({self.path!r}, providers={self.providers}, io_binding={self.io_binding})"
+
+
+def _maybe_json(v: str) -> Any:
+    if v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v

