@@ -108,6 +108,21 @@ class PeftModel(fx.GraphModule):
         twin.train(self.training)
         return twin
 
+    def __deepcopy__(self, memo: dict) -> "PeftModel":
+        """``copy.deepcopy`` keeps what ``GraphModule.__deepcopy__`` drops: ``peft_info``, the forward hooks
+        (input constants, QLoRA recompute) and the train/eval state of the graph."""
+        res = super().__deepcopy__(memo)
+        res.peft_info = copy.deepcopy(self.peft_info, memo)
+        res._graph_mode = self._graph_mode
+        for attr in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                     "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            if hasattr(self, attr):
+                setattr(res, attr, type(getattr(self, attr))(getattr(self, attr)))
+        if getattr(self, "_peftfx_recompute", None) is not None:
+            res._peftfx_recompute = []
+        res.training = self.training
+        return res
+
     def adapter_modules(self) -> dict[str, nn.Module]:
         return {name: self.get_submodule(name) for name in self.peft_info.adapters}
 

@@ -95,6 +95,26 @@ def _widen_batch(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _unalias(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``labels=ids, input_ids=ids`` (one tensor under two names) would become a single graph input in
+    torch.export; give each name its own tensor so the graph keeps one input per name."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.device.type != "meta":
+            key = (v.untyped_storage().data_ptr(), v.storage_offset())
+            if key in seen and v.numel() > 0:
+                v = v.clone()
+            seen.add(key)
+        elif isinstance(v, torch.Tensor):
+            key = (id(v), 0)
+            if key in seen:
+                v = v.clone()
+            seen.add(key)
+        out[k] = v
+    return out
+
+
 def layer_index(path: str) -> int | None:
     """The first integer component of a module path (``model.layers.3.self_attn`` → 3)."""
     m = _LAYER_RE.search(path)
@@ -133,7 +153,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True)
     if isinstance(model, PeftModel):
         raise TraceError("this model is already a peftfx model; apply rules to the original nn.Module.")
     kwargs = normalize_inputs(model, example_inputs)
-    trace_kwargs = _widen_batch(kwargs) if dynamic else kwargs
+    trace_kwargs = _unalias(_widen_batch(kwargs) if dynamic else kwargs)
     was_training = model.training
     t0 = time.perf_counter()
     model.train()  # so dropout is recorded in the graph; the dropout pass makes it follow the mode

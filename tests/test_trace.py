@@ -133,3 +133,49 @@ def test_trace_errors_are_clear():
         peftfx.apply(model, LoRA())
     with pytest.raises(peftfx.TraceError, match="do not fit"):
         peftfx.trace(model, {"not_an_input": M.ids()})
+
+
+def test_aliased_inputs_stay_separate_graph_inputs():
+    """labels=ids and input_ids=ids (one tensor, two names) must trace to two inputs: later calls with
+    different labels must see them."""
+    model = M.gpt2()
+    ids = M.ids(batch=2, seq=8)
+    pm = peftfx.trace(model, {"input_ids": ids, "labels": ids})
+    placeholders = [n.target for n in pm.graph.nodes if n.op == "placeholder"]
+    assert "input_ids" in placeholders and "labels" in placeholders
+    other = torch.roll(ids, 1, dims=1)
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=other).loss
+        out = pm(input_ids=ids, labels=other).loss
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert not torch.allclose(out, model(input_ids=ids, labels=ids).loss, atol=1e-3)
+
+
+def test_deepcopy_keeps_adapters_constants_and_modes():
+    import copy
+
+    model = M.gpt2()
+    ids = M.ids(batch=2, seq=8)
+    pm = peftfx.apply(model, LoRA(rank=4, targets=select.role("attn.qkv")), example_inputs={"input_ids": ids})
+    for p in pm.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    pm.eval()
+    twin = copy.deepcopy(pm)
+    assert twin.peft_info.adapters.keys() == pm.peft_info.adapters.keys()
+    assert twin.peft_info.constants == pm.peft_info.constants == {"use_cache": False}
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=ids).logits, pm(input_ids=ids).logits)
+        assert torch.equal(twin(ids).logits, pm(ids).logits)       # positional call needs the pre-hook
+    # the copy owns its tensors: changing it leaves the original alone
+    name = next(iter(pm.peft_info.adapters))
+    lora = twin.get_submodule(name)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.add_(1.0)
+        assert not torch.equal(twin(input_ids=ids).logits, pm(input_ids=ids).logits)
+    merged = peftfx.merge(twin)
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, twin(input_ids=ids).logits, atol=1e-4)
+    twin.train()
+    assert twin.training and not pm.training
