@@ -14,13 +14,15 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call for each fn, run A B C A B C … so machine noise hits all alike."""
+    """Median seconds per call for each fn, run A B C, C B A, A B C … so machine noise hits all alike and no
+    function always runs first (caches and frequency boosts favour the first of a round)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    order = list(fns.items())
+    for i in range(repeats):
+        for k, f in (order if i % 2 == 0 else order[::-1]):
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)

@@ -124,7 +124,8 @@ def test_meta_device_7b_shape_llama_traces_and_rewrites_without_weights():
     assert all(p.device.type == "meta" for p in peft.parameters())
     train, total = peftfx.trainable_parameters(peft)
     assert train == 32 * 2 * 8 * (4096 + 4096) and total > 6.7e9
-    assert elapsed < 30   # the benchmark tracks the < 5 s target; this only guards against pathologies
+    assert elapsed < 90   # bench_core tracks the 5 s target (torch.export takes ~17 s of ~19 s on a 2-core CI box);
+    # this only guards against pathologies (e.g. materialising weights, quadratic passes)
 
 
 def test_trace_errors_are_clear():
