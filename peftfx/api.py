@@ -220,10 +220,30 @@ class InspectReport:
                 lines.append(_site_line(s))
         for i, r in enumerate(p.rules):
             ms = p.for_rule(i)
+            if i in p.graph_edits:
+                lines.append(f"rule {i}: {r.name} → {_describe_edit(r, p.graph_edits[i])}")
+                continue
             lines.append(f"rule {i}: {r.name} {r.selector.to_dict()} → {len(ms)} site(s)")
             lines += [_site_line(m.site) for m in ms]
             lines += [f"    declined {k}: {why}" for j, k, why in p.declines if j == i]
         return "\n".join(lines)
+
+
+def _describe_edit(rule: Any, edit: Any) -> str:
+    """One line for a graph-level rule's plan (virtual tokens at the embedding, or prefixes at attention ops)."""
+    n = getattr(edit, "n", getattr(rule, "num_virtual_tokens", None))
+    attentions = getattr(edit, "attentions", None)
+    if attentions is not None:
+        layers = sorted({a.layer for a in attentions if a.layer is not None})
+        span = f"layers {layers[0]}–{layers[-1]}" if layers else "no layer index"
+        return (f"graph-level: {n} key/value prefix row(s) at {len(attentions)} attention op(s) ({span}; "
+                f"{edit.heads_kv} kv head(s) × {edit.head_dim})")
+    site = getattr(edit, "site", None)
+    if site is not None:
+        inputs = ", ".join(f"{ph.target} ({kind})" for ph, _, kind in getattr(edit, "inputs", []))
+        return (f"graph-level: {n} virtual token(s) after {site.key} (role embed); sequence inputs widened: "
+                f"{inputs or 'none'}")
+    return "graph-level rewrite"
 
 
 def _site_line(s: Site) -> str:

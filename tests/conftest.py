@@ -8,8 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Two intra-op threads (the CI machine has 2 cores); measured: one thread made the suite no faster.
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# The CI machine has 2 cores. Under pytest-xdist (two workers, `-n 2` in pyproject) each worker takes one
+# intra-op thread; a plain single-process run takes two.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(autouse=True)

@@ -283,3 +283,14 @@ def test_bad_input_is_clear_and_changes_nothing():
         assert pm.code == code and not pm.peft_info.adapters                # raised before any change
     with pytest.raises(peftfx.RuleError, match="num_virtual_tokens"):
         PrefixTuning(num_virtual_tokens=-1)
+
+
+def test_inspect_describes_graph_level_rules():
+    ids = M.ids()
+    ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    text = str(peftfx.inspect(M.llama(), [peftfx.LoRA(rank=2), PrefixTuning(num_virtual_tokens=3)], ex))
+    assert "rule 1: prefix → graph-level: 3 key/value prefix row(s) at 2 attention op(s) (layers 0–1; " \
+           "2 kv head(s) × 16)" in text
+    text = str(peftfx.inspect(M.gpt2(), peftfx.PromptTuning(num_virtual_tokens=4), ex))
+    assert "4 virtual token(s) after transformer.wte (role embed)" in text
+    assert "input_ids (ids), attention_mask (mask)" in text
