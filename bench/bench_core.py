@@ -106,7 +106,10 @@ def timed_export(*a, **k):
     finally:
         spent.append(time.perf_counter() - t)
 torch.export.export = timed_export
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def hwm_mb():   # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across fork+exec
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+rss0 = hwm_mb()
 out = {"rss_after_imports_mb": rss0}
 for dynamic in (True, False):
     with torch.device("meta"):
@@ -118,7 +121,7 @@ for dynamic in (True, False):
     key = "dynamic" if dynamic else "static"
     out[key] = {"apply_s": dt, "torch_export_s": spent[-1], "peftfx_s": dt - spent[-1],
                 "nodes": len(peft.graph.nodes), "adapters": len(peft.peft_info.adapters)}
-    out.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out.setdefault("peak_rss_mb", hwm_mb())
     del peft, model
 out["apply_s"] = out["dynamic"]["apply_s"]
 out["nodes"] = out["dynamic"]["nodes"]
