@@ -46,3 +46,39 @@ def write(name: str, results: dict, table: list[tuple]) -> None:
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(f"threads={torch.get_num_threads()} torch={torch.__version__}\n\n{text}\n")
     print(text)
+
+
+def llama(vocab_size: int = 32000):
+    """The Llama-shaped bench model: 4 layers, hidden 512, 8 heads, seeded random init, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=512, intermediate_size=1376,
+                                        num_attention_heads=8, num_key_value_heads=8,
+                                        vocab_size=vocab_size)).eval()
+
+
+def trainable(m) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def train_step(model, ids):
+    """One AdamW step on a logsumexp surrogate loss over the logits, as a zero-argument callable."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def run():
+        model.train()
+        loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
+def infer(model, ids):
+    """One eval-mode forward under ``inference_mode``, as a zero-argument callable."""
+    def run():
+        model.eval()
+        with torch.inference_mode():
+            model(input_ids=ids)
+    return run

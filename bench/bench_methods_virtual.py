@@ -24,37 +24,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import interleaved, write  # noqa: E402
+from bench._common import infer as _infer, train_step as _step, trainable as _trainable  # noqa: E402
+from bench._common import llama  # noqa: E402
 
-
-def llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=512, intermediate_size=1376,
-                                        num_attention_heads=8, num_key_value_heads=8, vocab_size=32000)).eval()
-
-
-def _trainable(m) -> int:
-    return sum(p.numel() for p in m.parameters() if p.requires_grad)
-
-
-def _step(model, ids):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def run():
-        model.train()
-        loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return run
-
-
-def _infer(model, ids):
-    def run():
-        with torch.inference_mode():
-            model(input_ids=ids)
-    return run
 
 
 def _methods(n: int):

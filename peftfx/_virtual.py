@@ -34,7 +34,7 @@ from ._errors import ConflictError, RuleError, SiteError
 from .methods import AdapterModule, MethodConfig
 from .rules import Selector, select
 
-__all__ = ["VirtualMethod", "VirtualSource", "SequenceEdit", "plan_sequence", "widen_sequence", "adapter_name",
+__all__ = ["VirtualMethod", "EmbeddingTokensMethod", "VirtualSource", "SequenceEdit", "plan_sequence", "widen_sequence", "adapter_name",
            "insert_source", "record_site", "finish", "widen_input", "prepend_virtual", "chain_end", "token_embedding"]
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,31 @@ class VirtualMethod(MethodConfig):
             raise ConflictError(f"{desc} are all virtual-token methods; a model takes one of prompt tuning, "
                                 "p-tuning and prefix tuning. Keep one of these rules (site methods such as "
                                 "LoRA or IA3 combine with it freely).")
+
+
+class EmbeddingTokensMethod(VirtualMethod):
+    """Virtual tokens placed before the real tokens at the token-embedding output (prompt tuning, p-tuning).
+
+    Subclasses give ``num_virtual_tokens`` and ``make_source(pm, edit, weight) → VirtualSource``; planning
+    (:func:`plan_sequence`), naming, recording and the sequence-widening rewrite are shared."""
+
+    def prepare(self, pm, plan, index: int) -> "SequenceEdit":
+        self.check_single(plan, index)
+        return plan_sequence(pm, plan, self, index, self.num_virtual_tokens)
+
+    def make_source(self, pm, edit: "SequenceEdit", weight: torch.Tensor) -> nn.Module:  # pragma: no cover
+        raise NotImplementedError
+
+    def build_graph(self, pm, edit: "SequenceEdit") -> dict[str, tuple[nn.Module, dict[str, Any]]]:
+        module = self.make_source(pm, edit, pm.get_parameter(edit.site.weight))
+        name = adapter_name(pm, edit.site.key, self.name)
+        edit.names = [name]
+        return {name: (module, record_site(edit.site.key, type(module).__name__))}
+
+    def rewrite(self, pm, edit: "SequenceEdit", modules: dict[str, nn.Module]) -> None:
+        name = edit.names[0]
+        widen_sequence(pm, edit, insert_source(pm, name, modules[name]))
+        finish(pm, self.name)
 
 
 class VirtualSource(AdapterModule):

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .._errors import RuleError, SiteError
-from .._virtual import (SequenceEdit, VirtualMethod, VirtualSource, adapter_name, finish, insert_source, plan_sequence,
-                        record_site, widen_sequence)
+from .._virtual import EmbeddingTokensMethod, SequenceEdit, VirtualSource
 from ..rules import Selector
 from . import register_method
 
@@ -41,7 +40,7 @@ _INITS = ("random", "vocab", "text")
 
 @register_method
 @dataclass(frozen=True)
-class PromptTuning(VirtualMethod):
+class PromptTuning(EmbeddingTokensMethod):
     """Prompt-tuning rule: ``num_virtual_tokens`` trainable embeddings before the real tokens."""
 
     num_virtual_tokens: int = 20
@@ -64,8 +63,7 @@ class PromptTuning(VirtualMethod):
                             "(a tokenizer name or local path for transformers.AutoTokenizer)")
 
     def prepare(self, pm, plan, index: int) -> SequenceEdit:
-        self.check_single(plan, index)
-        edit = plan_sequence(pm, plan, self, index, self.num_virtual_tokens)
+        edit = super().prepare(pm, plan, index)
         if self.init == "text":
             ids = self.text_ids()
             vocab = edit.site.weight_shape[0]
@@ -87,8 +85,7 @@ class PromptTuning(VirtualMethod):
         n = self.num_virtual_tokens
         return (ids * math.ceil(n / len(ids)))[:n]
 
-    def build_graph(self, pm, edit: SequenceEdit) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
-        weight = pm.get_parameter(edit.site.weight)
+    def make_source(self, pm, edit: SequenceEdit, weight: torch.Tensor) -> nn.Module:
         init = None
         if weight.device.type != "meta" and self.init != "random":
             if self.init == "vocab":
@@ -96,16 +93,8 @@ class PromptTuning(VirtualMethod):
             else:
                 ids = torch.tensor(self.text_ids())
             init = weight.detach()[ids.to(weight.device)].clone()
-        module = PromptEmbedding(self.num_virtual_tokens, edit.site.out_features, init,
-                                 device=weight.device, dtype=weight.dtype)
-        name = adapter_name(pm, edit.site.key, self.name)
-        edit.names = [name]
-        return {name: (module, record_site(edit.site.key, type(module).__name__))}
-
-    def rewrite(self, pm, edit: SequenceEdit, modules: dict[str, nn.Module]) -> None:
-        name = edit.names[0]
-        widen_sequence(pm, edit, insert_source(pm, name, modules[name]))
-        finish(pm, self.name)
+        return PromptEmbedding(self.num_virtual_tokens, edit.site.out_features, init,
+                               device=weight.device, dtype=weight.dtype)
 
 
 class PromptEmbedding(VirtualSource):

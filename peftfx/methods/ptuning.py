@@ -16,14 +16,13 @@ on the inputs, so :func:`peftfx.fold` evaluates P once and inference runs no enc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .._errors import RuleError
-from .._virtual import (SequenceEdit, VirtualMethod, VirtualSource, adapter_name, finish, insert_source,
-                        plan_sequence, record_site, widen_sequence)
+from .._virtual import EmbeddingTokensMethod, SequenceEdit, VirtualSource
 from ..rules import Selector
 from . import register_method
 
@@ -32,7 +31,7 @@ __all__ = ["PTuning", "PromptEncoder"]
 
 @register_method
 @dataclass(frozen=True)
-class PTuning(VirtualMethod):
+class PTuning(EmbeddingTokensMethod):
     """P-tuning rule: ``num_virtual_tokens`` tokens produced by an MLP or LSTM prompt encoder."""
 
     num_virtual_tokens: int = 20
@@ -59,25 +58,12 @@ class PTuning(VirtualMethod):
         if not isinstance(self.encoder_dropout, (int, float)) or not 0.0 <= float(self.encoder_dropout) < 1.0:
             raise RuleError(f"PTuning encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
 
-    def prepare(self, pm, plan, index: int) -> SequenceEdit:
-        self.check_single(plan, index)
-        return plan_sequence(pm, plan, self, index, self.num_virtual_tokens)
-
-    def build_graph(self, pm, edit: SequenceEdit) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
-        weight = pm.get_parameter(edit.site.weight)
+    def make_source(self, pm, edit: SequenceEdit, weight: torch.Tensor) -> nn.Module:
         dim = edit.site.out_features
         e = self.token_dim or dim
-        module = PromptEncoder(self.num_virtual_tokens, e, self.encoder_hidden_size or e, dim, self.encoder,
-                               self.encoder_num_layers, float(self.encoder_dropout), device=weight.device,
-                               dtype=weight.dtype)
-        name = adapter_name(pm, edit.site.key, self.name)
-        edit.names = [name]
-        return {name: (module, record_site(edit.site.key, type(module).__name__))}
-
-    def rewrite(self, pm, edit: SequenceEdit, modules: dict[str, nn.Module]) -> None:
-        name = edit.names[0]
-        widen_sequence(pm, edit, insert_source(pm, name, modules[name]))
-        finish(pm, self.name)
+        return PromptEncoder(self.num_virtual_tokens, e, self.encoder_hidden_size or e, dim, self.encoder,
+                             self.encoder_num_layers, float(self.encoder_dropout), device=weight.device,
+                             dtype=weight.dtype)
 
 
 class PromptEncoder(VirtualSource):
