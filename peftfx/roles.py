@@ -32,6 +32,7 @@ ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.up", "mlp.gate
 
 _SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
 _BATCH_MM = {aten.matmul.default, aten.bmm.default, aten.einsum.default}
+_SCORES = _BATCH_MM | {aten.baddbmm.default}
 _ACTIVATIONS = {aten.gelu.default, aten.silu.default, aten.relu.default, aten.tanh.default,
                 aten.sigmoid.default, aten.elu.default, aten.leaky_relu.default, aten.mish.default,
                 aten.hardswish.default, aten.softplus.default, aten.pow.Tensor_Scalar, aten.relu6.default,
@@ -79,13 +80,34 @@ def attention_nodes(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, fx
 
 
 def _eager_attention(softmax: fx.Node):
-    scores = _walk_single(softmax.args[0], lambda n: n.target in _BATCH_MM, limit=6, forward=False)
+    scores = _walk_back(softmax.args[0], lambda n: n.target in _SCORES, limit=6)
     probs_user = _walk_single(softmax, lambda n: n.target in _BATCH_MM, limit=6, forward=True)
     if scores is None or probs_user is None or scores.target is aten.einsum.default:
         return None
-    q, kt = scores.args[0], scores.args[1]
+    # baddbmm(bias, q, kᵀ): scores with an additive bias fused in (BLOOM's ALiBi)
+    q, kt = scores.args[1:3] if scores.target is aten.baddbmm.default else scores.args[:2]
     v = probs_user.args[1]
     return (softmax, q, kt, v, probs_user)
+
+
+def _walk_back(start, pred, limit: int):
+    """The nearest node before ``start`` (within ``limit`` steps over tensor inputs) that satisfies ``pred``;
+    None if there is none or two at the same distance. Crosses element-wise joins such as ``scores + mask``."""
+    frontier, seen = [start], set()
+    for _ in range(limit):
+        hits = [n for n in frontier if isinstance(n, fx.Node) and pred(n)]
+        if hits:
+            return hits[0] if len(hits) == 1 else None
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node) or n.op != "call_function":
+                continue
+            for a in n.all_input_nodes:
+                if a not in seen and _is_tensor(a):
+                    seen.add(a)
+                    nxt.append(a)
+        frontier = nxt
+    return None
 
 
 def _walk_single(start, pred, limit: int, forward: bool):
@@ -126,7 +148,9 @@ def assign_roles(graph: fx.Graph, sites: Iterable[Site]) -> None:
     stop = set(by_node)
     g = dataflow_graph(graph)
     attn = attention_nodes(graph)
-    blocked = {a[0] for a in attn} | {a[4] for a in attn}
+    # Walks never cross an attention op, nor a weight op that is not a site (an op peftfx cannot adapt, e.g. a
+    # convolution): a projection found beyond one would belong to another block.
+    blocked = {a[0] for a in attn} | {a[4] for a in attn} | (_weight_ops(graph) - stop)
     for node, q, k, v, out in attn:
         layer = node.meta.get("peftfx", {}).get("layer")
         hits = {}
@@ -137,7 +161,8 @@ def assign_roles(graph: fx.Graph, sites: Iterable[Site]) -> None:
                 found = {by_node[operand]}
             else:
                 found = {by_node[n] for n in _reach(g, operand, stop, False, blocked)}
-            found = {s for s in found if layer is None or s.layer in (None, layer)}
+            # an embedding table is never a projection of the attention's inputs
+            found = {s for s in found if s.kind != "embedding" and (layer is None or s.layer in (None, layer))}
             hits[role] = found
             for s in found:
                 s.roles.add(role)
@@ -150,11 +175,38 @@ def assign_roles(graph: fx.Graph, sites: Iterable[Site]) -> None:
                         s.slices[role] = span
         for n in _reach(g, out, stop, True, blocked):
             s = by_node[n]
-            if layer is None or s.layer in (None, layer):
+            if s.kind != "embedding" and (layer is None or s.layer in (None, layer)):
                 s.roles.add("attn.o")
     _mlp_roles(g, sites, by_node, stop, blocked)
     _embedding_roles(graph, g, sites)
     _head_roles(g, sites, stop)
+
+
+def _weight_ops(graph: fx.Graph) -> set[fx.Node]:
+    """Products (matmuls, convolutions) with a parameter of two or more dimensions, read directly or through
+    views/transposes."""
+    def is_weight(n) -> bool:
+        if not isinstance(n, fx.Node):
+            return False
+        if n.op == "get_attr":
+            v = n.meta.get("val")
+            if v is None:
+                try:
+                    v = graph.owning_module.get_parameter(n.target)
+                except AttributeError:
+                    return False
+            return isinstance(v, torch.Tensor) and v.dim() >= 2 and v.is_floating_point()
+        return n.op == "call_function" and n.target in _VIEWS and is_weight(n.args[0] if n.args else None) \
+            and len(n.users) == 1
+    out = set()
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _PRODUCTS and any(is_weight(a) for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
+_PRODUCTS = _SCORES | {aten.mm.default, aten.addmm.default, aten.linear.default, aten.convolution.default,
+                       aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
 
 
 def _mlp_roles(g, sites, by_node, stop, blocked) -> None:

@@ -2,7 +2,7 @@
 
 A site is any matmul one of whose operands is a parameter, whatever module wrapped it:
 ``aten.linear(x, W[out,in])``, ``aten.addmm(b, x, W[in,out])`` (GPT-2's ``Conv1D``), ``aten.mm``/``aten.matmul``
-with a parameter (directly or through ``aten.t``), and ``aten.embedding(W, ids)``. Every site exposes its
+with a parameter (directly or through a transpose: ``t``, ``numpy_T``, ``transpose``, ``permute``), and ``aten.embedding(W, ids)``. Every site exposes its
 weight in one canonical ``[out, in]`` orientation so methods never branch on the op.
 """
 from __future__ import annotations
@@ -93,6 +93,10 @@ def _param_attr(gm: fx.GraphModule, node: Any) -> tuple[str, torch.Tensor] | Non
     return (node.target, t) if t.dim() == 2 else None
 
 
+# ``x @ W.t()``, ``x @ W.T`` (numpy_T: Falcon's FalconLinear), ``x @ W.transpose(0, 1)``, ``x @ W.permute(1, 0)``
+_TRANSPOSES = (aten.t.default, aten.numpy_T.default, aten.permute.default, aten.transpose.int)
+
+
 def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str, Any, Any] | None:
     """(op, kind, weight get_attr target, bias target) if ``node`` is a weight matmul."""
     t, a = node.target, node.args
@@ -108,9 +112,9 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str, Any, Any] | Non
         if w:
             return (t._opname, "linear_t", w, None)
         src = a[1]
-        if isinstance(src, fx.Node) and src.target in (aten.t.default, aten.permute.default, aten.transpose.int):
+        if isinstance(src, fx.Node) and src.target in _TRANSPOSES:
             w = _param_attr(gm, src.args[0])
-            if w and (src.target is aten.t.default or len(src.args) == 1 or
+            if w and (src.target in (aten.t.default, aten.numpy_T.default) or len(src.args) == 1 or
                       sorted(int(d) % 2 for d in (src.args[1] if src.target is aten.permute.default
                                                   else src.args[1:3])) == [0, 1]):
                 return (t._opname, "linear", w, None)

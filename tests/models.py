@@ -20,6 +20,21 @@ def llama(layers=2, hidden=64, inter=128, heads=4, kv_heads=2, vocab=128, seed=0
                                         vocab_size=vocab, max_position_embeddings=256)).eval()
 
 
+def falcon(layers=2, hidden=64, heads=4, vocab=128, seed=0):
+    """Parallel attention + MLP; FalconLinear computes x @ W.T (aten.numpy_T), fused query_key_value."""
+    from transformers import FalconConfig, FalconForCausalLM
+    torch.manual_seed(seed)
+    return FalconForCausalLM(FalconConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                                          vocab_size=vocab)).eval()
+
+
+def bloom(layers=2, hidden=64, heads=4, vocab=128, seed=0):
+    """Eager attention only: baddbmm(ALiBi, q, kᵀ) + mask → softmax → bmm; QKV fused and interleaved per head."""
+    from transformers import BloomConfig, BloomForCausalLM
+    torch.manual_seed(seed)
+    return BloomForCausalLM(BloomConfig(n_layer=layers, hidden_size=hidden, n_head=heads, vocab_size=vocab)).eval()
+
+
 def bert(layers=2, hidden=64, seed=0, labels=2):
     from transformers import BertConfig, BertForSequenceClassification
     torch.manual_seed(seed)

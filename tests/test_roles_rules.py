@@ -69,6 +69,24 @@ def test_roles_bert_t5_vit():
     assert roles["classifier"] == ["head"]
 
 
+@pytest.mark.parametrize("arch,qkv,o,up,down", [
+    ("falcon", "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    ("bloom", "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+])
+def test_roles_beyond_the_named_architectures(arch, qkv, o, up, down):
+    """Falcon: x @ W.T matmuls (no aten.linear), parallel attention/MLP. BLOOM: eager baddbmm scores with ALiBi
+    and an additive mask before the softmax. No name table: the same data-flow rules label both."""
+    roles, sites = _roles(getattr(M, arch)(), {"input_ids": M.ids()})
+    for i in (0, 1):
+        p = f"transformer.h.{i}"
+        assert roles[f"{p}.{qkv}"] == ["attn.k", "attn.q", "attn.qkv", "attn.v"]
+        assert roles[f"{p}.{o}"] == ["attn.o"]
+        assert roles[f"{p}.{up}"] == ["mlp.up"] and roles[f"{p}.{down}"] == ["mlp.down"]
+        assert sites[f"{p}.{qkv}"].layer == i
+    assert roles["transformer.word_embeddings"] == ["embed"]
+    assert roles["lm_head"] == ["head"]
+
+
 def test_roles_hand_written_eager_attention():
     roles, sites = _roles(M.TinyTransformer(), {"ids": M.ids(vocab=100)})
     assert roles["blocks.0.qkv"] == ["attn.k", "attn.q", "attn.qkv", "attn.v"]

@@ -173,6 +173,15 @@ def _attention_spec(found: tuple, index: int) -> AttentionSpec:
     if eager:
         softmax, _, kt, v, value_mm = found
         node = _scores(softmax)
+        if _joins_between(node, softmax):
+            raise SiteError(f"rule {index} (prefix): attention op {node.name} (layer {layer}) adds a mask or bias "
+                            "between q·kᵀ and the softmax (eager attention); prefix tuning extends keys at "
+                            "scaled_dot_product_attention or at a plain matmul → softmax → matmul. Load Hugging "
+                            "Face models with attn_implementation='sdpa'.")
+        if node.target is aten.baddbmm.default:
+            raise SiteError(f"rule {index} (prefix): attention op {node.name} (layer {layer}) adds a bias inside "
+                            "baddbmm(bias, q, kᵀ) (e.g. BLOOM's ALiBi); prefix tuning cannot extend that bias to "
+                            "the prefix keys. Use LoRA or IA3 on this model, or prompt tuning.")
         q, kt = node.args[0], node.args[1]
         kv, vv = _val(kt), _val(v)
         ok = kv is not None and vv is not None and kv.dim() == 4 and vv.dim() == 4 and kv.shape[-2] == vv.shape[-1]
@@ -196,9 +205,20 @@ def _attention_spec(found: tuple, index: int) -> AttentionSpec:
     return spec
 
 
+def _joins_between(scores: fx.Node, softmax: fx.Node) -> bool:
+    """Whether another tensor joins the path scores → softmax (an additive mask the prefix would not cover)."""
+    node = softmax.args[0]
+    while node is not scores:
+        tensors = [a for a in node.all_input_nodes if _val(a) is not None]
+        if len(tensors) != 1:
+            return True
+        node = tensors[0]
+    return False
+
+
 def _scores(softmax: fx.Node) -> fx.Node:
     node = softmax.args[0]
-    while node.target not in _BATCH_MM:
+    while node.target not in _BATCH_MM and node.target is not aten.baddbmm.default:
         node = next(a for a in node.all_input_nodes if _val(a) is not None)
     return node
 

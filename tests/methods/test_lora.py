@@ -43,6 +43,7 @@ def _logits(out):
 @pytest.mark.parametrize("arch,targets,roles", [
     ("gpt2", ["c_attn"], select.role("attn.q")),                     # fused QKV, one pair, Conv1D (addmm, W^T)
     ("llama", ["q_proj", "v_proj"], select.role("attn.q") | select.role("attn.v")),
+    ("falcon", ["query_key_value", "dense_4h_to_h"], select.role("attn.qkv") | select.role("mlp.down")),  # x @ W.T
 ])
 def test_parity_with_hf_peft(arch, targets, roles):
     base = getattr(M, arch)()
