@@ -13,6 +13,7 @@ low-rank product B_full A_full whose rows outside the selected slices are zero.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -24,6 +25,8 @@ from torch import nn
 from .._errors import RuleError
 from ..rules import Selector, select
 from . import AdapterModule, MethodConfig, register_method
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LoRA", "LoRALinear", "LoRAEmbedding"]
 
@@ -67,6 +70,9 @@ class LoRA(MethodConfig):
         if self.fused == "split" and "attn.qkv" in site.roles and spans:
             spans = sorted(spans)
         else:
+            if self.fused == "split" and "attn.qkv" in site.roles:
+                log.warning("LoRA fused='split': the q/k/v rows of %s could not be located (interleaved per "
+                            "head?); it takes one pair for the whole projection", site.key)
             spans = [(0, site.out_features)]
         return LoRALinear(site.in_features, site.out_features, self.rank, self.scaling, self.dropout,
                           self.init, spans, **kw)
