@@ -93,7 +93,7 @@ def bench_model(name, base, hf_targets, fan_in_fan_out, repeats):
 
 
 META_SNIPPET = r"""
-import json, resource, sys, time, torch, peftfx
+import json, time, torch, peftfx
 from transformers import LlamaConfig, LlamaForCausalLM
 cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=32, vocab_size=32000)

@@ -35,8 +35,6 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, *, format: str = "pe
     """Write the adapter of ``model`` to folder ``path`` (created or replaced atomically); returns it.
     ``format="hf"`` writes a Hugging Face PEFT folder instead (:mod:`peftfx.formats.hf`). On a model with
     named adapters (:mod:`peftfx.multi`) ``adapter`` picks one; it is written in the single-adapter form."""
-    from safetensors.torch import save_file
-
     from . import __version__
     from .multi import adapter_names, adapter_view, is_multi
 
@@ -62,14 +60,26 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, *, format: str = "pe
         "inputs": info.input_names,
         **({"adapter_name": adapter} if adapter else {}),
     }
+    return write_folder(path, {WEIGHTS_NAME: state}, {CONFIG_NAME: config}, {"format": FORMAT})
+
+
+def write_folder(path: str | os.PathLike, tensors: dict[str, dict[str, torch.Tensor]],
+                 configs: dict[str, dict[str, Any]], metadata: dict[str, str]) -> str:
+    """Write an adapter folder atomically: safetensors files (``{file: tensors}``) and JSON files
+    (``{file: config}``) go into a temporary folder beside ``path``, which replaces ``path`` only once all are
+    written; on any error the temporary folder is removed and ``path`` is untouched."""
+    from safetensors.torch import save_file
+
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".peftfx-tmp-", dir=parent)
     try:
-        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": FORMAT})
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2, default=str)
+        for name, state in tensors.items():
+            save_file(state, os.path.join(tmp, name), metadata=metadata)
+        for name, config in configs.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True, default=str)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -209,9 +207,7 @@ def _match_tensors(pm: PeftModel, plan, modules, imported: Imported, tensors, so
 # ------------------------------------------------------------------------------------------- save
 def save_hf_adapter(model: PeftModel, path: str | os.PathLike) -> str:
     """Write ``model``'s adapter as an HF PEFT folder that ``peft.PeftModel.from_pretrained`` loads."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint import _swap_into_place
+    from ..checkpoint import write_folder
 
     if not isinstance(model, PeftModel) or not model.peft_info.adapters:
         raise CheckpointError("save_adapter needs a model returned by peftfx.apply() with at least one adapter.")
@@ -231,18 +227,7 @@ def save_hf_adapter(model: PeftModel, path: str | os.PathLike) -> str:
     if any(t.device.type == "meta" for t in tensors.values()):
         raise CheckpointError("the adapter lives on the meta device (no values); materialise the model first.")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".peftfx-tmp-", dir=parent)
-    try:
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_folder(path, {WEIGHTS_NAME: tensors}, {CONFIG_NAME: config}, {"format": "pt"})
     log.info("wrote HF PEFT %s adapter (%d tensors) to %s", conv.peft_type, len(tensors), path)
     return path
 

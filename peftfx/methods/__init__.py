@@ -78,6 +78,24 @@ class MethodConfig:
     def validate(self) -> None:
         """Raise RuleError for bad hyperparameters."""
 
+    # ------------------------------------------------------------------------------ checks for validate()
+    def require_positive_int(self, *fields: str, optional: bool = False) -> None:
+        """Each field is an int ≥ 1 (not a bool); ``optional``: None is allowed too."""
+        for f in fields:
+            v = getattr(self, f)
+            if optional and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RuleError(f"{type(self).__name__} {f} must be a positive int{' or None' if optional else ''}, "
+                                f"got {v!r}")
+
+    def require_fraction(self, *fields: str) -> None:
+        """Each field is a number in [0, 1) (a dropout probability)."""
+        for f in fields:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+                raise RuleError(f"{type(self).__name__} {f} must be in [0, 1), got {v!r}")
+
 
 class AdapterModule(nn.Module):
     position: ClassVar[str] = "output"

@@ -52,12 +52,10 @@ class Adapter(MethodConfig):
     composes: ClassVar[bool] = True
 
     def validate(self) -> None:
-        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
-            raise RuleError(f"Adapter bottleneck must be a positive int, got {self.bottleneck!r}")
+        self.require_positive_int("bottleneck")
         if self.activation not in _ACTIVATIONS:
             raise RuleError(f"Adapter activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
-            raise RuleError(f"Adapter dropout must be in [0, 1), got {self.dropout!r}")
+        self.require_fraction("dropout")
         if self.norm not in _NORMS:
             raise RuleError(f"Adapter norm must be one of {list(_NORMS)}, got {self.norm!r}")
         if self.norm_position not in ("pre", "post"):

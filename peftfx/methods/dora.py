@@ -31,6 +31,7 @@ from .._errors import PassError, RuleError
 from ..rules import Selector, select
 from ..sites import canonical_weight
 from . import AdapterModule, MethodConfig, register_method
+from .lora import lora_scaling
 
 __all__ = ["DoRA", "DoRALinear"]
 
@@ -48,16 +49,14 @@ class DoRA(MethodConfig):
     name: ClassVar[str] = "dora"
 
     def validate(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise RuleError(f"DoRA rank must be a positive int, got {self.rank!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise RuleError(f"DoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.require_positive_int("rank")
+        self.require_fraction("dropout")
         if self.init not in ("kaiming", "gaussian"):
             raise RuleError(f"DoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return lora_scaling(self.alpha, self.rank, self.rslora)
 
     def default_targets(self) -> Selector:
         return select.role("attn.q") | select.role("attn.v")

@@ -46,10 +46,8 @@ class LoRA(MethodConfig):
     composes: ClassVar[bool] = True
 
     def validate(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise RuleError(f"LoRA rank must be a positive int, got {self.rank!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise RuleError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.require_positive_int("rank")
+        self.require_fraction("dropout")
         if self.init not in ("kaiming", "gaussian"):
             raise RuleError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if self.fused not in ("joint", "split"):
@@ -57,7 +55,7 @@ class LoRA(MethodConfig):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        return lora_scaling(self.alpha, self.rank, self.rslora)
 
     def default_targets(self) -> Selector:
         return select.role("attn.q") | select.role("attn.v")
@@ -76,6 +74,11 @@ class LoRA(MethodConfig):
             spans = [(0, site.out_features)]
         return LoRALinear(site.in_features, site.out_features, self.rank, self.scaling, self.dropout,
                           self.init, spans, **kw)
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """s = α / r, or α / √r with rsLoRA (Kalajdzievski 2023); shared by LoRA-family methods (DoRA)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
 
 
 class LoRALinear(AdapterModule):

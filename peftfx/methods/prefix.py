@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from .._errors import RuleError, SiteError
+from .._errors import SiteError
 from .._positions import offset_positions, plan_positions
 from .._virtual import VirtualMethod, VirtualSource, adapter_name, finish, insert_source, record_site
 from ..roles import attention_nodes
@@ -66,13 +66,8 @@ class PrefixTuning(VirtualMethod):
     name: ClassVar[str] = "prefix"
 
     def validate(self) -> None:
-        n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise RuleError(f"PrefixTuning num_virtual_tokens must be a positive int, got {n!r}")
-        for field_name in ("encoder_hidden_size", "token_dim"):
-            v = getattr(self, field_name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise RuleError(f"PrefixTuning {field_name} must be a positive int or None, got {v!r}")
+        self.require_positive_int("num_virtual_tokens")
+        self.require_positive_int("encoder_hidden_size", "token_dim", optional=True)
 
     def default_targets(self) -> Selector:
         return select.role("attn.k")

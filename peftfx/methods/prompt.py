@@ -53,9 +53,7 @@ class PromptTuning(EmbeddingTokensMethod):
     name: ClassVar[str] = "prompt"
 
     def validate(self) -> None:
-        n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise RuleError(f"PromptTuning num_virtual_tokens must be a positive int, got {n!r}")
+        self.require_positive_int("num_virtual_tokens")
         if self.init not in _INITS:
             raise RuleError(f"PromptTuning init must be one of {list(_INITS)}, got {self.init!r}")
         if self.init == "text" and not self.init_token_ids and not (self.init_text and self.tokenizer):

@@ -45,18 +45,11 @@ class PTuning(EmbeddingTokensMethod):
     name: ClassVar[str] = "ptuning"
 
     def validate(self) -> None:
-        for field_name in ("num_virtual_tokens", "encoder_num_layers"):
-            v = getattr(self, field_name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise RuleError(f"PTuning {field_name} must be a positive int, got {v!r}")
-        for field_name in ("encoder_hidden_size", "token_dim"):
-            v = getattr(self, field_name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise RuleError(f"PTuning {field_name} must be a positive int or None, got {v!r}")
+        self.require_positive_int("num_virtual_tokens", "encoder_num_layers")
+        self.require_positive_int("encoder_hidden_size", "token_dim", optional=True)
         if self.encoder not in ("mlp", "lstm"):
             raise RuleError(f"PTuning encoder must be 'mlp' or 'lstm', got {self.encoder!r}")
-        if not isinstance(self.encoder_dropout, (int, float)) or not 0.0 <= float(self.encoder_dropout) < 1.0:
-            raise RuleError(f"PTuning encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
+        self.require_fraction("encoder_dropout")
 
     def make_source(self, pm, edit: SequenceEdit, weight: torch.Tensor) -> nn.Module:
         dim = edit.site.out_features

@@ -49,10 +49,8 @@ class VeRA(MethodConfig):
     name: ClassVar[str] = "vera"
 
     def validate(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise RuleError(f"VeRA rank must be a positive int, got {self.rank!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise RuleError(f"VeRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.require_positive_int("rank")
+        self.require_fraction("dropout")
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
             raise RuleError(f"VeRA projection_prng_key must be an int seed, got {self.projection_prng_key!r}")
 
