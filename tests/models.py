@@ -109,3 +109,47 @@ class TinyTransformer(nn.Module):
 def ids(batch=2, seq=8, vocab=128, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def train_with_labels(model, ids, labels, steps=25, lr=0.05):
+    """Adam on the model's own loss (``labels=``) for ``steps``; returns the eval-mode loss (before, after)."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def loss_eval():
+        model.eval()
+        with torch.no_grad():
+            return model(input_ids=ids, labels=labels).loss.item()
+
+    before = loss_eval()
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return before, loss_eval()
+
+
+def llama_wide_init(seed=0):
+    """The small Llama with init std 0.1 (not 0.02), so its blocks' outputs reach the logits and methods that
+    rescale or add to the blocks (IA3, Houlsby adapters) can fit a batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                        initializer_range=0.1)).eval()
+
+
+def next_token_losses(model, ids, steps=30, lr=0.05):
+    """Adam on next-token cross-entropy over ``ids`` (train mode); the loss of every step."""
+    import torch.nn.functional as F
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -190,27 +190,9 @@ def test_training_lowers_loss():
                                                                       "labels": M.ids(4, 12)})
     ids = M.ids(4, 12)
     labels = torch.full_like(ids, 7)
-    before, after = _train(ours, ids, labels)
+    before, after = M.train_with_labels(ours, ids, labels)
     assert after < before - 0.15, (before, after)
     assert all(not p.requires_grad for n, p in ours.named_parameters() if "prompt" not in n)
-
-
-def _train(model, ids, labels, steps=25, lr=0.05):
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-    def loss_eval():
-        model.eval()
-        with torch.no_grad():
-            return model(input_ids=ids, labels=labels).loss.item()
-
-    before = loss_eval()
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return before, loss_eval()
 
 
 def test_bad_input_is_clear_and_changes_nothing():
