@@ -146,11 +146,11 @@ class _Stages:
 
 # ------------------------------------------------------------------------------------------------ commands
 def cmd_inspect(args) -> int:
-    import peftfx
+    from .apply import inspect
 
     rules = _rules(args.rules) if args.rules else None
     loaded = load_model(args.model)
-    report = peftfx.inspect(loaded.model, rules, example_inputs(loaded, args.batch, args.seq))
+    report = inspect(loaded.model, rules, example_inputs(loaded, args.batch, args.seq))
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else str(report))
     return 0
 
@@ -164,8 +164,8 @@ def _rules(path: str):
 
 
 def cmd_merge_export(args) -> int:
-    import peftfx
     from .export import adapter_inputs, export_onnx, write_onnx_adapter
+    from .io.checkpoint import load_adapter
 
     if len(args.adapter) > 1 and not args.adapter_inputs:
         raise _fail("several --adapter folders need --adapter-inputs (one ONNX model, one adapter file each).")
@@ -177,7 +177,7 @@ def cmd_merge_export(args) -> int:
     st = _Stages(args.json)
     loaded = st.run("load model", load_model, args.model)
     ex = example_inputs(loaded, args.batch, args.seq, ids_only=args.kv_cache)
-    models = [st.run(f"load adapter {os.path.basename(os.path.normpath(a))}", peftfx.load_adapter, loaded.model, a, ex)
+    models = [st.run(f"load adapter {os.path.basename(os.path.normpath(a))}", load_adapter, loaded.model, a, ex)
               for a in args.adapter]
     if args.adapter_inputs:
         layouts = [[(e.name, e.shape) for e in adapter_inputs(m)] for m in models]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._errors import TraceError
-from .graph import PeftModel
+from .model import PeftModel
 from .passes.cleanup import cleanup_pass
 from .passes.dropout import mode_dropout_pass
 

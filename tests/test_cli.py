@@ -43,10 +43,24 @@ def work(tmp_path_factory):
     pms = _adapters({"a": d / "a", "b": d / "b"}) | _adapters({"r8": d / "r8"}, rank=8)
     (d / "rules.json").write_text(json.dumps([{"method": "lora", "rank": 4, "targets": {"role": "attn.qkv"}}]))
     (d / "rules.yaml").write_text("- method: lora\n  rank: 4\n  targets: {role: mlp.up}\n")
+    _tiny_onnx(d / "tiny.onnx")
     cwd = os.getcwd()
     os.chdir(ROOT)                         # the factory module is found from the working directory
     yield d, pms
     os.chdir(cwd)
+
+
+def _tiny_onnx(path) -> None:
+    """A valid ONNX model taking ``input_ids`` (no tokenizer recorded), for the argument-error cases."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT)], "tiny",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8                   # what every supported ONNX Runtime reads
+    onnx.save(model, str(path))
 
 
 def _run(capsys, *argv):
@@ -118,8 +132,8 @@ def test_adapter_inputs_write_one_file_per_adapter(work, capsys):
      "tests.models has no 'nothing'"),
     (["inspect", MODEL, "--rules", "{d}/none.json"], "rules file '{d}/none.json' not found"),
     (["run", "{d}/none.onnx", "--ids", "1 2"], "no ONNX model at '{d}/none.onnx'"),
-    (["run", "{d}/multi/base.onnx", "--ids", "1 x"], "--ids takes integers"),
-    (["run", "{d}/multi/base.onnx", "--text", "hello"], "--text needs a tokenizer"),
+    (["run", "{d}/tiny.onnx", "--ids", "1 x"], "--ids takes integers"),
+    (["run", "{d}/tiny.onnx", "--text", "hello"], "--text needs a tokenizer"),
 ])
 def test_errors_are_one_line_with_exit_code_2_and_write_nothing(work, capsys, argv, message):
     d, _ = work
@@ -137,7 +151,7 @@ def test_console_entry_point_exit_code():
 
 
 def test_quickstart_reduced(tmp_path, capsys):
-    from peftfx._docdata import docstring_dataset
+    from peftfx.quickstart.data import docstring_dataset
     from peftfx.quickstart import run_quickstart
 
     train, test, names = docstring_dataset(train_per_class=8, test_per_class=4)

@@ -119,8 +119,8 @@ def test_backward_rebuilds_dequantized_weights_instead_of_saving_them(monkeypatc
     pm = peftfx.apply(M.llama(), LoRA(rank=4, targets=ALL), {"input_ids": M.ids()})
     peftfx.quantize(pm, bits=4)
     rebuilt = []
-    orig = quant._Recompute.unpack
-    monkeypatch.setattr(quant._Recompute, "unpack",
+    orig = quant.recompute._Recompute.unpack
+    monkeypatch.setattr(quant.recompute._Recompute, "unpack",
                         staticmethod(lambda p: rebuilt.append(p) or orig(p) if isinstance(p, tuple) else orig(p)))
     pm.train()
     pm(input_ids=M.ids()).logits.sum().backward()
@@ -159,7 +159,7 @@ def test_merge_through_the_dequantizer():
     with torch.no_grad():
         out = pm(**kw).logits
         rel_q = ((out - float_out).norm() / float_out.norm()).item()   # the base's own NF4 error
-        exact = quant.merge(pm, requantize=False)               # float weights where adapters merged
+        exact = peftfx.merge(pm, requantize=False)               # float weights where adapters merged
         assert (exact(**kw).logits - out).abs().max().item() < 1e-5
         assert len(quant.quantized_weights(exact)) == 6         # the mlp weights stay NF4
         assert (peftfx.unmerge(exact)(**kw).logits - out).abs().max().item() < 1e-5

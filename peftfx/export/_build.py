@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._errors import ExportError
+from ..passes.remove import remove_adapters_pass
 
 __all__ = ["FlatModule", "flatten_outputs", "dynamic_axes", "resize_inputs", "strip_adapters", "keep_modes",
            "tensor_inputs", "export_program", "rename_dims"]
@@ -161,16 +162,7 @@ def resize_inputs(inputs: Mapping[str, torch.Tensor], axes: Mapping[str, dict[in
 def strip_adapters(pm) -> Any:
     """A fork of ``pm`` computing the base model: every adapter node is cut out (an output adapter's node is
     replaced by the site's output, an input adapter's by its input). Parameters are shared, nothing is changed."""
-    from ..passes.splice import adapter_nodes
-
-    out = pm.fork()
-    for name, node in adapter_nodes(out.graph).items():
-        module = out.get_submodule(name)
-        node.replace_all_uses_with(node.args[0] if getattr(module, "position", "output") == "input" else node.args[1])
-        out.graph.erase_node(node)
-    out.graph.lint()
-    out.recompile()
-    return out
+    return remove_adapters_pass(pm.fork(), keep_modules=True).graph_module
 
 
 @contextlib.contextmanager

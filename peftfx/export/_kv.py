@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._errors import ExportError
-from ..graph import AdapterRecord
+from ..model import AdapterRecord
 from ._build import keep_modes
 
 __all__ = ["CacheLayout", "build_step_model", "past_names", "present_names"]

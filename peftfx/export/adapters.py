@@ -70,7 +70,7 @@ def fingerprint(layout: list[tuple[str, tuple[int, ...]]] | list[AdapterInput]) 
 def _tensors_of(source: Any, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """Adapter tensors by name from a PeftModel (``adapter``: one of its named adapters, :mod:`peftfx.multi`),
     a peftfx adapter folder, or a name → tensor mapping."""
-    from ..graph import PeftModel
+    from ..model import PeftModel
 
     if isinstance(source, PeftModel) and (adapter is not None or source.peft_info.multi.get("adapters")):
         from ..multi import adapter_view
@@ -81,7 +81,7 @@ def _tensors_of(source: Any, adapter: str | None = None) -> dict[str, torch.Tens
     if isinstance(source, PeftModel):
         return {e.name: source.get_parameter(e.path).detach() for e in adapter_inputs(source)}
     if isinstance(source, (str, os.PathLike)):
-        from ..checkpoint import read_adapter
+        from ..io.peftfx_format import read_adapter
 
         return dict(read_adapter(source)[1])
     if isinstance(source, Mapping):

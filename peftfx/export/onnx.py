@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from .._errors import ExportError
-from ..graph import PeftModel
+from .._version import __version__
+from ..apply import fold, merge, unmerge
+from ..model import PeftModel
 from ._build import (FlatModule, dynamic_axes, export_program, flatten_outputs, keep_modes, rename_dims,
                      tensor_inputs)
 
@@ -84,14 +86,8 @@ class ExportReport:
 
 
 def _fold(pm):
-    """Run ``peftfx.fold`` (input-independent adapter compute → constants) when the package provides it."""
-    import peftfx
-
-    fold = getattr(peftfx, "fold", None)
-    if fold is None:
-        return pm
-    out = fold(pm)
-    return pm if out is None else out
+    """Run :func:`peftfx.fold` (input-independent adapter compute → constants)."""
+    return fold(pm)
 
 
 def _inputs_of(pm: PeftModel, example_inputs: Any) -> dict[str, torch.Tensor]:
@@ -185,8 +181,6 @@ def _trace(model: nn.Module, example_inputs: Any) -> PeftModel:
 
 def _prepare(pm: PeftModel, inputs: dict, kv_cache: bool, source, adapter_inputs: bool, stages: dict) -> dict:
     """Merge/fold (or keep adapters as inputs) and build the flat module to export, with its inputs and axes."""
-    import peftfx
-
     from .adapters import adapter_inputs as list_adapter_inputs
 
     t = time.perf_counter()
@@ -196,7 +190,7 @@ def _prepare(pm: PeftModel, inputs: dict, kv_cache: bool, source, adapter_inputs
                           "Export a model with one adapter (peftfx.load_adapter) and write each named adapter with "
                           "write_onnx_adapter(model, path, adapter=name).")
     if (kv_cache or adapter_inputs) and any(r.merged for r in pm.peft_info.adapters.values()):
-        work = peftfx.unmerge(pm)
+        work = unmerge(pm)
     plan: dict[str, Any] = {"kv": None, "entries": [], "prefix": ""}
     if kv_cache:
         from ._kv import PREFIX, build_step_model, past_names
@@ -211,7 +205,7 @@ def _prepare(pm: PeftModel, inputs: dict, kv_cache: bool, source, adapter_inputs
     else:
         names = list(inputs)
     if not adapter_inputs:
-        work = peftfx.merge(work)
+        work = merge(work)
     stages["merge"] = time.perf_counter() - t
     t = time.perf_counter()
     work = _fold(work)
@@ -263,7 +257,6 @@ def _postprocess(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> Non
     """Name the dynamic axes, convert to float16, add adapter defaults and metadata, and check the model."""
     import onnx
 
-    from .. import __version__
     from .adapters import _set_meta, zero_defaults
 
     proto = onnx.load(tmp, load_external_data=(dtype == "float16"))

@@ -52,8 +52,8 @@ class PeftfxCallback(pl.Callback):
         self.attr, self.quantize, self.save_to = attr, quantize, save_to
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from .. import apply
-        from ..graph import PeftModel
+        from ..apply import apply
+        from ..model import PeftModel
         from ..quant import quantize
 
         if stage != "fit":
@@ -73,6 +73,6 @@ class PeftfxCallback(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.save_to and trainer.is_global_zero:
-            from ..checkpoint import save_adapter
+            from ..io.checkpoint import save_adapter
 
             save_adapter(getattr(pl_module, self.attr), self.save_to)

@@ -30,7 +30,7 @@ from torch import nn
 from .._errors import PassError, RuleError
 from ..rules import Selector, select
 from ..sites import canonical_weight
-from . import AdapterModule, MethodConfig, register_method
+from .base import AdapterModule, MethodConfig, register_method
 from .lora import lora_scaling
 
 __all__ = ["DoRA", "DoRALinear"]
@@ -47,6 +47,7 @@ class DoRA(MethodConfig):
     init: str = "kaiming"          # "kaiming" | "gaussian" (of A; B starts at zero)
 
     name: ClassVar[str] = "dora"
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t"})
 
     def validate(self) -> None:
         self.require_positive_int("rank")
@@ -62,8 +63,6 @@ class DoRA(MethodConfig):
         return select.role("attn.q") | select.role("attn.v")
 
     def decline(self, site) -> str | None:
-        if site.kind == "embedding":
-            return "DoRA adapts linear weights only (this site is an embedding lookup); use LoRA here"
         if self.rank > min(site.in_features, site.out_features):
             return f"rank {self.rank} exceeds min(in, out) = {min(site.in_features, site.out_features)}"
         return None

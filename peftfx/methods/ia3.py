@@ -33,7 +33,7 @@ from torch import nn
 
 from .._errors import PassError, RuleError, SiteError
 from ..rules import Selector, select, selector_from_dict
-from . import AdapterModule, MethodConfig, register_method
+from .base import AdapterModule, MethodConfig, register_method
 
 __all__ = ["IA3", "IA3Output", "IA3Input"]
 
@@ -50,6 +50,7 @@ class IA3(MethodConfig):
     feedforward: Selector | None = None
 
     name: ClassVar[str] = "ia3"
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t"})
     composes: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -68,11 +69,6 @@ class IA3(MethodConfig):
 
     def default_targets(self) -> Selector:
         return select.role("attn.k") | select.role("attn.v") | select.role("mlp.down")
-
-    def decline(self, site) -> str | None:
-        if site.kind == "embedding":
-            return "IA3 scales linear projections; this site is an embedding lookup"
-        return None
 
     def position(self, site) -> str:
         """Where ``l`` acts: ``"input"`` on feed-forward sites (``feedforward`` selector, else role ``mlp.down``),

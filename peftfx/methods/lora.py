@@ -24,7 +24,7 @@ from torch import nn
 
 from .._errors import RuleError
 from ..rules import Selector, select
-from . import AdapterModule, MethodConfig, register_method
+from .base import AdapterModule, MethodConfig, register_method
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class LoRA(MethodConfig):
     fused: str = "joint"           # "joint" | "split"
 
     name: ClassVar[str] = "lora"
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t", "embedding"})
     composes: ClassVar[bool] = True
 
     def validate(self) -> None:

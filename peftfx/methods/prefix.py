@@ -36,11 +36,13 @@ import torch
 from torch import fx, nn
 
 from .._errors import SiteError
-from .._positions import offset_positions, plan_positions
-from .._virtual import VirtualMethod, VirtualSource, adapter_name, finish, insert_source, record_site
+from .._util import tensor_val as _val
+from ._positions import offset_positions, plan_positions
+from ..model import adapter_name
+from ._virtual import VirtualMethod, VirtualSource, insert_source, record_site
 from ..roles import attention_nodes
 from ..rules import Selector, select
-from . import register_method
+from .base import register_method
 
 __all__ = ["PrefixTuning", "PrefixEncoder"]
 
@@ -127,7 +129,12 @@ class PrefixTuning(VirtualMethod):
                 pv = g.call_function(prefix_kv, (source, layer, edit.heads_kv, edit.head_dim, 1))
             _rewrite_attention(g, a, pk, pv, n, padded)
         offset_positions(g, edit.absolute, edit.rotary, n)
-        finish(pm, self.name)
+
+    def describe(self, edit: "PrefixEdit") -> str:
+        layers = sorted({a.layer for a in edit.attentions if a.layer is not None})
+        span = f"layers {layers[0]}–{layers[-1]}" if layers else "no layer index"
+        return (f"graph-level: {self.num_virtual_tokens} key/value prefix row(s) at {len(edit.attentions)} attention "
+                f"op(s) ({span}; {edit.heads_kv} kv head(s) × {edit.head_dim})")
 
 
 @dataclass
@@ -156,9 +163,6 @@ class PrefixEdit:
     names: list[str] = field(default_factory=list)
 
 
-def _val(node: Any):
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def _attention_spec(found: tuple, index: int) -> AttentionSpec:

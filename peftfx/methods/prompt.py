@@ -5,7 +5,7 @@
 
 N virtual-token embeddings are placed before the real tokens at the token-embedding output (the site with role
 ``embed``); only P trains (N·d parameters, as Hugging Face PEFT's ``PromptTuningConfig``). The graph is
-rewritten by widening the sequence (see :mod:`peftfx._virtual`): the model runs on N + S positions, so real
+rewritten by widening the sequence (see :mod:`peftfx.methods._virtual`): the model runs on N + S positions, so real
 tokens take positions N…N+S-1, the attention mask gets N leading ones, causal attention lets every real token
 see every virtual one, causal-LM labels get N leading -100s — all as in Hugging Face PEFT.
 
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from .._errors import RuleError, SiteError
-from .._virtual import EmbeddingTokensMethod, SequenceEdit, VirtualSource
+from ._virtual import EmbeddingTokensMethod, SequenceEdit, VirtualSource
 from ..rules import Selector
-from . import register_method
+from .base import register_method
 
 __all__ = ["PromptTuning", "PromptEmbedding"]
 

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from .._errors import RuleError
-from .._virtual import EmbeddingTokensMethod, SequenceEdit, VirtualSource
+from ._virtual import EmbeddingTokensMethod, SequenceEdit, VirtualSource
 from ..rules import Selector
-from . import register_method
+from .base import register_method
 
 __all__ = ["PTuning", "PromptEncoder"]
 

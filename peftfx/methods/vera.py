@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from .._errors import RuleError
 from ..rules import Selector, select
-from . import AdapterModule, MethodConfig, register_method
+from .base import AdapterModule, MethodConfig, register_method
 
 __all__ = ["VeRA", "VeRALinear", "VeRAProjection"]
 
@@ -47,6 +47,7 @@ class VeRA(MethodConfig):
     projection_prng_key: int = 0
 
     name: ClassVar[str] = "vera"
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t"})
 
     def validate(self) -> None:
         self.require_positive_int("rank")
@@ -56,11 +57,6 @@ class VeRA(MethodConfig):
 
     def default_targets(self) -> Selector:
         return select.role("attn.q") | select.role("attn.v")
-
-    def decline(self, site) -> str | None:
-        if site.kind == "embedding":
-            return "VeRA adapts linear weights only (this site is an embedding lookup)"
-        return None
 
     def build(self, site, weight: torch.Tensor, roles: set[str] = frozenset()) -> AdapterModule:
         proj = self._projection(site.node.graph, weight.device, weight.dtype)

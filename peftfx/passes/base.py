@@ -1,19 +1,40 @@
-"""The pass contract: a pass is a function ``(PeftModel, …) → PassResult`` that states whether it mutates,
-checks its preconditions, and ends by linting and recompiling. A failure names the pass and the node."""
+"""The pass contract and the pass manager. Every change peftfx makes to a graph is a pass run through here.
+
+A pass is a function ``(graph module, …) → PassResult`` wrapped by :func:`graph_pass`, which gives it a name
+and a contract, in the manner of ``torch.fx.passes.infra.pass_base`` and onnx-ir's pass infra:
+
+  ``requires``   checks run on the input before the body (a failing one raises, nothing has changed yet)
+  ``call``       the body; returns ``PassResult(graph_module, modified)``
+  ``ensures``    checks run on the result after the graph is linted and recompiled
+
+Kinds, told apart by ``functional``:
+  *in-place* passes (the default) rewrite the module they are given and return it;
+  *functional* passes return a new module (a fork sharing parameters) and leave their input untouched.
+  A functional pass takes ``inplace=True`` to work on its input instead (merge, unmerge, fold offer this to
+  save memory); it is then an in-place run.
+``modified`` always means "the graph now differs from the input's graph": a functional run that changes nothing
+returns a fork with ``modified=False``. Every failure is a :class:`PassError` that names the pass (and the node,
+where there is one).
+
+:class:`PassManager` runs a list of bound passes (``splice_pass.bind(items)``) in order, threading the module
+through them; ``apply``, ``merge``, ``export``, ``add_adapter``, ``train``/``eval`` and device moves are pass lists.
+"""
 from __future__ import annotations
 
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from torch import fx
 
 from .._errors import PassError
 
-__all__ = ["PassResult", "graph_pass", "fail"]
+__all__ = ["PassResult", "Pass", "BoundPass", "PassManager", "graph_pass", "fail"]
 
 log = logging.getLogger(__name__)
+
+Check = Callable[[fx.GraphModule], "str | None"]
 
 
 @dataclass
@@ -23,33 +44,92 @@ class PassResult:
 
 
 def fail(pass_name: str, message: str, node: fx.Node | None = None) -> PassError:
+    """The one form of a pass failure: ``pass 'name': message`` and the node, formatted, when there is one."""
     where = f"\n  at node: {node.format_node()}" if node is not None else ""
     return PassError(f"pass '{pass_name}': {message}{where}")
 
 
-def graph_pass(name: str, *, inplace: bool = True) -> Callable:
-    """Decorate a pass body. ``inplace=True`` passes rewrite the module they get; functional passes
-    return a new module and leave theirs untouched. Either way the result is linted and recompiled."""
+class Pass:
+    """A named graph pass with its contract (see the module docstring). Call it like the function it wraps."""
 
-    def deco(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
-        @functools.wraps(fn)
-        def run(gm: fx.GraphModule, *args, **kwargs) -> PassResult:
-            result = fn(gm, *args, **kwargs)
-            if not isinstance(result, PassResult):
-                raise fail(name, f"returned {type(result).__name__}, expected PassResult")
-            if not inplace and not kwargs.get("inplace") and result.modified and result.graph_module is gm:
-                raise fail(name, "is functional but modified its input in place")
-            if result.modified:
-                try:
-                    result.graph_module.graph.lint()
-                except Exception as e:  # lint raises RuntimeError with the bad node in its text
-                    raise fail(name, f"left an invalid graph: {e}") from e
-                result.graph_module.recompile()
-            log.debug("pass %s: modified=%s", name, result.modified)
-            return result
+    def __init__(self, fn: Callable[..., PassResult], name: str, *, functional: bool = False,
+                 requires: Sequence[Check] = (), ensures: Sequence[Check] = ()):
+        functools.update_wrapper(self, fn)
+        self.fn, self.name, self.functional = fn, name, functional
+        self.requires, self.ensures = tuple(requires), tuple(ensures)
 
-        run.pass_name = name  # type: ignore[attr-defined]
-        run.inplace = inplace  # type: ignore[attr-defined]
-        return run
+    @property
+    def pass_name(self) -> str:
+        return self.name
+
+    def __call__(self, gm: fx.GraphModule, *args: Any, **kwargs: Any) -> PassResult:
+        for check in self.requires:
+            reason = check(gm)
+            if reason:
+                raise fail(self.name, f"precondition broken: {reason}")
+        result = self.fn(gm, *args, **kwargs)
+        if not isinstance(result, PassResult):
+            raise fail(self.name, f"returned {type(result).__name__}, expected PassResult")
+        in_place_run = not self.functional or kwargs.get("inplace", False)
+        if not in_place_run and result.graph_module is gm:
+            raise fail(self.name, "is functional but returned its input; it must return a new module")
+        if in_place_run and result.graph_module is not gm:
+            raise fail(self.name, "is an in-place run but returned a different module")
+        if result.modified:
+            try:
+                result.graph_module.graph.lint()
+            except Exception as e:  # lint raises RuntimeError with the bad node in its text
+                raise fail(self.name, f"left an invalid graph: {e}") from e
+            result.graph_module.recompile()
+        for check in self.ensures:
+            reason = check(result.graph_module)
+            if reason:
+                raise fail(self.name, f"postcondition broken: {reason}")
+        log.debug("pass %s: modified=%s", self.name, result.modified)
+        return result
+
+    def bind(self, *args: Any, **kwargs: Any) -> "BoundPass":
+        """This pass with its arguments, ready for a :class:`PassManager`."""
+        return BoundPass(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{'functional' if self.functional else 'in-place'} pass {self.name!r}>"
+
+
+@dataclass(frozen=True)
+class BoundPass:
+    pass_: Pass
+    args: tuple
+    kwargs: dict
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        return self.pass_(gm, *self.args, **self.kwargs)
+
+
+def graph_pass(name: str, *, functional: bool = False, requires: Sequence[Check] = (),
+               ensures: Sequence[Check] = ()) -> Callable[[Callable[..., PassResult]], Pass]:
+    """Decorate a pass body: ``@graph_pass("splice", ensures=[...])``. See the module docstring."""
+
+    def deco(fn: Callable[..., PassResult]) -> Pass:
+        return Pass(fn, name, functional=functional, requires=requires, ensures=ensures)
 
     return deco
+
+
+class PassManager:
+    """Run bound passes in order; each gets the module the previous one returned. The result's ``modified``
+    is true when any pass modified the graph. A failure propagates as the failing pass's :class:`PassError`."""
+
+    def __init__(self, passes: Sequence[BoundPass | Callable[[fx.GraphModule], PassResult]]):
+        self.passes = list(passes)
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for p in self.passes:
+            result = p(gm)
+            gm, modified = result.graph_module, modified or result.modified
+        return PassResult(gm, modified)
+
+    def __repr__(self) -> str:
+        names = [p.pass_.name if isinstance(p, BoundPass) else getattr(p, "__name__", repr(p)) for p in self.passes]
+        return f"PassManager({' → '.join(names)})"

@@ -1,6 +1,7 @@
 """Make dropout follow ``train()``/``eval()``. ``torch.export`` freezes the train flag of ``aten.dropout``
-and the ``dropout_p`` of ``scaled_dot_product_attention`` as constants; this pass records which
-argument is mode-dependent in ``node.meta["peftfx"]["dropout"]`` and :meth:`PeftModel.train` rewrites it."""
+and the ``dropout_p`` of ``scaled_dot_product_attention`` as constants. ``mode_dropout_pass`` records which
+argument is mode-dependent in ``node.meta["peftfx"]["dropout"]``; ``dropout_mode_pass`` (run by
+:meth:`PeftModel.train`) writes the argument for train or eval mode."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,7 @@ from torch import fx
 
 from .base import PassResult, graph_pass
 
-__all__ = ["mode_dropout_pass"]
+__all__ = ["mode_dropout_pass", "dropout_mode_pass"]
 
 aten = torch.ops.aten
 _FLAG_DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
@@ -35,3 +36,28 @@ def mode_dropout_pass(gm: fx.GraphModule) -> PassResult:
     if modified and hasattr(gm, "_graph_mode"):
         gm._graph_mode = None  # force the next train()/eval() to write the arguments
     return PassResult(gm, modified)
+
+
+@graph_pass("dropout_mode")
+def dropout_mode_pass(gm: fx.GraphModule, mode: bool) -> PassResult:
+    """Every recorded dropout argument set for ``mode`` (train: the traced rate; eval: off)."""
+    changed = False
+    for node in gm.graph.nodes:
+        spec = node.meta.get("peftfx", {}).get("dropout")
+        if spec is not None:
+            changed |= _set_dropout(node, spec, mode)
+    return PassResult(gm, changed)
+
+
+def _set_dropout(node: fx.Node, spec: dict, mode: bool) -> bool:
+    args, kwargs = tuple(node.args), dict(node.kwargs)
+    if spec["kind"] == "flag":          # aten.dropout(x, p, train)
+        args = args[:2] + (mode,) + args[3:]
+    elif len(args) > 4:                 # sdpa(q, k, v, mask, dropout_p, …)
+        args = args[:4] + (spec["p"] if mode else 0.0,) + args[5:]
+    else:
+        kwargs["dropout_p"] = spec["p"] if mode else 0.0
+    if args == tuple(node.args) and kwargs == dict(node.kwargs):
+        return False
+    node.args, node.kwargs = args, kwargs
+    return True

@@ -21,25 +21,15 @@ import logging
 import torch
 from torch import fx
 
-from .._errors import PeftfxError
+from .._util import delete_submodule
 from .base import PassResult, graph_pass
 
-__all__ = ["fold", "fold_pass"]
+__all__ = ["fold_pass"]
 
 log = logging.getLogger(__name__)
 
 _RANDOM = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default,
            torch.ops.aten.bernoulli.default, torch.ops.aten.rand.default, torch.ops.aten.randn.default}
-
-
-def fold(model, *, inplace: bool = False):
-    """Fold the input-independent adapter compute of ``model`` (a model returned by :func:`peftfx.apply`) into
-    constants; returns the folded model (a new module unless ``inplace=True``). See :mod:`peftfx.passes.fold`."""
-    from ..graph import PeftModel
-
-    if not isinstance(model, PeftModel):
-        raise PeftfxError(f"fold() takes a model returned by peftfx.apply(), got {type(model).__name__}.")
-    return fold_pass(model, inplace=inplace).graph_module
 
 
 def _adapter_of(target: str, adapters) -> str | None:
@@ -104,7 +94,7 @@ def _buffer_name(gm, adapter: str) -> str:
     return name
 
 
-@graph_pass("fold", inplace=False)
+@graph_pass("fold", functional=True)
 def fold_pass(gm, inplace: bool = False) -> PassResult:
     out = gm if inplace else gm.fork()
     const, owner = _constants(out)
@@ -112,7 +102,7 @@ def fold_pass(gm, inplace: bool = False) -> PassResult:
                 any(u not in const or u.op == "output" for u in n.users)]
     if not frontier:
         log.info("fold: no input-independent adapter computation to fold")
-        return PassResult(out, not inplace)
+        return PassResult(out, False)
     needed = set(frontier)
     for node in reversed(out.graph.nodes):
         if node in needed:
@@ -145,7 +135,6 @@ def _drop_unused(gm, folded: set[str]) -> None:
     for name in folded:
         if any(t == name or t.startswith(name + ".") for t in used):
             continue
-        parent, _, attr = name.rpartition(".")
-        delattr(gm.get_submodule(parent) if parent else gm, attr)
+        delete_submodule(gm, name)
         del gm.peft_info.adapters[name]
         log.info("fold: %s is folded into constants; its module is removed", name)

@@ -16,9 +16,12 @@ import logging
 import torch
 from torch import nn
 
+from .._util import set_submodule
 from ..sites import canonical_weight
 from .base import PassResult, fail, graph_pass
-from .splice import adapter_nodes, splice_one
+from .checks import adapters_called_once, merged_adapters_have_no_node
+from ..model import adapter_nodes
+from .splice import splice_one
 
 __all__ = ["merge_pass", "unmerge_pass"]
 
@@ -30,10 +33,8 @@ def _own_weight(gm, target: str, inplace: bool, owned: set[str]) -> torch.Tensor
     w = gm.get_parameter(target)
     if inplace or target in owned:
         return w
-    parent_name, _, attr = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
     fresh = nn.Parameter(w.detach().clone(), requires_grad=False)
-    setattr(parent, attr, fresh)
+    set_submodule(gm, target, fresh)
     owned.add(target)
     return fresh
 
@@ -66,9 +67,7 @@ def _untie_if_shared(gm, rec, site_node) -> None:
     if node is None:
         raise fail("merge", f"cannot find the weight operand {target} of the site", site_node)
     new_target = f"{target}_untied_{rec.site['key'].replace('.', '_').replace('#', '_')}"
-    parent, _, attr = new_target.rpartition(".")
-    holder = gm.get_submodule(parent) if parent else gm
-    setattr(holder, attr, nn.Parameter(w.detach().clone(), requires_grad=False))
+    set_submodule(gm, new_target, nn.Parameter(w.detach().clone(), requires_grad=False))
     with gm.graph.inserting_before(node if idx is None else site_node):
         fresh = gm.graph.get_attr(new_target)
     fresh.meta = dict(node.meta)
@@ -137,7 +136,7 @@ def _take(pm, name: str, blocked: bool, order: list[str]) -> bool:
     return True
 
 
-@graph_pass("merge", inplace=False)
+@graph_pass("merge", functional=True, ensures=[merged_adapters_have_no_node])
 def merge_pass(gm, inplace: bool = False) -> PassResult:
     out = gm if inplace else gm.fork()
     nodes = adapter_nodes(out.graph)
@@ -158,10 +157,10 @@ def merge_pass(gm, inplace: bool = False) -> PassResult:
         node.replace_all_uses_with(node.args[0] if module.position == "input" else node.args[1])
         out.graph.erase_node(node)
         rec.merged = True
-    return PassResult(out, bool(order) or not inplace)
+    return PassResult(out, bool(order))
 
 
-@graph_pass("unmerge", inplace=False)
+@graph_pass("unmerge", functional=True, ensures=[merged_adapters_have_no_node, adapters_called_once])
 def unmerge_pass(gm, inplace: bool = False) -> PassResult:
     out = gm if inplace else gm.fork()
     owned: set[str] = set()
@@ -182,4 +181,4 @@ def unmerge_pass(gm, inplace: bool = False) -> PassResult:
         rec = recs[name]
         splice_one(out, by_name[rec.node], rec.site["op"], name, out.get_submodule(name))
         rec.merged = False
-    return PassResult(out, True)
+    return PassResult(out, bool(todo))

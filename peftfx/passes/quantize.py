@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
+from .._util import set_submodule
 from .base import PassResult, fail, graph_pass
 
 __all__ = ["quantize_weights_pass", "dequantize_weights_pass", "dequant_nodes", "SUFFIX"]
@@ -87,9 +88,7 @@ def dequantize_weights_pass(gm: fx.GraphModule, names: set[str]) -> PassResult:
         if node.target not in made:
             with torch.no_grad():
                 made[node.target] = nn.Parameter(gm.get_submodule(node.target)().clone(), requires_grad=False)
-        parent, _, attr = name.rpartition(".")
-        holder = gm.get_submodule(parent) if parent else gm
-        setattr(holder, attr, made[node.target])
+        set_submodule(gm, name, made[node.target])
         with gm.graph.inserting_before(node):
             new = gm.graph.get_attr(name)
         new.meta = dict(node.meta)

@@ -13,14 +13,17 @@ from typing import Sequence
 
 from torch import fx, nn
 
-from ..sites import site_input, set_site_input
+from .._util import find_submodule
+from ..model import adapter_of, output_chain
+from ..sites import set_site_input, site_input
 from .base import PassResult, fail, graph_pass
+from .checks import adapters_called_once
 
 __all__ = ["splice_pass", "splice_one"]
 
 
 def splice_one(gm: fx.GraphModule, site_node: fx.Node, op: str, name: str, module: nn.Module) -> fx.Node:
-    if _missing(gm, name):
+    if find_submodule(gm, name) is None:
         gm.add_submodule(name, module)
     graph = gm.graph
     if getattr(module, "position", "output") == "input":
@@ -34,10 +37,10 @@ def splice_one(gm: fx.GraphModule, site_node: fx.Node, op: str, name: str, modul
         # chain after the last adapter already on this site's output that was spliced before this one
         rank = _ranks(gm, name)
         anchor = site_node
-        while len(anchor.users) == 1 and _adapter_of(next(iter(anchor.users))) is not None \
-                and next(iter(anchor.users)).args[1] is anchor \
-                and rank.get(_adapter_of(next(iter(anchor.users))), -1) < rank[name]:
-            anchor = next(iter(anchor.users))
+        for user in output_chain(site_node):
+            if rank.get(adapter_of(user), -1) >= rank[name]:
+                break
+            anchor = user
         extra = _base_operands(site_node, op) if getattr(module, "reads_weight", False) else ()
         with graph.inserting_after(anchor):
             new = graph.call_module(name, (x, anchor) + extra)
@@ -72,36 +75,16 @@ def _ranks(gm: fx.GraphModule, name: str) -> dict[str, float]:
 
 def _rewire_outputs(site_node: fx.Node, old: fx.Node, new: fx.Node) -> None:
     """Output adapters of the site read the input the weight reads: ``old`` → ``new`` along the chain."""
-    node = site_node
-    while len(node.users) == 1 and _adapter_of(nxt := next(iter(node.users))) is not None and nxt.args[1] is node:
-        if nxt.args[0] is old:
-            nxt.args = (new,) + tuple(nxt.args[1:])
-        node = nxt
+    for user in output_chain(site_node):
+        if user.args[0] is old:
+            user.args = (new,) + tuple(user.args[1:])
 
 
-def _missing(gm: nn.Module, name: str) -> bool:
-    try:
-        gm.get_submodule(name)
-        return False
-    except AttributeError:
-        return True
-
-
-def _adapter_of(node: fx.Node) -> str | None:
-    if node.op != "call_module":
-        return None
-    return node.meta.get("peftfx", {}).get("adapter")
-
-
-@graph_pass("splice")
+@graph_pass("splice", ensures=[adapters_called_once])
 def splice_pass(gm: fx.GraphModule, items: Sequence[tuple[fx.Node, str, str, nn.Module]]) -> PassResult:
     for site_node, op, name, module in items:
         if site_node.graph is not gm.graph:
             raise fail("splice", f"site node for {name} is not in this graph", site_node)
         splice_one(gm, site_node, op, name, module)
     return PassResult(gm, bool(items))
-
-
-def adapter_nodes(graph: fx.Graph) -> dict[str, fx.Node]:
-    return {n.meta["peftfx"]["adapter"]: n for n in graph.nodes if _adapter_of(n) is not None}
 

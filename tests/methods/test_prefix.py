@@ -254,7 +254,7 @@ class _NoAttention(nn.Module):
 
 
 def test_bad_input_is_clear_and_changes_nothing():
-    from peftfx.api import apply_to_graph
+    from peftfx.apply import apply_to_graph
 
     model = _NoAttention()
     with pytest.raises(peftfx.SiteError, match="attention ops"):

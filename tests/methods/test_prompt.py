@@ -196,7 +196,7 @@ def test_training_lowers_loss():
 
 
 def test_bad_input_is_clear_and_changes_nothing():
-    from peftfx.api import apply_to_graph
+    from peftfx.apply import apply_to_graph
 
     vit = M.vit()
     with pytest.raises(peftfx.SiteError, match="token embedding") as e:

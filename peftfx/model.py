@@ -1,8 +1,9 @@
 """The module peftfx returns: an ``fx.GraphModule`` that behaves like the model it came from.
 
 ``PeftModel`` is an ordinary ``nn.Module``: ``train()``/``eval()`` switch dropout (the graph's dropout and
-attention-dropout arguments are rewritten and the code recompiled when the mode changes), ``.to()`` moves
-parameters and rewrites device constants frozen into the graph at trace time, ``state_dict()`` has the
+attention-dropout arguments are rewritten by :func:`~peftfx.passes.dropout.dropout_mode_pass` when the mode
+changes), ``.to()`` moves parameters and rewrites device constants frozen into the graph at trace time
+(:func:`~peftfx.passes.device.device_pass`), ``state_dict()`` has the
 original model's keys plus the adapters', and DDP wraps it like any module.
 """
 from __future__ import annotations
@@ -14,7 +15,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-__all__ = ["PeftModel", "PeftInfo", "AdapterRecord"]
+from ._errors import PeftfxError
+from ._util import find_submodule, is_tensor_attr
+
+__all__ = ["PeftModel", "PeftInfo", "AdapterRecord", "require_peft", "adapter_name", "adapter_of", "adapter_nodes", "output_chain",
+           "chain_end"]
 
 
 @dataclass
@@ -53,13 +58,9 @@ class PeftModel(fx.GraphModule):
     def train(self, mode: bool = True) -> "PeftModel":
         super().train(mode)
         if self._graph_mode is not mode:
-            changed = False
-            for node in self.graph.nodes:
-                spec = node.meta.get("peftfx", {}).get("dropout")
-                if spec is not None:
-                    changed |= _set_dropout(node, spec, mode)
-            if changed:
-                self.recompile()
+            from .passes.dropout import dropout_mode_pass
+
+            dropout_mode_pass(self, mode)
             self._graph_mode = mode
         return self
 
@@ -73,19 +74,10 @@ class PeftModel(fx.GraphModule):
 
     def _rewrite_devices(self, device: torch.device) -> None:
         """Device constants frozen at trace time (``arange(device=cpu)``, ``.to(cpu)``) follow the weights."""
-        old = self.peft_info.device
+        from .passes.device import device_pass
 
-        def fix(v):
-            if isinstance(v, torch.device) and v.type == old.type:
-                return device
-            return v
-
-        for node in self.graph.nodes:
-            if node.op == "call_function":
-                node.args = fx.node.map_aggregate(node.args, fix)
-                node.kwargs = fx.node.map_aggregate(node.kwargs, fix)
+        device_pass(self, self.peft_info.device, device)
         self.peft_info.device = device
-        self.recompile()
 
     # ------------------------------------------------------------------------------------------ copy
     def fork(self, graph: fx.Graph | None = None) -> "PeftModel":
@@ -102,7 +94,7 @@ class PeftModel(fx.GraphModule):
                     new.meta["peftfx"] = copy.deepcopy(new.meta["peftfx"])
         twin = PeftModel(self, graph, class_name=type(self).__name__.replace("GraphModuleImpl", "PeftModel"))
         for name in self.peft_info.adapters:
-            if _get(twin, name) is None:
+            if find_submodule(twin, name) is None:
                 twin.add_submodule(name, self.get_submodule(name))
         twin.peft_info = copy.deepcopy(self.peft_info)
         twin.train(self.training)
@@ -147,22 +139,49 @@ def _fill_constants(module: "PeftModel", args: tuple, kwargs: dict):
     return (), kwargs
 
 
-def _set_dropout(node: fx.Node, spec: dict, mode: bool) -> bool:
-    args, kwargs = tuple(node.args), dict(node.kwargs)
-    if spec["kind"] == "flag":          # aten.dropout(x, p, train)
-        args = args[:2] + (mode,) + args[3:]
-    elif len(args) > 4:                 # sdpa(q, k, v, mask, dropout_p, …)
-        args = args[:4] + (spec["p"] if mode else 0.0,) + args[5:]
-    else:
-        kwargs["dropout_p"] = spec["p"] if mode else 0.0
-    if args == tuple(node.args) and kwargs == dict(node.kwargs):
-        return False
-    node.args, node.kwargs = args, kwargs
-    return True
+# ------------------------------------------------------------------------------------ adapter queries
+def require_peft(model: Any, what: str) -> None:
+    """The one check (and phrasing) for API functions that need a model returned by :func:`peftfx.apply`."""
+    if not isinstance(model, PeftModel):
+        raise PeftfxError(f"{what}() takes a model returned by peftfx.apply() or peftfx.trace(), got "
+                          f"{type(model).__name__}.")
 
 
-def _get(module: nn.Module, name: str):
-    try:
-        return module.get_submodule(name)
-    except AttributeError:
+def adapter_name(root: nn.Module, key: str, method: str) -> str:
+    """The one naming rule for adapter modules: ``{site key}.{method}`` (``model.layers.0.q_proj.lora``); a call
+    index ``#2`` becomes ``_call2``; when the key names a tensor (a parameter used directly), ``{key}_{method}``."""
+    key = key.replace("#", "_call")
+    if not key:
+        return method
+    return f"{key}_{method}" if is_tensor_attr(root, key) else f"{key}.{method}"
+
+
+def adapter_of(node: fx.Node) -> str | None:
+    """The adapter a ``call_module`` node calls (its name), or None for any other node."""
+    if node.op != "call_module":
         return None
+    return node.meta.get("peftfx", {}).get("adapter")
+
+
+def adapter_nodes(graph: fx.Graph) -> dict[str, fx.Node]:
+    """Adapter name → the node that calls it."""
+    return {name: n for n in graph.nodes if (name := adapter_of(n)) is not None}
+
+
+def output_chain(site_node: fx.Node) -> list[fx.Node]:
+    """The output adapters spliced after a site, in order: each ``m(x, y)`` reads the previous value as ``y``
+    and is that value's only user."""
+    chain, node = [], site_node
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if adapter_of(user) is None or len(user.args) < 2 or user.args[1] is not node:
+            break
+        chain.append(user)
+        node = user
+    return chain
+
+
+def chain_end(site_node: fx.Node) -> fx.Node:
+    """The last output adapter after a site, or the site itself."""
+    chain = output_chain(site_node)
+    return chain[-1] if chain else site_node

@@ -1,8 +1,8 @@
 """Shared machinery of the virtual-token methods (prompt tuning, p-tuning, prefix tuning).
 
 These methods do not act at one weight site: they change the sequence the model sees. They are *graph-level*
-methods: ``api.plan`` calls ``rule.prepare(pm, plan, i)`` (analyse and validate; nothing changes, every bad
-input raises here), ``api.apply_to_graph`` calls ``rule.build_graph(pm, prepared)`` for their modules (recorded
+methods (:class:`~peftfx.methods.base.GraphMethod`): ``plan`` calls ``rule.prepare(pm, plan, i)`` (analyse and
+validate; nothing changes, every bad input raises here), ``apply_to_graph`` calls ``rule.build_graph(pm, prepared)`` for their modules (recorded
 in ``peft_info.adapters`` before checkpoint tensors are loaded) and ``rule.rewrite(pm, prepared, modules)``
 after the site adapters are spliced and before freezing.
 
@@ -30,12 +30,14 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from ._errors import ConflictError, RuleError, SiteError
-from .methods import AdapterModule, MethodConfig
-from .rules import Selector, select
+from .._errors import ConflictError, SiteError
+from .._util import tensor_val as _val
+from ..model import adapter_name, chain_end
+from .base import AdapterModule, GraphMethod
+from ..rules import Selector, select
 
-__all__ = ["VirtualMethod", "EmbeddingTokensMethod", "VirtualSource", "SequenceEdit", "plan_sequence", "widen_sequence", "adapter_name",
-           "insert_source", "record_site", "finish", "widen_input", "prepend_virtual", "chain_end", "token_embedding"]
+__all__ = ["VirtualMethod", "EmbeddingTokensMethod", "VirtualSource", "SequenceEdit", "plan_sequence", "widen_sequence",
+           "insert_source", "record_site", "widen_input", "prepend_virtual", "token_embedding"]
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +46,14 @@ _FILL = {"ids": 0, "mask": 1, "labels": -100, "zeros": 0}
 
 
 # ------------------------------------------------------------------------------------ method contract
-class VirtualMethod(MethodConfig):
-    """Base of the graph-level virtual-token methods. Subclasses implement ``prepare``/``build_graph``/
-    ``rewrite``; at most one virtual-token rule may be applied to a model."""
+class VirtualMethod(GraphMethod):
+    """Base of the graph-level virtual-token methods (:class:`~peftfx.methods.base.GraphMethod`); at most one
+    virtual-token rule may be applied to a model."""
 
-    graph_level: ClassVar[bool] = True
     virtual_tokens: ClassVar[bool] = True
 
     def default_targets(self) -> Selector:
         return select.role("embed")
-
-    def build(self, site, weight, roles=frozenset()):
-        raise RuleError(f"{self.name} is a graph-level method; apply it with peftfx.apply(), which calls "
-                        "prepare/build_graph/rewrite")
-
-    def prepare(self, pm, plan, index: int) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def build_graph(self, pm, prepared) -> dict[str, tuple[nn.Module, dict[str, Any]]]:  # pragma: no cover
-        raise NotImplementedError
-
-    def rewrite(self, pm, prepared, modules: dict[str, nn.Module]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def check_single(self, plan, index: int) -> None:
         """Two virtual-token rules would both own the front of the sequence: refuse before any change."""
@@ -99,7 +87,11 @@ class EmbeddingTokensMethod(VirtualMethod):
     def rewrite(self, pm, edit: "SequenceEdit", modules: dict[str, nn.Module]) -> None:
         name = edit.names[0]
         widen_sequence(pm, edit, insert_source(pm, name, modules[name]))
-        finish(pm, self.name)
+
+    def describe(self, edit: "SequenceEdit") -> str:
+        inputs = ", ".join(f"{ph.target} ({kind})" for ph, _, kind in edit.inputs)
+        return (f"graph-level: {edit.n} virtual token(s) after {edit.site.key} (role embed); sequence inputs "
+                f"widened: {inputs or 'none'}")
 
 
 class VirtualSource(AdapterModule):
@@ -116,19 +108,6 @@ def record_site(key: str, module_type: str, layer: int | None = None) -> dict[st
             "kind": "virtual", "weight": None, "weight_shape": [], "bias": None, "roles": [], "slices": {}}
 
 
-def adapter_name(pm, key: str, method: str) -> str:
-    """``{site key}.{method}`` (as site adapters are named); ``{key}_{method}`` when the key names a tensor."""
-    key = key.replace("#", "_call")
-    obj: Any = pm
-    for part in key.split(".") if key else []:
-        obj = getattr(obj, part, None)
-        if obj is None:
-            break
-    if key and obj is not None and not isinstance(obj, nn.Module):
-        return f"{key}_{method}"
-    return f"{key}.{method}" if key else method
-
-
 def insert_source(pm, name: str, module: nn.Module) -> fx.Node:
     """Register ``module`` under ``name`` and call it (no inputs) right after the last placeholder."""
     pm.add_submodule(name, module)
@@ -136,28 +115,6 @@ def insert_source(pm, name: str, module: nn.Module) -> fx.Node:
     with pm.graph.inserting_after(last):
         node = pm.graph.call_module(name, ())
     node.meta["peftfx"] = {"path": name, "layer": None, "module_type": type(module).__name__, "adapter": name}
-    return node
-
-
-def finish(pm, method: str) -> None:
-    """End a graph rewrite as every pass does: lint (a failure names the method) and recompile."""
-    from .passes.base import fail
-
-    try:
-        pm.graph.lint()
-    except Exception as e:  # lint raises RuntimeError naming the bad node
-        raise fail(method, f"left an invalid graph: {e}") from e
-    pm.recompile()
-
-
-def chain_end(node: fx.Node) -> fx.Node:
-    """The last output adapter spliced after a site (``m(x, y)`` nodes reading ``y``), or the site itself."""
-    while len(node.users) == 1:
-        user = next(iter(node.users))
-        if user.op != "call_module" or "adapter" not in user.meta.get("peftfx", {}) or \
-                len(user.args) < 2 or user.args[1] is not node:
-            break
-        node = user
     return node
 
 
@@ -198,9 +155,6 @@ def _expr(d: Any):
     return d.node.expr if isinstance(d, torch.SymInt) else None
 
 
-def _val(node: Any):
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def token_embedding(pm, plan, rule, index: int):

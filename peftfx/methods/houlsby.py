@@ -26,9 +26,9 @@ from torch import nn
 
 from .._errors import RuleError
 from ..rules import Selector, select
-from . import AdapterModule, MethodConfig, register_method
+from .base import AdapterModule, MethodConfig, register_method
 
-__all__ = ["Adapter", "HoulsbyAdapter"]
+__all__ = ["Houlsby", "Adapter", "HoulsbyAdapter"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 _NORMS = ("layernorm", "rmsnorm", "none")
@@ -37,7 +37,7 @@ _BLOCKS = {"attn": ("attn.o",), "mlp": ("mlp.down",), "both": ("attn.o", "mlp.do
 
 @register_method
 @dataclass(frozen=True)
-class Adapter(MethodConfig):
+class Houlsby(MethodConfig):
     """Houlsby adapter rule. ``blocks`` picks the default sites; ``targets`` (a selector) replaces them."""
 
     bottleneck: int = 64
@@ -49,27 +49,24 @@ class Adapter(MethodConfig):
     targets: Selector | None = None
 
     name: ClassVar[str] = "adapter"
+    aliases: ClassVar[tuple[str, ...]] = ("houlsby",)
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t"})
     composes: ClassVar[bool] = True
 
     def validate(self) -> None:
         self.require_positive_int("bottleneck")
         if self.activation not in _ACTIVATIONS:
-            raise RuleError(f"Adapter activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+            raise RuleError(f"Houlsby activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
         self.require_fraction("dropout")
         if self.norm not in _NORMS:
-            raise RuleError(f"Adapter norm must be one of {list(_NORMS)}, got {self.norm!r}")
+            raise RuleError(f"Houlsby norm must be one of {list(_NORMS)}, got {self.norm!r}")
         if self.norm_position not in ("pre", "post"):
-            raise RuleError(f"Adapter norm_position must be 'pre' or 'post', got {self.norm_position!r}")
+            raise RuleError(f"Houlsby norm_position must be 'pre' or 'post', got {self.norm_position!r}")
         if self.blocks not in _BLOCKS:
-            raise RuleError(f"Adapter blocks must be one of {sorted(_BLOCKS)}, got {self.blocks!r}")
+            raise RuleError(f"Houlsby blocks must be one of {sorted(_BLOCKS)}, got {self.blocks!r}")
 
     def default_targets(self) -> Selector:
         return select.role(*_BLOCKS[self.blocks])
-
-    def decline(self, site) -> str | None:
-        if site.kind == "embedding":
-            return "a Houlsby adapter acts on a block's output projection; this site is an embedding lookup"
-        return None
 
     def build(self, site, weight: torch.Tensor, roles: set[str] = frozenset()) -> AdapterModule:
         return HoulsbyAdapter(site.out_features, self.bottleneck, self.activation, float(self.dropout), self.norm,
@@ -108,3 +105,7 @@ class HoulsbyAdapter(AdapterModule):
         if self.adapter_norm is not None and not pre:
             h = self.adapter_norm(h)
         return y + h
+
+
+#: the name of the first releases; the registry key stays "adapter" (saved rules keep loading)
+Adapter = Houlsby

@@ -7,7 +7,7 @@
     out = peftfx.forward_mixed(peft, ["math", None, "default"], input_ids=ids)   # one adapter per row
     peftfx.save_adapter(peft, "out/math", adapter="math")    # the single-adapter format + "adapter_name"
 
-Each site holds one :class:`~peftfx._multi_lora.MultiLoRA` at ``{site}.lora`` with the adapters by name, so
+Each site holds one :class:`~peftfx.multi.container.MultiLoRA` at ``{site}.lora`` with the adapters by name, so
 state_dict keys read ``{site}.lora.adapters.<name>.lora_A``. A named adapter saved alone has the plain
 single-adapter keys (``{site}.lora.lora_A``): any model loads it with :func:`peftfx.load_adapter`.
 
@@ -29,10 +29,19 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from ._errors import CheckpointError, PeftfxError, RuleError
-from ._multi_lora import MultiLoRA, lora_factors
-from .graph import AdapterRecord, PeftInfo, PeftModel
-from .methods.lora import LoRA, LoRAEmbedding, LoRALinear
+from .._errors import CheckpointError, PeftfxError, RuleError
+from .._util import set_submodule
+from ..io.peftfx_format import read_adapter
+from ..io.state import load_state
+from ..methods import rules_from_data
+from ..methods.lora import LoRA, LoRAEmbedding, LoRALinear
+from ..model import AdapterRecord, PeftInfo, PeftModel, adapter_name, require_peft
+from ..passes.base import PassManager
+from ..passes.freeze import freeze_pass
+from ..passes.remove import remove_adapters_pass
+from ..passes.splice import splice_pass
+from ..plan import plan
+from .container import MultiLoRA, lora_factors
 
 __all__ = ["add_adapter", "set_active", "active_adapters", "adapter_names", "delete_adapter", "combine",
            "mixed_batch", "forward_mixed", "adapter_view"]
@@ -43,19 +52,13 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 # ------------------------------------------------------------------------------------------ queries
 def adapter_names(pm: PeftModel) -> list[str]:
     """Named adapters in the order they were added (the order of mixed-batch indices)."""
-    _require(pm)
+    require_peft(pm, "adapter_names")
     return list(pm.peft_info.multi.get("adapters", {}))
 
 
 def active_adapters(pm: PeftModel) -> list[str]:
-    _require(pm)
+    require_peft(pm, "active_adapters")
     return list(pm.peft_info.multi.get("active", []))
-
-
-def _require(pm: Any) -> None:
-    if not isinstance(pm, PeftModel):
-        raise PeftfxError(f"named adapters work on a model returned by peftfx.apply()/trace(), got "
-                          f"{type(pm).__name__}.")
 
 
 def _containers(pm: PeftModel) -> dict[str, MultiLoRA]:
@@ -75,10 +78,7 @@ def add_adapter(pm: PeftModel, name: str | None, source: Any) -> PeftModel:
     written by :func:`peftfx.save_adapter` (``name=None`` takes the folder's ``adapter_name``). The model's
     existing LoRA adapter becomes "default". The first named adapter is made active; later ones are added
     inactive (as in HF PEFT) — :func:`set_active` them. Nothing changes if anything is wrong."""
-    from .checkpoint import check_state, read_adapter
-    from .methods import rules_from_data
-
-    _require(pm)
+    require_peft(pm, "add_adapter")
     tensors = None
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         config, tensors = read_adapter(source)
@@ -93,11 +93,7 @@ def add_adapter(pm: PeftModel, name: str | None, source: Any) -> PeftModel:
     _check_unmerged(pm, "add_adapter")
     built = _build(pm, rules)                                   # {record name: (match, module)}
     if tensors is not None:
-        check_state({k: m for k, (_, m) in built.items()}, tensors, os.fspath(source))
-        with torch.no_grad():
-            for rec, (_, module) in built.items():
-                for pname, p in module.named_parameters():
-                    p.copy_(tensors[f"{rec}.{pname}"].to(p.dtype))
+        load_state({k: m for k, (_, m) in built.items()}, tensors, os.fspath(source))
     _convert_default(pm)
     _install(pm, name, rules, built)
     return pm
@@ -118,13 +114,9 @@ def _check_new(pm: PeftModel, name: Any, rules: list) -> None:
 
 
 def _build(pm: PeftModel, rules: list) -> dict[str, tuple[Any, nn.Module]]:
-    from .api import _adapter_name, _is_tensor_attr, plan
-
     out: dict[str, tuple[Any, nn.Module]] = {}
     for m in plan(pm, rules).matches:
-        rec = _adapter_name(m.site.key, m.rule.name)
-        if _is_tensor_attr(pm, rec.rsplit(".", 1)[0] if "." in rec else ""):
-            rec = rec.rsplit(".", 1)[0] + "_" + m.rule.name
+        rec = adapter_name(pm, m.site.key, m.rule.name)
         module = m.rule.build(m.site, _site_weight(pm, m.site.weight), m.roles)
         out[rec] = (m, module)
     return out
@@ -160,7 +152,7 @@ def _convert_default(pm: PeftModel) -> None:
         multi = MultiLoRA(isinstance(single, LoRAEmbedding))
         multi.adapters["default"] = single
         multi.active = ("default",)
-        _set_module(pm, n, multi)
+        set_submodule(pm, n, multi)
     info.multi.setdefault("adapters", {})
     info.multi["adapters"] = {"default": {
         "rules": [info.rules[i] for i in lora_rules],
@@ -169,41 +161,31 @@ def _convert_default(pm: PeftModel) -> None:
     info.multi["active"] = ["default"]
 
 
-def _set_module(pm: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(pm.get_submodule(parent) if parent else pm, attr, module)
-
-
 def _install(pm: PeftModel, name: str, rules: list, built: dict) -> None:
-    from .passes.freeze import freeze_pass
-    from .passes.splice import splice_one
-
     info = pm.peft_info
     first = not info.multi.get("adapters")
     active = (name,) if first else tuple(info.multi.get("active", ()))
-    spliced = False
+    items = []
     for rec, (m, module) in built.items():
-        if rec not in info.adapters:
-            multi = MultiLoRA(m.site.kind == "embedding")
-            multi.active = active
-            info.adapters[rec] = AdapterRecord(name=rec, method="lora", rule_index=-1, site=m.site.describe(),
-                                               node=m.site.node.name)
-            splice_one(pm, m.site.node, m.site.op, rec, multi)
-            spliced = True
-        pm.get_submodule(rec).adapters[name] = module
+        if rec in info.adapters:
+            pm.get_submodule(rec).adapters[name] = module
+            continue
+        multi = MultiLoRA(m.site.kind == "embedding")
+        multi.active = active
+        multi.adapters[name] = module
+        info.adapters[rec] = AdapterRecord(name=rec, method="lora", rule_index=-1, site=m.site.describe(),
+                                           node=m.site.node.name)
+        items.append((m.site.node, m.site.op, rec, multi))
     info.multi.setdefault("adapters", {})[name] = {"rules": list(rules),
                                                    "records": {rec: m.rule_index for rec, (m, _) in built.items()}}
     info.multi["active"] = list(active)
-    if spliced:
-        pm.graph.lint()
-        pm.recompile()
-    freeze_pass(pm)
+    PassManager([splice_pass.bind(items), freeze_pass.bind()])(pm)
 
 
 # ---------------------------------------------------------------------------------- select / delete
 def set_active(pm: PeftModel, name: str | Sequence[str] | None) -> PeftModel:
     """Make ``name`` the active adapter (a list: their sum; None: disable all, the base model runs)."""
-    _require(pm)
+    require_peft(pm, "set_active")
     names = [] if name is None else [name] if isinstance(name, str) else list(name)
     _known(pm, names)
     _check_unmerged(pm, "set_active")
@@ -223,28 +205,20 @@ def _known(pm: PeftModel, names: Sequence[Any]) -> None:
 
 def delete_adapter(pm: PeftModel, name: str) -> PeftModel:
     """Remove adapter ``name`` (its parameters and, where it was a site's only adapter, its node)."""
-    _require(pm)
+    require_peft(pm, "delete_adapter")
     _known(pm, [name])
     _check_unmerged(pm, "delete_adapter")
-    from .passes.splice import adapter_nodes
-
     info = pm.peft_info
-    nodes = adapter_nodes(pm.graph)
+    empty = []
     for rec in list(info.multi["adapters"][name]["records"]):
         multi = pm.get_submodule(rec)
         del multi.adapters[name]
         multi.active = tuple(n for n in multi.active if n != name)
         if not len(multi.adapters):
-            node = nodes[rec]
-            node.replace_all_uses_with(node.args[1])
-            pm.graph.erase_node(node)
-            parent, _, attr = rec.rpartition(".")
-            delattr(pm.get_submodule(parent) if parent else pm, attr)
-            del info.adapters[rec]
+            empty.append(rec)
+    remove_adapters_pass(pm, empty)
     del info.multi["adapters"][name]
     info.multi["active"] = [n for n in info.multi["active"] if n != name]
-    pm.graph.lint()
-    pm.recompile()
     return pm
 
 
@@ -254,7 +228,7 @@ def combine(pm: PeftModel, weights: Mapping[str, float], name: str, *, combinati
     ``"cat"`` is exactly ΔW = Σ wᵢ sᵢ Bᵢ Aᵢ at every site; ``"linear"`` is HF PEFT's factor average). Its
     rule is ``LoRA(rank=R, alpha=R)`` (scaling 1) over the union of the sources' sites, so it saves and
     loads like any adapter. It is added inactive."""
-    _require(pm)
+    require_peft(pm, "combine")
     if not isinstance(weights, Mapping) or not weights:
         raise PeftfxError("combine() takes a non-empty dict {adapter name: weight}.")
     _known(pm, list(weights))
@@ -295,8 +269,6 @@ def combine(pm: PeftModel, weights: Mapping[str, float], name: str, *, combinati
     for r, (_, module) in built.items():
         pm.get_submodule(r).adapters[name] = module
     pm.peft_info.multi["adapters"][name] = {"rules": [rule], "records": {r: 0 for r in built}}
-    from .passes.freeze import freeze_pass
-
     freeze_pass(pm)
     return pm
 
@@ -336,7 +308,7 @@ def _row_index(pm: PeftModel, adapters: Any) -> torch.Tensor:
 def mixed_batch(pm: PeftModel, adapters: Any) -> Iterator[PeftModel]:
     """Within the block, row b of every forward uses adapter ``adapters[b]`` (a name, None for the base;
     or an index tensor, -1 for the base). One gathered batched matmul per site serves all rows."""
-    _require(pm)
+    require_peft(pm, "mixed_batch")
     idx = _row_index(pm, adapters)
     _check_unmerged(pm, "mixed_batch")
     names = adapter_names(pm)
@@ -363,7 +335,7 @@ def adapter_view(pm: PeftModel, name: str | None = None) -> PeftModel:
     """A small PeftModel holding only adapter ``name`` as a plain single-adapter model would (same records,
     rules, keys ``{site}.lora.lora_A``): what :func:`peftfx.save_adapter` writes for ``adapter=name``. It
     shares the adapter's parameters and has an empty graph (it is for saving, not for running)."""
-    _require(pm)
+    require_peft(pm, "adapter_view")
     names = adapter_names(pm)
     if name is None:
         if len(names) != 1:

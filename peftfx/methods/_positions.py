@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from .sites import set_site_input, site_input
+from ..sites import set_site_input, site_input
+from .._util import tensor_val as _val
 
 __all__ = ["plan_positions", "offset_positions", "position_sources"]
 
@@ -32,9 +33,6 @@ _INDEX_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default
 _ARANGE = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 
 
-def _val(node: Any):
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def _fetch(pm, target: str):

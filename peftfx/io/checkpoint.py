@@ -1,0 +1,51 @@
+"""Adapter-only checkpoints: :func:`save_adapter` and :func:`load_adapter`, in the peftfx format
+(:mod:`peftfx.io.peftfx_format`) or Hugging Face PEFT's (:mod:`peftfx.io.hf`), written atomically and loaded with
+safetensors only — never pickle."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from .._errors import CheckpointError
+from ..apply import apply_to_graph
+from ..methods import rules_from_data
+from ..model import PeftModel
+from ..multi import add_adapter, adapter_names, adapter_view, is_multi
+from ..trace import trace
+from .hf import is_hf_adapter, load_hf_adapter, save_hf_adapter
+from .peftfx_format import read_adapter, write_adapter
+from .state import load_state
+
+__all__ = ["save_adapter", "load_adapter"]
+
+
+def save_adapter(model: PeftModel, path: str | os.PathLike, *, format: str = "peftfx",
+                 adapter: str | None = None) -> str:
+    """Write the adapter of ``model`` to folder ``path`` (created or replaced atomically); returns it.
+    ``format="hf"`` writes a Hugging Face PEFT folder instead (:mod:`peftfx.io.hf`). On a model with
+    named adapters (:mod:`peftfx.multi`) ``adapter`` picks one; it is written in the single-adapter form."""
+    if adapter is not None or is_multi(model):
+        model, adapter = adapter_view(model, adapter), adapter or adapter_names(model)[0]
+    if format == "hf":
+        return save_hf_adapter(model, path)
+    if format != "peftfx":
+        raise CheckpointError(f"save_adapter format must be 'peftfx' or 'hf', got {format!r}.")
+    return write_adapter(model, path, adapter)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
+                 dynamic: bool = True, adapter: str | None = None) -> PeftModel:
+    """Trace ``model``, apply the saved rules and load the saved adapter tensors. The model is left
+    untouched if the checkpoint is damaged or does not fit it. A Hugging Face PEFT folder (config with
+    ``peft_type``) is recognised and converted (:mod:`peftfx.io.hf`). Given a peftfx model instead,
+    the adapter is added to it as named adapter ``adapter`` (:func:`peftfx.multi.add_adapter`)."""
+    if isinstance(model, PeftModel):
+        return add_adapter(model, adapter, path)
+    if is_hf_adapter(path):
+        return load_hf_adapter(model, path, example_inputs, dynamic=dynamic)
+    config, tensors = read_adapter(path)
+    rules = rules_from_data(config["rules"])
+    pm = trace(model, example_inputs, dynamic=dynamic)
+    return apply_to_graph(pm, rules, fill=lambda pm_, plan, modules: load_state(modules, tensors, os.fspath(path)))

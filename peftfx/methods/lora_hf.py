@@ -1,0 +1,100 @@
+"""Hugging Face PEFT ``LORA`` folders ⇄ :class:`~peftfx.LoRA` / :class:`~peftfx.DoRA` (see :mod:`._hf`)."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+import torch
+
+from .._errors import CheckpointError
+from ..model import AdapterRecord, PeftModel
+from ..rules import select
+from ._hf import (HINTS, PREFIX, Imported, adapter_paths, check_fields, hf_targets, module_path, pattern_value,
+                  records_of, register_converter)
+
+_LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_embedding_A": "lora_embedding_A",
+              "lora_embedding_B": "lora_embedding_B", "dora_magnitude": "lora_magnitude_vector"}
+_SAFE_INITS = ("gaussian", "eva", "orthogonal")       # these leave W₀ as it is (B·A = 0 at init)
+
+
+@register_converter
+class LoRAConverter:
+    """``LORA`` ⇄ :class:`~peftfx.LoRA` (or :class:`~peftfx.DoRA` with ``use_dora``). ``rank_pattern`` and
+    ``alpha_pattern`` become one rule per (rank, alpha) group; ``fan_in_fan_out`` needs no translation
+    (sites see every weight as ``[out, in]``)."""
+
+    peft_type = "LORA"
+    methods = ("lora", "dora")
+    honoured = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                          "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora",
+                          "use_dora", "fan_in_fan_out", "init_lora_weights",
+                          # inert unless another field switches them on (and that field is checked)
+                          "qalora_group_size", "megatron_core", "loftq_config", "corda_config", "eva_config",
+                          "lora_ga_config"})
+
+    @staticmethod
+    def read(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Imported:
+        from ..methods.dora import DoRA
+        from ..methods.lora import LoRA
+
+        check_fields(config, LoRAConverter.honoured, HINTS)
+        init = config.get("init_lora_weights", True)
+        if not (init is True or init is False or init in _SAFE_INITS):
+            raise CheckpointError(
+                f"init_lora_weights={init!r}: this initialisation rewrites the base weights (PiSSA, OLoRA, "
+                "LoftQ, CorDA, LoRA-GA, MiCA), so the adapter fits only that changed base. Convert it to a plain "
+                "LoRA with the peft package first (save_pretrained(..., path_initial_model_for_weight_"
+                "conversion=...)).")
+        cls = DoRA if config.get("use_dora") else LoRA
+        r, alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
+        paths = adapter_paths(tensors, "lora_")
+        groups: dict[tuple[int, Any], list[str]] = {}
+        for p in paths:
+            key = (int(pattern_value(config.get("rank_pattern"), p, r)),
+                   pattern_value(config.get("alpha_pattern"), p, alpha))
+            groups.setdefault(key, []).append(p)
+        common = dict(dropout=float(config.get("lora_dropout", 0.0)), rslora=bool(config.get("use_rslora")))
+        base = hf_targets(config, paths)
+        others = [p for g, ps in groups.items() if g != (r, alpha) for p in ps]
+        rules = []
+        if not others or (r, alpha) in groups:
+            rules.append(cls(rank=r, alpha=alpha, targets=base & ~select.name(*others) if others else base,
+                             **common))
+        rules += [cls(rank=g[0], alpha=g[1], targets=select.name(*ps), **common)
+                  for g, ps in groups.items() if g != (r, alpha)]
+        return Imported(rules, lambda rec, pname: f"{PREFIX}{module_path(rec)}.{_LORA_KEYS.get(pname, pname)}")
+
+    @staticmethod
+    def write(model: PeftModel, records: list[AdapterRecord]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        rules = model.peft_info.rules
+        methods = {rec.method for rec in records}
+        dropouts = {float(rules[rec.rule_index].dropout) for rec in records}
+        if len(methods) > 1 or len(dropouts) > 1:
+            raise CheckpointError(
+                f"one HF LORA folder has one use_dora and one lora_dropout, but this model mixes methods "
+                f"{sorted(methods)} / dropouts {sorted(dropouts)}. Save in the peftfx format instead.")
+        entries, tensors = [], {}
+        for rec, mod, path in records_of(model, records):
+            if getattr(mod, "spans", None) not in (None, [(0, getattr(mod, "out_features", None))]):
+                raise CheckpointError(f"adapter {rec.name} uses fused='split' (one LoRA pair per q/k/v slice); "
+                                      "HF PEFT has no such form. Use fused='joint' to save in the HF format.")
+            for pname, p in mod.named_parameters():
+                tensors[f"{PREFIX}{path}.{_LORA_KEYS[pname]}"] = p
+            rank = (mod.lora_A if hasattr(mod, "lora_A") else mod.lora_embedding_A).shape[0]
+            entries.append((path, rank, float(mod.scaling), rules[rec.rule_index]))
+        (r, rslora, alpha), _ = Counter((e[1], e[3].rslora, e[3].alpha) for e in entries).most_common(1)[0]
+        rank_pattern, alpha_pattern = {}, {}
+        for path, rank, scaling, _rule in entries:
+            if rank != r:
+                rank_pattern[re.escape(path)] = rank
+            need = scaling * (rank ** 0.5 if rslora else rank)      # the alpha that gives this scaling
+            if abs(need - alpha) > 1e-9 * max(1.0, abs(alpha)):
+                alpha_pattern[re.escape(path)] = need
+        fields = {"r": r, "lora_alpha": alpha, "lora_dropout": dropouts.pop(), "use_rslora": rslora,
+                  "use_dora": methods.pop() == "dora", "target_modules": sorted({e[0] for e in entries}),
+                  "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none",
+                  "fan_in_fan_out": any(rec.site.get("module_type") == "Conv1D" for rec in records),
+                  "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+                  "layers_pattern": None}
+        return fields, tensors

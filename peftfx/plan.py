@@ -1,0 +1,127 @@
+"""Planning: rules × sites → a :class:`Plan` (matches, declines, graph-level edits), before anything changes.
+
+Every check runs here: a rule that matches nothing raises :class:`NoMatchError` naming the nearest sites and roles,
+two rules that cannot share a site raise :class:`ConflictError`, a site a method cannot take (a site kind outside
+its ``site_kinds`` whitelist, or its own ``decline``) is recorded as a decline with the reason, and graph-level
+methods validate their edit (``GraphMethod.prepare``). Adapters are named by :func:`peftfx.model.adapter_name`.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from torch import nn
+
+from ._errors import ConflictError, NoMatchError
+from .methods import MethodConfig
+from .model import PeftModel, adapter_name
+from .roles import assign_roles
+from .sites import Site, find_sites
+
+__all__ = ["Plan", "Match", "plan", "adapter_name"]
+
+
+@dataclass
+class Match:
+    rule_index: int
+    rule: MethodConfig
+    site: Site
+    roles: set[str]
+
+
+@dataclass
+class Plan:
+    sites: list[Site]
+    rules: list[MethodConfig]
+    matches: list[Match] = field(default_factory=list)
+    declines: list[tuple[int, str, str]] = field(default_factory=list)   # (rule index, site key, reason)
+    graph_edits: dict[int, Any] = field(default_factory=dict)   # rule index → prepared edit (graph-level rules)
+
+    def for_rule(self, i: int) -> list[Match]:
+        return [m for m in self.matches if m.rule_index == i]
+
+
+def plan(pm: PeftModel, rules: Sequence[MethodConfig], *, allow_empty: bool = False) -> Plan:
+    """Match every rule against the sites of a traced model. Raises before anything is changed."""
+    sites = find_sites(pm)
+    assign_roles(pm.graph, sites)
+    p = Plan(sites=sites, rules=list(rules))
+    for i, rule in enumerate(p.rules):
+        if rule.graph_level:         # graph-level methods plan themselves (GraphMethod.prepare, below)
+            continue
+        sel = rule.selector
+        hits = 0
+        for s in sites:
+            if not sel.matches(s):
+                continue
+            reason = rule.decline_kind(s) or rule.decline(s)
+            if reason:
+                p.declines.append((i, s.key, reason))
+                continue
+            roles = {r for r in s.roles if sel.matches(s.with_roles({r}))}
+            p.matches.append(Match(i, rule, s, roles))
+            hits += 1
+        if not hits and not allow_empty:
+            raise NoMatchError(_no_match_message(i, rule, sites, p.declines))
+    _check_conflicts(p)
+    for i, rule in enumerate(p.rules):
+        if rule.graph_level:
+            p.graph_edits[i] = rule.prepare(pm, p, i)   # validates; raises before anything is changed
+    return p
+
+
+def _check_conflicts(p: Plan) -> None:
+    by_site: dict[str, list[Match]] = {}
+    for m in p.matches:
+        by_site.setdefault(m.site.key, []).append(m)
+    for key, ms in by_site.items():
+        if len(ms) < 2:
+            continue
+        methods = [m.rule.name for m in ms]
+        if len(set(methods)) == len(methods) and all(m.rule.composes for m in ms):
+            continue
+        desc = "; ".join(f"rule {m.rule_index} ({m.rule.name})" for m in ms)
+        raise ConflictError(
+            f"site '{key}' is claimed by {desc}. Two rules of the same method, or a method that does not "
+            "compose, cannot share a site. Narrow one rule's targets (e.g. & ~select.name('" + key + "')). "
+            "Rules of different methods that compose (LoRA with IA3, for example) may share a site.")
+
+
+def _patterns(d: Any, keys: tuple[str, ...] = ("name", "regex")) -> list[str]:
+    if isinstance(d, dict):
+        out = []
+        for k, v in d.items():
+            if k in keys:
+                out += v if isinstance(v, list) else [v]
+            elif k != "not":
+                out += _patterns(v, keys)
+        return out
+    if isinstance(d, list):
+        return [x for v in d for x in _patterns(v, keys)]
+    return []
+
+
+def _no_match_message(i: int, rule: MethodConfig, sites: list[Site], declines) -> str:
+    keys = [s.key for s in sites]
+    near: list[str] = []
+    for pat in _patterns(rule.selector.to_dict()):
+        stem = pat.replace("*", "").replace("?", "").strip(".^$\\")
+        near += difflib.get_close_matches(stem, keys, n=5, cutoff=0.3)
+        near += [k for k in keys if stem and stem.split(".")[-1] in k.split(".")[-1]][:3]
+    near = list(dict.fromkeys(near))[:8] or keys[:8]
+    roles = Counter(r for s in sites for r in s.roles)
+    role_txt = ", ".join(f"{r} ({n})" for r, n in sorted(roles.items())) or "none found"
+    why = [f"{k}: {r}" for j, k, r in declines if j == i][:5]
+    msg = (f"rule {i} ({rule.name}, targets {rule.selector.to_dict()}) matched no site.\n"
+           f"  nearest site names: {', '.join(near)}\n  roles present: {role_txt}\n"
+           f"  {len(sites)} sites in all; see peftfx.inspect(model, None, example_inputs) for the full list.")
+    if why:
+        msg += "\n  declined: " + "; ".join(why)
+    lacking = [p for p in dict.fromkeys(_patterns(rule.selector.to_dict(), ("role",)))
+               if not any(fnmatch.fnmatchcase(r, p) for r in roles)]
+    if lacking:
+        msg += f"\n  roles the rule asks for that this model lacks: {', '.join(lacking)}"
+    return msg
