@@ -19,6 +19,7 @@ from ._errors import TraceError
 from .model import PeftModel
 from .passes.cleanup import cleanup_pass
 from .passes.dropout import mode_dropout_pass
+from .trace_cache import cached_export
 
 __all__ = ["trace", "normalize_inputs"]
 
@@ -147,7 +148,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True)
     """Trace ``model`` with ``example_inputs`` into a :class:`PeftModel` (an ``fx.GraphModule``).
 
     Guarantees: batch and sequence dimensions are dynamic (``dynamic=True``); the parameters are the
-    model's own tensors (nothing is copied); dropout follows ``train()``/``eval()``; the model's
+    model's own tensors (nothing is copied); a model of an architecture already traced in this process (same
+    class, config and input spec) reuses that graph (:mod:`peftfx.trace_cache`); dropout follows ``train()``/``eval()``; the model's
     train/eval mode is unchanged afterwards and the result starts in the same mode.
     """
     if isinstance(model, PeftModel):
@@ -158,8 +160,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True)
     t0 = time.perf_counter()
     model.train()  # so dropout is recorded in the graph; the dropout pass makes it follow the mode
     try:
-        ep = torch.export.export(model, (), kwargs=trace_kwargs,
-                                 dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic), strict=False)
+        unlifted = cached_export(model, trace_kwargs, dynamic, lambda: torch.export.export(
+            model, (), kwargs=trace_kwargs, dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic), strict=False).module())
     except Exception as e:  # torch.export raises many types; say which model failed and how to proceed
         msg = str(e).strip().splitlines()
         raise TraceError(
@@ -171,7 +173,6 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True)
         ) from e
     finally:
         model.train(was_training)
-    unlifted = ep.module()
     pm = PeftModel(unlifted, unlifted.graph, class_name=type(model).__name__)
     pm.peft_info.input_names = list(kwargs)
     pm.peft_info.constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
