@@ -89,7 +89,10 @@ def _load_factory(spec: str) -> Loaded:
     factory = getattr(module, attr, None)
     if factory is None:
         raise _fail(f"{module_name} has no {attr!r} (model {spec!r}).")
-    made = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    try:
+        made = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as e:          # the user's own code failed: say so, in one line
+        raise _fail(f"model factory {spec} raised {type(e).__name__}: {_one_line(e)[:300]}") from None
     if isinstance(made, dict):
         loaded = Loaded(made.get("model"), made.get("tokenizer"), made.get("example_inputs"))
     elif isinstance(made, tuple) and len(made) == 2:
@@ -158,9 +161,11 @@ def cmd_inspect(args) -> int:
 def _rules(path: str):
     from .methods import rules_from_data
 
+    if os.path.isdir(path):
+        raise _fail(f"rules file {path!r} is a folder; give a .json or .yaml file with a list of rules.")
     if not os.path.isfile(path):
         raise _fail(f"rules file {path!r} not found (a .json or .yaml file with a list of rules).")
-    return rules_from_data(path)
+    return rules_from_data(path)        # every problem in the file is a RuleError naming it
 
 
 def cmd_merge_export(args) -> int:
@@ -221,6 +226,8 @@ def _parse_ids(texts: list[str]):
             raise _fail(f"--ids takes integers separated by spaces or commas, got {t!r}.") from None
     if not rows or any(len(r) != len(rows[0]) or not r for r in rows):
         raise _fail("every --ids row must be non-empty and of the same length.")
+    if any(not 0 <= x < 2**63 for r in rows for x in r):
+        raise _fail("--ids takes token ids ≥ 0 that fit in 64 bits.")
     return np.array(rows, dtype=np.int64)
 
 
@@ -298,6 +305,20 @@ def cmd_quickstart(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _count(minimum: int):
+    """An argparse type: an int ≥ ``minimum`` (a bad value is a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftfx", description="Parameter-efficient fine-tuning as graph passes.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -310,7 +331,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", action="append", required=True, help="adapter folder (peftfx or Hugging Face PEFT)")
     m.add_argument("-o", "--output", required=True, help="output .onnx path")
     m.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    m.add_argument("--opset", type=int, default=18)
+    m.add_argument("--opset", type=_count(7), default=18)
     m.add_argument("--kv-cache", action="store_true", help="export the decode step with key/value cache I/O")
     m.add_argument("--adapter-inputs", action="store_true",
                    help="keep adapters unmerged as graph inputs; write one .onnx_adapter per --adapter")
@@ -321,17 +342,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--text", nargs="+", help="text(s) to tokenize (needs a tokenizer)")
     g.add_argument("--ids", action="append", help="token ids, e.g. '1 2 3' (repeat for a batch)")
     r.add_argument("--tokenizer", help="Hugging Face folder with the tokenizer (default: the exported model's)")
-    r.add_argument("--generate", type=int, default=0, help="greedy-generate N tokens (kv-cache exports)")
+    r.add_argument("--generate", type=_count(0), default=0, help="greedy-generate N tokens (kv-cache exports)")
     r.add_argument("--adapter", help=".onnx_adapter file to activate (adapter-input exports)")
     r.add_argument("--device", choices=("cpu", "cuda"), default=None)
     q = sub.add_parser("quickstart", help="LoRA-tune MiniLM offline, merge, export, verify, compare latency")
-    q.add_argument("--steps", type=int, default=60)
+    q.add_argument("--steps", type=_count(1), default=60)
     q.add_argument("--out", default="peftfx-quickstart", help="output folder")
-    q.add_argument("--threads", type=int, default=1, help="threads for PyTorch and ONNX Runtime (default 1)")
+    q.add_argument("--threads", type=_count(1), default=1, help="threads for PyTorch and ONNX Runtime (default 1)")
     q.add_argument("--no-progress", action="store_true")
     for sp in (i, m):
-        sp.add_argument("--batch", type=int, default=2, help="example batch (≥ 2 keeps the batch axis dynamic)")
-        sp.add_argument("--seq", type=int, default=16, help="example sequence length")
+        sp.add_argument("--batch", type=_count(1), default=2, help="example batch (≥ 2 keeps the batch axis dynamic)")
+        sp.add_argument("--seq", type=_count(1), default=16, help="example sequence length")
     for sp in (i, m, r):
         sp.add_argument("--json", action="store_true", help="machine-readable output")
     return p

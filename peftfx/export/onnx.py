@@ -3,7 +3,9 @@
 Guarantees: the file at ``path`` is only ever a verified model — it is written into a temporary folder beside
 ``path`` and renamed into place after ``onnx.checker`` passes and ONNX Runtime reproduces PyTorch on several input
 shapes (batch 1 and batch > 1, short and long sequences; for ``kv_cache=True`` a prefill and a one-token decode
-step against the PyTorch model's own full-sequence logits).
+step against the PyTorch model's own full-sequence logits). The temporary folder (``.peftfx-export-p<pid>-…``) is
+removed on every exit; one left by a killed process is removed by the next export or save into the same folder
+(:mod:`peftfx._fs`).
 
 Tolerance, per output: max |ORT − PyTorch| ≤ tol · max(1, max |ref|), tol = 1e-4 for float32 and 1e-2 for
 float16 (float16 rounds at 2⁻¹¹ ≈ 5e-4 relative per operation; the models in the tests measure 2e-4 – 4e-4).
@@ -17,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from .._errors import ExportError
+from .._fs import make_temp_dir
 from .._version import __version__
 from ..apply import fold, merge, unmerge
 from ..model import PeftModel
@@ -146,9 +148,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
         source = model if kv_cache else source
     inputs = _inputs_of(pm, example_inputs)
     stages["trace"] = time.perf_counter() - t0
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmpdir = tempfile.mkdtemp(prefix=".peftfx-export-", dir=parent)
+    tmpdir = make_temp_dir(path, "export", ExportError, "the ONNX model")   # cleans stale ones there (peftfx._fs)
     try:
         plan = _prepare(pm, inputs, kv_cache, source, adapter_inputs, stages)
         plan["metadata"] = {str(k): str(v) for k, v in (metadata or {}).items()}

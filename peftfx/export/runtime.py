@@ -4,7 +4,12 @@ Provider choice: the CUDA provider only when a GPU is present and this onnxrunti
 provider — never asking ORT for a provider that would fail to load and print errors on a CPU-only machine. ORT's
 own log is kept to errors (``log_severity_level=3``). On CUDA, runs use I/O binding: inputs go to the device once,
 outputs stay there, and the key/value cache of :meth:`Runtime.generate` never leaves the GPU between steps.
-Inputs may be numpy arrays, torch tensors or lists.
+Inputs may be numpy arrays, torch tensors or lists. Before ONNX Runtime sees them they are checked against the
+model, and anything that would run wrongly or fail inside ORT is an :class:`~peftfx.ExportError` naming the input:
+an unknown or missing name, the wrong number of dimensions or a fixed dimension of the wrong size, a dtype that
+cannot be converted without changing values (float token ids are refused, never truncated; ints and bools convert
+to float, narrower ints to wider), and token ids outside ``[0, vocab)`` where the vocabulary size is found from the
+embedding table the ids index (a ``Gather`` over an initializer, read once from the file without its weights).
 """
 from __future__ import annotations
 
@@ -109,12 +114,48 @@ class Runtime:
         return _NP_TYPES.get(self._in[name].type, np.float32)
 
     def _array(self, name: str, value: Any) -> np.ndarray:
-        if name not in self._in:
+        """``value`` as the array input ``name`` takes; refuses conversions that would change values."""
+        if not isinstance(name, str) or name not in self._in:
             raise ExportError(f"{os.path.basename(self.path)} has no input {name!r}; "
                               f"its inputs are {list(self.inputs)}.")
         if hasattr(value, "detach"):                  # torch tensor
             value = value.detach().cpu().numpy()
-        return np.ascontiguousarray(np.asarray(value), dtype=self.input_dtype(name))
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError) as e:
+            raise ExportError(f"input {name!r} cannot be made into an array ({e}); pass a numpy array, a torch "
+                              "tensor or a rectangular list.") from None
+        want = np.dtype(self.input_dtype(name))
+        if not _converts(arr, want):
+            hint = " Token ids are whole numbers: convert them with .astype('int64') (or .long()) after checking " \
+                   "they are integers." if arr.dtype.kind == "f" and want.kind in "iu" else ""
+            raise ExportError(f"input {name!r} has dtype {arr.dtype}, but {os.path.basename(self.path)} takes "
+                              f"{want}; it is not converted silently, as that would change the values.{hint}")
+        return np.ascontiguousarray(arr, dtype=want)
+
+    def _check(self, name: str, arr: np.ndarray) -> None:
+        """Rank, fixed dimensions and token range of one input, against the model."""
+        dims = list(self._in[name].shape or [])
+        if dims and arr.ndim != len(dims):
+            raise ExportError(f"input {name!r} has {arr.ndim} dimension(s) {list(arr.shape)}, but "
+                              f"{os.path.basename(self.path)} takes {len(dims)}: {dims}.")
+        for i, (d, n) in enumerate(zip(dims, arr.shape)):
+            if isinstance(d, int) and d > 0 and d != n:
+                raise ExportError(f"input {name!r} has size {n} in dimension {i}, but {os.path.basename(self.path)} "
+                                  f"takes exactly {d} there (shape {dims}).")
+        vocab = self.vocab.get(name) if arr.dtype.kind in "iu" else None
+        if vocab is not None and arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab):
+            bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
+            raise ExportError(f"input {name!r} holds token id {bad}, outside the model's vocabulary [0, {vocab}); "
+                              "check the tokenizer matches the model.")
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        """Input name → size of the embedding table it indexes (found from the file, once), for token range checks."""
+        if getattr(self, "_vocab", None) is None:
+            self._vocab = _gather_sizes(self.path, [n for n in self._required
+                                                    if self._in[n].type in ("tensor(int64)", "tensor(int32)")])
+        return self._vocab
 
     # ------------------------------------------------------------------------------------------- adapters
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
@@ -156,7 +197,12 @@ class Runtime:
     def run(self, feeds: Mapping[str, Any] | None = None, *, adapter: str | None = None,
             **kwargs: Any) -> dict[str, np.ndarray]:
         """Run the model; returns every output as a numpy array, by name. ``adapter``: a loaded adapter's name."""
+        if feeds is not None and not isinstance(feeds, Mapping):
+            raise ExportError(f"Runtime.run takes a dict of inputs by name (or keyword arguments), got "
+                              f"{type(feeds).__name__}; the inputs are {list(self.inputs)}.")
         arrays = {k: self._array(k, v) for k, v in {**(feeds or {}), **kwargs}.items()}
+        for k, v in arrays.items():
+            self._check(k, v)
         out = self._execute(arrays, adapter)
         return {k: v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else v for k, v in out.items()}
 
@@ -173,7 +219,11 @@ class Runtime:
         if entry is not None:
             opts = ort.RunOptions()
             opts.add_active_adapter(entry[0])
-        values = self.session.run(self.outputs, feeds, opts)
+        try:
+            values = self.session.run(self.outputs, feeds, opts)
+        except Exception as e:          # ORT's own errors (InvalidArgument, Fail …), past the checks above
+            raise ExportError(f"ONNX Runtime could not run {os.path.basename(self.path)}: "
+                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}") from None
         return dict(zip(self.outputs, values))
 
     def _execute_bound(self, feeds: dict[str, Any], entry) -> dict[str, Any]:
@@ -193,7 +243,11 @@ class Runtime:
                 binding.bind_ortvalue_input(name, on_device[name])
         for name in self.outputs:
             binding.bind_output(name, device)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:          # ORT's own errors, past the checks in run()
+            raise ExportError(f"ONNX Runtime could not run {os.path.basename(self.path)}: "
+                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}") from None
         return dict(zip(self.outputs, binding.get_outputs()))
 
     # ------------------------------------------------------------------------------------------- generation
@@ -209,6 +263,7 @@ class Runtime:
         ids = self._array("input_ids", input_ids)
         if ids.ndim == 1:
             ids = ids[None]
+        self._check("input_ids", ids)
         if max_new_tokens < 1:
             return ids
         pasts, presents, width = self.kv["inputs"], self.kv["outputs"], self.kv["kv_heads"] * self.kv["head_dim"]
@@ -236,6 +291,64 @@ class Runtime:
 
     def __repr__(self) -> str:
         return f"Runtime({self.path!r}, providers={self.providers}, io_binding={self.io_binding})"
+
+
+def _converts(arr: np.ndarray, want: np.dtype) -> bool:
+    """Whether ``arr`` becomes dtype ``want`` without changing a value's meaning: same dtype; bool or int to float;
+    bool to int; int to int when every value fits; float to float. Never float to int."""
+    have = arr.dtype
+    if have == want or (have.kind == "b" and want.kind in "iuf") or (have.kind in "iuf" and want.kind == "f"):
+        return True
+    if have.kind in "iu" and want.kind in "iu":
+        if np.can_cast(have, want) or not arr.size:
+            return True
+        info = np.iinfo(want)
+        return info.min <= int(arr.min()) and int(arr.max()) <= info.max
+    return want.kind == "b" and have.kind == "b"
+
+
+_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten"}
+
+
+def _gather_sizes(path: str, names: list[str]) -> dict[str, int]:
+    """For each integer input, the smallest first dimension of a constant table that a ``Gather`` indexes with it
+    (directly or through casts and reshapes): the vocabulary of ``input_ids``. Inputs that index no such table are
+    left out. The file is read without its external weights; a file that cannot be read gives nothing."""
+    if not names:
+        return {}
+    try:
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception:                  # pragma: no cover - unreadable: the checks that need it are skipped
+        return {}
+    tables = {t.name: (t.dims[0] if t.dims else None) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value" and a.t.dims:
+                    tables[node.output[0]] = a.t.dims[0]
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            users.setdefault(i, []).append(node)
+    out: dict[str, int] = {}
+    for name in names:
+        seen, todo, sizes = set(), [name], []
+        while todo:
+            v = todo.pop()
+            if v in seen or len(seen) > 10_000:
+                continue
+            seen.add(v)
+            for node in users.get(v, []):
+                if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == v \
+                        and tables.get(node.input[0]):
+                    sizes.append(int(tables[node.input[0]]))
+                elif node.op_type in _PASS_THROUGH and node.input and node.input[0] == v:
+                    todo.extend(node.output)
+        if sizes:
+            out[name] = min(sizes)
+    return out
 
 
 def _maybe_json(v: str) -> Any:

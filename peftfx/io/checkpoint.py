@@ -10,12 +10,11 @@ from torch import nn
 
 from .._errors import CheckpointError
 from ..apply import apply_to_graph
-from ..methods import rules_from_data
 from ..model import PeftModel
 from ..multi import add_adapter, adapter_names, adapter_view, is_multi
 from ..trace import trace
 from .hf import is_hf_adapter, load_hf_adapter, save_hf_adapter
-from .peftfx_format import read_adapter, write_adapter
+from .peftfx_format import adapter_rules, read_adapter, write_adapter
 from .state import load_state
 
 __all__ = ["save_adapter", "load_adapter"]
@@ -38,14 +37,17 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, *, format: str = "pe
 def load_adapter(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
                  dynamic: bool = True, adapter: str | None = None) -> PeftModel:
     """Trace ``model``, apply the saved rules and load the saved adapter tensors. The model is left
-    untouched if the checkpoint is damaged or does not fit it. A Hugging Face PEFT folder (config with
-    ``peft_type``) is recognised and converted (:mod:`peftfx.io.hf`). Given a peftfx model instead,
-    the adapter is added to it as named adapter ``adapter`` (:func:`peftfx.multi.add_adapter`)."""
+    untouched if the checkpoint is damaged or does not fit it; a checkpoint holding NaN or infinite values is
+    refused with a :class:`CheckpointError` naming the tensors (such an adapter makes every output NaN). A Hugging
+    Face PEFT folder (config with ``peft_type``) is recognised and converted (:mod:`peftfx.io.hf`). Given a peftfx
+    model instead, the adapter is added to it as named adapter ``adapter`` (:func:`peftfx.multi.add_adapter`)."""
     if isinstance(model, PeftModel):
         return add_adapter(model, adapter, path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"load_adapter needs a folder path, got {type(path).__name__}.")
     if is_hf_adapter(path):
         return load_hf_adapter(model, path, example_inputs, dynamic=dynamic)
     config, tensors = read_adapter(path)
-    rules = rules_from_data(config["rules"])
+    rules = adapter_rules(config, path)
     pm = trace(model, example_inputs, dynamic=dynamic)
     return apply_to_graph(pm, rules, fill=lambda pm_, plan, modules: load_state(modules, tensors, os.fspath(path)))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import CheckpointError
+from .._errors import CheckpointError, RuleError
 from ..apply import apply_to_graph
 from ..methods._hf import CONVERTERS, PREFIX, Imported
 from ..model import PeftModel
@@ -62,7 +62,7 @@ def read_hf_folder(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     path = os.fspath(path)
     config = _read_config(path)
     if config is None:
-        raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)} is missing or not valid JSON.")
+        raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)} is missing, not valid JSON or not a JSON object.")
     w_path = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(w_path):
         if os.path.isfile(os.path.join(path, PICKLE_NAME)):
@@ -86,7 +86,7 @@ def load_hf_adapter(model: nn.Module, path: str | os.PathLike, example_inputs: A
                     dynamic: bool = True) -> PeftModel:
     """Trace ``model``, apply the rules equivalent to the HF config and load the HF tensors into them."""
     config, tensors = read_hf_folder(path)
-    imported = _converter(config.get("peft_type")).read(config, tensors)
+    imported = _import(config, tensors, os.path.join(os.fspath(path), CONFIG_NAME))
     pm = trace(model, example_inputs, dynamic=dynamic)
 
     def load(pm_: PeftModel, plan, modules: dict[str, nn.Module]) -> None:
@@ -97,6 +97,20 @@ def load_hf_adapter(model: nn.Module, path: str | os.PathLike, example_inputs: A
                 imported.finish(modules)
 
     return apply_to_graph(pm, imported.rules, fill=load)
+
+
+def _import(config: dict[str, Any], tensors: dict[str, torch.Tensor], cfg_path: str) -> Imported:
+    """The converter's rules for ``config``. Its values pass the same validation as any rule (types, ranges,
+    finiteness: ``lora_alpha: NaN`` is refused); a bad value is a :class:`CheckpointError` naming the file."""
+    conv = _converter(config.get("peft_type"))
+    try:
+        return conv.read(config, tensors)
+    except CheckpointError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    except (RuleError, TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+        detail = f"{type(e).__name__}: {e}" if not isinstance(e, RuleError) else str(e)
+        raise CheckpointError(f"{cfg_path} has a value peftfx cannot use ({detail}); fix the file or re-save the "
+                              "adapter with the peft package.") from None
 
 
 def _match_tensors(pm: PeftModel, plan, modules, imported: Imported, tensors, source: str):

@@ -8,13 +8,14 @@ from typing import Any
 
 import torch
 
-from .._errors import CheckpointError
+from .._errors import CheckpointError, RuleError
 from .._version import __version__
+from ..methods import rules_from_data
 from ..model import PeftModel
 from .folder import read_tensors, write_folder
 from .state import adapter_state, require_adapters
 
-__all__ = ["write_adapter", "read_adapter", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT"]
+__all__ = ["write_adapter", "read_adapter", "adapter_rules", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT"]
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -50,11 +51,28 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
             raise CheckpointError(f"adapter folder {path!r} has no {os.path.basename(p)}; is it a peftfx adapter "
                                   f"(written by peftfx.save_adapter)?")
     try:
-        with open(cfg_path) as f:
+        with open(cfg_path, encoding="utf-8") as f:
             config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the adapter is damaged.") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {cfg_path}: {e.strerror or e}.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path} holds a JSON {type(config).__name__}, expected an object with 'format' and "
+                              "'rules'; the adapter is damaged or not a peftfx adapter.")
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path} has format {config.get('format')!r}, expected {FORMAT!r}.")
+    if not isinstance(config.get("rules"), list) or not config["rules"]:
+        raise CheckpointError(f"{cfg_path} has no 'rules' list (got {config.get('rules')!r:.80}); the adapter is "
+                              "damaged — save it again with peftfx.save_adapter.")
     tensors = read_tensors(w_path)
     return config, tensors
+
+
+def adapter_rules(config: dict[str, Any], path: str | os.PathLike) -> list:
+    """The rules of a config read by :func:`read_adapter`; a malformed rule is a :class:`CheckpointError` naming
+    the file (rules are validated like any others, see :mod:`peftfx.methods.base`)."""
+    try:
+        return rules_from_data(config["rules"])
+    except RuleError as e:
+        raise CheckpointError(f"{os.path.join(os.fspath(path), CONFIG_NAME)} holds a bad rule: {e}") from None

@@ -36,7 +36,6 @@ Encoder-decoder models (``num_transformer_submodules`` 2) are refused.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 
 from .._errors import CheckpointError
+from .._saferegex import compile_safe
 from ..model import AdapterRecord, PeftModel
 from ..rules import Selector, select
 from .base import MethodConfig
@@ -157,9 +157,10 @@ def hf_targets(config: dict[str, Any], paths: list[str]) -> Selector:
 
 
 def pattern_value(patterns: dict[str, Any] | None, path: str, default: Any) -> Any:
-    """HF's ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", path)``."""
+    """HF's ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", path)`` (matched in linear
+    time by :mod:`peftfx._saferegex`: a pattern from a file cannot hang the load)."""
     for k, v in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({k})$", path):
+        if compile_safe(rf"(.*\.)?({k})").fullmatch(path):
             return v
     return default
 

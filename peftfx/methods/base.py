@@ -19,8 +19,15 @@ An adapter module provides ``position`` ("output": ``forward(x, y) → y'``; "in
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
+import numbers
+import types
+import typing
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +35,11 @@ from .._errors import RuleError
 from ..rules import Selector, selector_from_dict
 
 __all__ = ["MethodConfig", "GraphMethod", "AdapterModule", "register_method", "METHODS", "rule_from_dict",
-           "rules_from_data"]
+           "rules_from_data", "MAX_SIZE"]
+
+#: the largest rank / bottleneck / token count / hidden size a config accepts. A LoRA of rank r on a d×d weight
+#: holds 2·r·d values, so rank 2**31 would ask for hundreds of GiB; sizes above this bound are typos.
+MAX_SIZE = 65_536
 
 METHODS: dict[str, type["MethodConfig"]] = {}
 _ALIASES: dict[str, str] = {}
@@ -99,14 +110,16 @@ class MethodConfig:
         t = getattr(self, "targets", None)
         if t is not None and not isinstance(t, Selector):
             object.__setattr__(self, "targets", selector_from_dict(t))
+        check_field_types(self)
         self.validate()
 
     def validate(self) -> None:
-        """Raise RuleError for bad hyperparameters."""
+        """Raise RuleError for bad hyperparameters (types and finiteness are already checked from the field
+        annotations by :func:`check_field_types`; here go ranges and choices)."""
 
     # ------------------------------------------------------------------------------ checks for validate()
-    def require_positive_int(self, *fields: str, optional: bool = False) -> None:
-        """Each field is an int ≥ 1 (not a bool); ``optional``: None is allowed too."""
+    def require_positive_int(self, *fields: str, optional: bool = False, maximum: int = MAX_SIZE) -> None:
+        """Each field is an int in [1, ``maximum``] (not a bool); ``optional``: None is allowed too."""
         for f in fields:
             v = getattr(self, f)
             if optional and v is None:
@@ -114,6 +127,10 @@ class MethodConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise RuleError(f"{type(self).__name__} {f} must be a positive int{' or None' if optional else ''}, "
                                 f"got {v!r}")
+            if v > maximum:
+                raise RuleError(f"{type(self).__name__} {f}={v:,} is above the limit of {maximum:,}: adapter tensors "
+                                f"grow with {f}, so this would allocate far more memory than the model itself. "
+                                f"Typical values are 4 to 256.")
 
     def require_fraction(self, *fields: str) -> None:
         """Each field is a number in [0, 1) (a dropout probability)."""
@@ -121,6 +138,80 @@ class MethodConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
                 raise RuleError(f"{type(self).__name__} {f} must be in [0, 1), got {v!r}")
+
+
+# ------------------------------------------------------------------------------------------- field types
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _describe(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    return {bool: "true or false", int: "an int", float: "a finite number", str: "a string",
+            type(None): "None"}.get(tp, "a selector" if tp is Selector else getattr(tp, "__name__", str(tp)))
+
+
+_BAD = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (numpy scalars become Python numbers, lists tuples), or ``_BAD``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            out = _coerce(value, a)
+            if out is not _BAD:
+                return out
+        return _BAD
+    if tp is type(None):
+        return None if value is None else _BAD
+    if tp is bool:
+        return bool(value) if isinstance(value, (bool, np.bool_)) else _BAD
+    if tp is int:
+        return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else _BAD
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            return _BAD
+        return value if type(value) in (int, float) else float(value)
+    if tp is str:
+        return value if isinstance(value, str) else _BAD
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return _BAD
+        item = args[0] if args else Any
+        out = tuple(_coerce(v, item) for v in value)
+        return _BAD if any(o is _BAD for o in out) else out
+    if isinstance(tp, type):
+        return value if isinstance(value, tp) else _BAD
+    return value                                  # an annotation this check does not know: left to validate()
+
+
+def check_field_types(config: "MethodConfig") -> None:
+    """Every dataclass field of ``config`` has the type its annotation names — ints are ints (not bools, not
+    strings), floats are finite numbers (NaN and ±inf are refused), strings are strings, selectors are selectors —
+    or a :class:`RuleError` naming the method, the field, what was expected and what was given. The one type
+    check behind the Python API, rules as data, the CLI and Hugging Face config import."""
+    cls = type(config)
+    hints = _HINTS.get(cls)
+    if hints is None:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:                         # pragma: no cover - an annotation that cannot be resolved
+            hints = {}
+        hints = _HINTS[cls] = {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+    for name, tp in hints.items():
+        value = getattr(config, name)
+        out = _coerce(value, tp)
+        if out is _BAD:
+            extra = (" (NaN and infinity are not allowed)" if isinstance(value, float) and not math.isfinite(value)
+                     else "")
+            raise RuleError(f"{cls.__name__} {name} must be {_describe(tp)}{extra}, got {type(value).__name__} "
+                            f"{value!r}")
+        if out is not value:
+            object.__setattr__(config, name, out)
 
 
 class GraphMethod(MethodConfig):
@@ -178,15 +269,16 @@ def rule_from_dict(data: dict[str, Any]) -> MethodConfig:
     if isinstance(data, MethodConfig):
         return data
     if not isinstance(data, dict) or "method" not in data:
-        raise RuleError(f"a rule in data form is a dict with a 'method' key, got {data!r}")
+        raise RuleError(f"a rule in data form is a dict with a 'method' key, such as {{'method': 'lora', 'rank': 8}}; "
+                        f"got {_quote(data)}")
     data = dict(data)
     method = data.pop("method")
-    key = str(method).lower()
-    cls = METHODS.get(key) or METHODS.get(_ALIASES.get(key, ""))
+    key = method.lower() if isinstance(method, str) else None
+    cls = METHODS.get(key) or METHODS.get(_ALIASES.get(key, "")) if key is not None else None
     if cls is None:
-        raise RuleError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+        raise RuleError(f"unknown method {_quote(method)}; known methods: {', '.join(sorted(METHODS))}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted((k for k in data if k not in names), key=repr)
     if unknown:
         raise RuleError(f"method {method!r} has no option(s) {unknown}; its options are {sorted(names)}")
     for f in dataclasses.fields(cls):
@@ -194,39 +286,74 @@ def rule_from_dict(data: dict[str, Any]) -> MethodConfig:
             data[f.name] = tuple(data[f.name])
     try:
         return cls(**data)
-    except TypeError as e:
+    except RuleError as e:
+        raise RuleError(f"{e} (in rule {_quote({'method': method, **data})})") from None
+    except (TypeError, ValueError) as e:
         raise RuleError(f"bad options for method {method!r}: {e}") from None
 
 
-def rules_from_data(data: Any) -> list[MethodConfig]:
-    """A rule, a list of rules, dicts, a JSON/YAML string or a path to a .json/.yaml file → rule objects."""
-    import json
-    import os
+def _quote(data: Any, limit: int = 160) -> str:
+    text = repr(data)
+    return text if len(text) <= limit else text[:limit] + "…"
 
+
+_RULE_FILES = (".json", ".yaml", ".yml")
+
+
+def _read_rules_file(path: str) -> str:
+    if os.path.isdir(path):
+        raise RuleError(f"rules path {path!r} is a folder; give a .json or .yaml file with a list of rules.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise RuleError(f"rules file {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); rules are a JSON "
+                        "or YAML list.") from None
+    except OSError as e:
+        raise RuleError(f"cannot read rules file {path!r}: {e.strerror or e}.") from None
+
+
+def _parse_text(text: str, path: str) -> Any:
+    where = f"rules file {path!r}" if path else "rules text"
+    yaml_like = path.endswith((".yaml", ".yml")) or (not path and not text.lstrip().startswith(("{", "[")))
+    try:
+        if yaml_like:
+            import yaml
+
+            return yaml.safe_load(text)        # safe_load: YAML tags that would build Python objects are errors
+        return json.loads(text)
+    except ImportError:
+        raise RuleError("reading YAML rules needs PyYAML: pip install pyyaml") from None
+    except json.JSONDecodeError as e:
+        raise RuleError(f"{where} is not valid JSON ({e}); pass a list of rules or a .json/.yaml file") from None
+    except RecursionError:
+        raise RuleError(f"{where} nests too deeply to be rules") from None
+    except Exception as e:                       # yaml.YAMLError (scanner, parser, constructor, reader errors)
+        if type(e).__module__.split(".")[0] != "yaml":
+            raise
+        first = " ".join(str(e).split())[:300]
+        raise RuleError(f"{where} is not valid YAML ({type(e).__name__}: {first}); rules are a YAML or JSON list "
+                        "of rules such as [{method: lora, rank: 8}]") from None
+
+
+def rules_from_data(data: Any) -> list[MethodConfig]:
+    """A rule, a list of rules, dicts, a JSON/YAML string or a path to a .json/.yaml file → rule objects. Every
+    problem — an unreadable file, bad JSON/YAML, a malformed rule or selector, a bad hyperparameter — is a
+    :class:`RuleError` naming it."""
     if isinstance(data, (str, os.PathLike)):
-        text = str(data)
-        if os.path.exists(text):
-            with open(text) as f:
-                text = f.read()
-            path = str(data)
-        else:
-            path = ""
-        if path.endswith((".yaml", ".yml")) or (not path and not text.lstrip().startswith(("{", "["))):
-            try:
-                import yaml
-            except ImportError:
-                raise RuleError("reading YAML rules needs PyYAML: pip install pyyaml") from None
-            data = yaml.safe_load(text)
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise RuleError(f"rules are not valid JSON ({e}); pass a list of rules or a .json/.yaml file") from None
+        text = os.fspath(data)
+        if isinstance(text, bytes):
+            raise RuleError(f"rules path must be text, got bytes {_quote(text)}")
+        path = ""
+        if "\n" not in text and len(text) < 4096 and (os.path.exists(text) or text.endswith(_RULE_FILES)):
+            if not os.path.exists(text):
+                raise RuleError(f"rules file {text!r} not found (a .json or .yaml file with a list of rules).")
+            path, text = text, _read_rules_file(text)
+        data = _parse_text(text, path)
         if isinstance(data, dict) and "rules" in data:
             data = data["rules"]
     if isinstance(data, (MethodConfig, dict)):
         data = [data]
     if not isinstance(data, (list, tuple)) or not data:
-        raise RuleError(f"expected one rule or a non-empty list of rules, got {data!r}")
+        raise RuleError(f"expected one rule or a non-empty list of rules, got {_quote(data)}")
     return [rule_from_dict(d) for d in data]
-

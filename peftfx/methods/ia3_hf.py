@@ -1,17 +1,18 @@
 """Hugging Face PEFT ``IA3`` folders ⇄ :class:`~peftfx.IA3` (see :mod:`._hf`)."""
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Any
 
 import torch
 
 from .._errors import CheckpointError
+from .._saferegex import compile_safe
 from ..model import AdapterRecord, PeftModel
 from ..rules import select
 from ._hf import (HINTS, PREFIX, Imported, adapter_paths, check_fields, hf_targets, module_path, pattern_value,
                   records_of, register_converter)
+
 
 @register_converter
 class IA3Converter:
@@ -32,7 +33,7 @@ class IA3Converter:
         paths = adapter_paths(tensors, "ia3_l")
         ff = config.get("feedforward_modules") or []
         if isinstance(ff, str):
-            ff_paths = [p for p in paths if re.fullmatch(ff, p)]
+            ff_paths = [p for p in paths if compile_safe(ff).fullmatch(p)]    # linear time: cannot hang
         else:
             ff_paths = [p for p in paths if any(p.endswith(k) for k in ff)]
         feedforward = select.name(*ff_paths) if ff_paths else ~select.all()

@@ -52,8 +52,9 @@ class VeRA(MethodConfig):
     def validate(self) -> None:
         self.require_positive_int("rank")
         self.require_fraction("dropout")
-        if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
-            raise RuleError(f"VeRA projection_prng_key must be an int seed, got {self.projection_prng_key!r}")
+        key = self.projection_prng_key
+        if not isinstance(key, int) or isinstance(key, bool) or not -2**63 <= key < 2**64:
+            raise RuleError(f"VeRA projection_prng_key must be an int seed in [-2**63, 2**64), got {key!r}")
 
     def default_targets(self) -> Selector:
         return select.role("attn.q") | select.role("attn.v")

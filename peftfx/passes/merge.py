@@ -8,6 +8,13 @@ embedding/LM head — and had to be untied so that each adapter merges into its 
 are kept (unused) so ``unmerge_pass`` can restore the weights and re-splice the nodes.
 Several adapters on one site fold in the order that reproduces the graph (see ``_fold_sequences``); an
 adapter that would have to fold through a non-mergeable one stays in the graph, and merge logs why.
+
+``safe=True`` (the default) refuses to write a non-finite weight, as Hugging Face PEFT's ``safe_merge``: a merged
+weight holding NaN or ±infinity (a diverged adapter, an fp16 overflow) raises :class:`~peftfx.PassError` naming
+the adapter and its site, and the model is unchanged — a functional merge checks each weight of its private copy
+as it goes and drops the copy; an in-place merge first merges every site into a scratch copy and checks it, and
+only then touches the shared weights. The check costs one ``isfinite`` per merged weight (in place: one merge
+more per site, one weight copy at a time).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import logging
 import torch
 from torch import nn
 
+from .._errors import PassError
 from .._util import set_submodule
 from ..sites import canonical_weight
 from .base import PassResult, fail, graph_pass
@@ -136,13 +144,51 @@ def _take(pm, name: str, blocked: bool, order: list[str]) -> bool:
     return True
 
 
+def _finite(t: torch.Tensor | None) -> bool:
+    return t is None or t.device.type == "meta" or not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def _refuse(rec, weight: str) -> PassError:
+    return fail("merge", f"merging adapter {rec.name} ({rec.method}) into site {rec.site['key']} (weight {weight}) "
+                         "would write NaN or infinite values; nothing was merged and the model is unchanged. The "
+                         "adapter's parameters are probably non-finite (training diverged) or overflow the weight's "
+                         "dtype: check them, or merge with safe=False to write them anyway.")
+
+
+def _dry_run(gm, order: list[str]) -> None:
+    """Merge every adapter of ``order`` into scratch copies of its site's weights (one site at a time), and
+    refuse before any real weight changes if a result is not finite. Module state a merge records
+    (DoRA's norm) is restored afterwards."""
+    recs, scratch, site = gm.peft_info.adapters, {}, None
+    for name in order:
+        rec, module = recs[name], gm.get_submodule(name)
+        if rec.node != site:
+            scratch, site = {}, rec.node
+        targets = [rec.site["weight"]] + ([rec.site["bias"]] if rec.site.get("bias") else [])
+        for t in targets:
+            if t not in scratch:
+                scratch[t] = gm.get_parameter(t).detach().clone()
+        w, b = scratch[targets[0]], (scratch[targets[1]] if len(targets) > 1 else None)
+        state = dict(module.__dict__)
+        try:
+            with torch.no_grad():
+                module.merge(canonical_weight(w, rec.site["kind"]), b)
+        finally:
+            module.__dict__.clear()
+            module.__dict__.update(state)
+        if not (_finite(w) and _finite(b)):
+            raise _refuse(rec, targets[0])
+
+
 @graph_pass("merge", functional=True, ensures=[merged_adapters_have_no_node])
-def merge_pass(gm, inplace: bool = False) -> PassResult:
+def merge_pass(gm, inplace: bool = False, safe: bool = True) -> PassResult:
     out = gm if inplace else gm.fork()
     nodes = adapter_nodes(out.graph)
     by_name = {n.name: n for n in out.graph.nodes}
     owned: set[str] = set()
     order = _merge_order(out)
+    if safe and inplace:
+        _dry_run(out, order)
     for name in order:
         rec, module = out.peft_info.adapters[name], out.get_submodule(name)
         node = nodes.get(name)
@@ -153,6 +199,8 @@ def merge_pass(gm, inplace: bool = False) -> PassResult:
         b = _own_weight(out, rec.site["bias"], inplace, owned) if rec.site.get("bias") else None
         with torch.no_grad():
             module.merge(canonical_weight(w.data, rec.site["kind"]), None if b is None else b.data)
+        if safe and not inplace and not (_finite(w) and _finite(b)):
+            raise _refuse(rec, rec.site["weight"])      # the fork (and its private weights) is dropped
         # input adapter: the site (and adapters that ignore x) read the raw input; output: the site's output
         node.replace_all_uses_with(node.args[0] if module.position == "input" else node.args[1])
         out.graph.erase_node(node)
