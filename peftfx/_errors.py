@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "PassError",
     "ExportError",
+    "DetectorError",
 ]
 
 
@@ -48,3 +49,7 @@ class PassError(PeftfxError):
 
 class ExportError(PeftfxError):
     """ONNX export or its verification failed."""
+
+
+class DetectorError(PeftfxError, ValueError):
+    """A role detector is registered wrongly: a taken name, or an ``after`` that is unknown or circular."""

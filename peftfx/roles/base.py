@@ -25,16 +25,12 @@ from typing import Callable, Iterable, Iterator
 import networkx as nx
 from torch import fx
 
-from .._errors import PassError, PeftfxError
+from .._errors import DetectorError, PassError, PeftfxError
 from ..sites import Site
 from ._graph import Attention, attention_nodes, dataflow_graph, weight_ops
 
 __all__ = ["Detector", "DetectorError", "RoleContext", "DETECTORS", "ROLES", "register_detector",
            "unregister_detector", "pipeline", "role_names", "assign_roles"]
-
-
-class DetectorError(PeftfxError, ValueError):
-    """A role detector is registered wrongly: a taken name, or an ``after`` that is unknown or circular."""
 
 
 class RoleContext:
