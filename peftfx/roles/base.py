@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 import networkx as nx
 from torch import fx
 
-from .._errors import DetectorError, PassError, PeftfxError
+from .._errors import DetectorError, PassError
 from ..sites import Site
 from ._graph import Attention, attention_nodes, dataflow_graph, weight_ops
 
