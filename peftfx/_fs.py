@@ -57,9 +57,15 @@ def _umask() -> int:
 
 
 def normal_mode(path: str) -> None:
-    """Give a folder the permissions ``mkdir`` would (0o777 minus the umask: 0755 under the usual 022);
-    ``tempfile.mkdtemp`` makes them 0700."""
-    os.chmod(path, 0o777 & ~_umask())
+    """Give a folder we wrote, and the files in it, the permissions ``mkdir``/``open`` would: 0o777 / 0o666 minus
+    the umask (0755 / 0644 under the usual 022). Private temporary folders are 0700 and safetensors writes 0600."""
+    mask = _umask()
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o777 & ~mask)
+        for f in files:
+            full = os.path.join(root, f)
+            if not os.path.islink(full):
+                os.chmod(full, 0o666 & ~mask)
 
 
 def path_problem(path: str, e: OSError) -> str:

@@ -15,6 +15,7 @@ from torch import nn
 from .methods import MethodConfig, rules_from_data
 from .model import AdapterRecord, PeftModel, require_peft
 from .passes.base import PassManager
+from .passes.dropout import adapter_mode_pass
 from .passes.fold import fold_pass
 from .passes.freeze import freeze_pass
 from .passes.merge import merge_pass, unmerge_pass
@@ -75,23 +76,24 @@ def apply_to_graph(pm: PeftModel, rules: list[MethodConfig], *, fill: Fill | Non
     pm.peft_info.base_node_count = len(pm.graph.nodes)
     pm.peft_info.rules = list(rules)
     edits = [(p.rules[i], edit, built[i]) for i, edit in p.graph_edits.items()]
-    PassManager([splice_pass.bind(items), rewrite_pass.bind(edits), freeze_pass.bind()])(pm)
+    PassManager([splice_pass.bind(items), rewrite_pass.bind(edits), freeze_pass.bind(), adapter_mode_pass.bind()])(pm)
     log.info("applied %d rule(s) at %d site(s)", len(rules), len(items))
     return pm
 
 
-def merge(model: PeftModel, *, inplace: bool = False, requantize: bool = True) -> PeftModel:
+def merge(model: PeftModel, *, inplace: bool = False, requantize: bool = True, safe: bool = True) -> PeftModel:
     """Fold every mergeable adapter into its weight; their nodes disappear. Returns a new module whose
     merged weights are private copies (``inplace=True`` updates the shared weights instead, saving memory
     but changing the original model's tensors too). Non-mergeable adapters stay in the graph. On a quantized
     base the weights are dequantized, merged and re-quantized (``requantize=False`` keeps them in float:
-    exact, and :func:`unmerge` works)."""
+    exact, and :func:`unmerge` works). ``safe`` (default): a merged weight holding NaN or infinity raises
+    :class:`PassError` naming the adapter and site, and the model is unchanged (see :mod:`peftfx.passes.merge`)."""
     from .quant import merge_quantized, quantized_weights
 
     require_peft(model, "merge")
     if quantized_weights(model):
         return merge_quantized(model, inplace=inplace, requantize=requantize)
-    return merge_pass(model, inplace=inplace).graph_module
+    return merge_pass(model, inplace=inplace, safe=safe).graph_module
 
 
 def unmerge(model: PeftModel, *, inplace: bool = False) -> PeftModel:

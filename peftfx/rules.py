@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import numbers
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -38,9 +39,18 @@ MAX_NODES = 10_000      # entries in one selector's data form (YAML aliases can 
 MAX_LAYERS = 100_000    # layer indices in one layer selector
 
 
-def _quote(data: Any, limit: int = 160) -> str:
-    text = repr(data)
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxstring, _REPR.maxother = 4, 6, 8, 8, 80, 80
+
+
+def quote(data: Any, limit: int = 160) -> str:
+    """A short repr of user data for error messages, bounded in size and in time (YAML aliases can make a few
+    lines of text into a structure with billions of entries; ``repr`` of it would never finish)."""
+    text = _REPR.repr(data)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+_quote = quote
 
 
 def _pattern(value: Any, what: str) -> str:
@@ -245,22 +255,23 @@ def _layer_index(i: Any, whole: Any) -> int:
     return int(i)
 
 
-def _layers(x: Any) -> tuple[int, ...]:
+def _layers(x: Any, whole: Any = None) -> tuple[int, ...]:
+    whole = x if whole is None else whole
     if isinstance(x, range):
         if len(x) > MAX_LAYERS:
-            raise RuleError(f"a layer selector takes at most {MAX_LAYERS:,} layers, got {_quote(x)}")
+            raise RuleError(f"a layer selector takes at most {MAX_LAYERS:,} layers, got {_quote(whole)}")
         x = tuple(x)
     elif isinstance(x, (str, bytes, dict)) or not isinstance(x, (numbers.Integral, Iterable)):
-        _layer_index(x, x)        # raises: not an int, a range or a list of ints
+        _layer_index(x, whole)        # raises: not an int, a range or a list of ints
     if isinstance(x, numbers.Integral):
-        return (_layer_index(x, x),)
+        return (_layer_index(x, whole),)
     out = []
     for i in x:
-        out.append(_layer_index(i, x))
+        out.append(_layer_index(i, whole))
         if len(out) > MAX_LAYERS:
             raise RuleError(f"a layer selector takes at most {MAX_LAYERS:,} layers")
     if not out:
-        raise RuleError(f"a layer selector needs at least one layer index, got {_quote(x)}")
+        raise RuleError(f"a layer selector needs at least one layer index, got {_quote(whole)}")
     return tuple(out)
 
 
@@ -373,10 +384,10 @@ def _layer_data(v: Any) -> tuple[int, ...]:
                             f"{_quote({'layer': v})}")
         start, stop = (_layer_index(v.get("start", 0), {"layer": v}), _layer_index(v["stop"], {"layer": v}))
         if stop <= start:
-            raise RuleError(f"the layer range {_quote(v)} is empty (stop must be greater than start)")
-        return _layers(range(start, stop))
+            raise RuleError(f"the layer range {_quote({'layer': v})} is empty (stop must be greater than start)")
+        return _layers(range(start, stop), {"layer": v})
     if isinstance(v, list):
-        return _layers(v)
+        return _layers(v, {"layer": v})
     if isinstance(v, bool) or not isinstance(v, int):
         raise RuleError(f"{{'layer': …}} takes an int, a list of ints or {{'start': a, 'stop': b}}, got "
                         f"{_quote({'layer': v})}")

@@ -33,6 +33,7 @@ from torch import nn
 
 from .._errors import RuleError
 from ..rules import Selector, selector_from_dict
+from ..rules import quote as _quote
 
 __all__ = ["MethodConfig", "GraphMethod", "AdapterModule", "register_method", "METHODS", "rule_from_dict",
            "rules_from_data", "MAX_SIZE"]
@@ -292,11 +293,6 @@ def rule_from_dict(data: dict[str, Any]) -> MethodConfig:
         raise RuleError(f"bad options for method {method!r}: {e}") from None
 
 
-def _quote(data: Any, limit: int = 160) -> str:
-    text = repr(data)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
 _RULE_FILES = (".json", ".yaml", ".yml")
 
 
@@ -314,26 +310,31 @@ def _read_rules_file(path: str) -> str:
 
 
 def _parse_text(text: str, path: str) -> Any:
+    """JSON for ``.json`` files, YAML for ``.yaml``/``.yml``; other text is tried as JSON when it looks like JSON,
+    then as YAML. Any failure of the parsers (syntax, YAML tags that would build Python objects — ``safe_load``
+    refuses them —, bad characters, huge numbers, deep nesting) is a :class:`RuleError` naming the file."""
     where = f"rules file {path!r}" if path else "rules text"
-    yaml_like = path.endswith((".yaml", ".yml")) or (not path and not text.lstrip().startswith(("{", "[")))
+    if path.endswith(".json") or (not path.endswith((".yaml", ".yml")) and text.lstrip().startswith(("{", "["))):
+        try:
+            return json.loads(text)
+        except RecursionError:
+            raise RuleError(f"{where} nests too deeply to be rules") from None
+        except ValueError as e:
+            if path.endswith(".json"):
+                raise RuleError(f"{where} is not valid JSON ({e}); rules are a JSON list of rules such as "
+                                '[{"method": "lora", "rank": 8}]') from None
     try:
-        if yaml_like:
-            import yaml
-
-            return yaml.safe_load(text)        # safe_load: YAML tags that would build Python objects are errors
-        return json.loads(text)
+        import yaml
     except ImportError:
         raise RuleError("reading YAML rules needs PyYAML: pip install pyyaml") from None
-    except json.JSONDecodeError as e:
-        raise RuleError(f"{where} is not valid JSON ({e}); pass a list of rules or a .json/.yaml file") from None
+    try:
+        return yaml.safe_load(text)            # safe_load: YAML tags that would build Python objects are errors
     except RecursionError:
         raise RuleError(f"{where} nests too deeply to be rules") from None
-    except Exception as e:                       # yaml.YAMLError (scanner, parser, constructor, reader errors)
-        if type(e).__module__.split(".")[0] != "yaml":
-            raise
+    except Exception as e:                     # yaml.YAMLError (scanner, parser, constructor, reader), ValueError
         first = " ".join(str(e).split())[:300]
-        raise RuleError(f"{where} is not valid YAML ({type(e).__name__}: {first}); rules are a YAML or JSON list "
-                        "of rules such as [{method: lora, rank: 8}]") from None
+        raise RuleError(f"{where} is not valid YAML or JSON ({type(e).__name__}: {first}); rules are a list of "
+                        "rules such as [{method: lora, rank: 8}]") from None
 
 
 def rules_from_data(data: Any) -> list[MethodConfig]:

@@ -37,6 +37,7 @@ from ..methods import rules_from_data
 from ..methods.lora import LoRA, LoRAEmbedding, LoRALinear
 from ..model import AdapterRecord, PeftInfo, PeftModel, adapter_name, require_peft
 from ..passes.base import PassManager
+from ..passes.dropout import adapter_mode_pass
 from ..passes.freeze import freeze_pass
 from ..passes.remove import remove_adapters_pass
 from ..passes.splice import splice_pass
@@ -179,7 +180,7 @@ def _install(pm: PeftModel, name: str, rules: list, built: dict) -> None:
     info.multi.setdefault("adapters", {})[name] = {"rules": list(rules),
                                                    "records": {rec: m.rule_index for rec, (m, _) in built.items()}}
     info.multi["active"] = list(active)
-    PassManager([splice_pass.bind(items), freeze_pass.bind()])(pm)
+    PassManager([splice_pass.bind(items), freeze_pass.bind(), adapter_mode_pass.bind()])(pm)
 
 
 # ---------------------------------------------------------------------------------- select / delete

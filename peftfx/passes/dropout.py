@@ -1,7 +1,9 @@
 """Make dropout follow ``train()``/``eval()``. ``torch.export`` freezes the train flag of ``aten.dropout``
 and the ``dropout_p`` of ``scaled_dot_product_attention`` as constants. ``mode_dropout_pass`` records which
 argument is mode-dependent in ``node.meta["peftfx"]["dropout"]``; ``dropout_mode_pass`` (run by
-:meth:`PeftModel.train`) writes the argument for train or eval mode."""
+:meth:`PeftModel.train`) writes the argument for train or eval mode. ``adapter_mode_pass`` (run last by ``apply``
+and ``add_adapter``) gives newly built adapter modules — built in train mode, as every ``nn.Module`` is — the
+model's mode, so an adapter's own dropout is off from the first call on a model in eval mode."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +11,7 @@ from torch import fx
 
 from .base import PassResult, graph_pass
 
-__all__ = ["mode_dropout_pass", "dropout_mode_pass"]
+__all__ = ["mode_dropout_pass", "dropout_mode_pass", "adapter_mode_pass"]
 
 aten = torch.ops.aten
 _FLAG_DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
@@ -61,3 +63,15 @@ def _set_dropout(node: fx.Node, spec: dict, mode: bool) -> bool:
         return False
     node.args, node.kwargs = args, kwargs
     return True
+
+
+@graph_pass("adapter_mode")
+def adapter_mode_pass(gm: fx.GraphModule) -> PassResult:
+    """Every adapter module (and its submodules: dropout, prompt encoders) in the model's train/eval mode. The graph
+    is not changed."""
+    mode = gm.training
+    for name in getattr(gm, "peft_info").adapters:
+        module = gm.get_submodule(name)
+        if any(m.training is not mode for m in module.modules()):
+            module.train(mode)
+    return PassResult(gm, False)
