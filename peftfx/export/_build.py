@@ -84,12 +84,34 @@ def dynamic_axes(inputs: Mapping[str, torch.Tensor], past: Sequence[str] = ()) -
     return axes
 
 
+def widen_unit_axes(args: tuple, axes: Sequence[dict[int, str]]) -> tuple:
+    """torch.export specialises a dimension of size 1 to the constant 1 (and then refuses to make it dynamic), so
+    a batch-1 or one-token example could not be exported with dynamic axes. Every named axis whose size is 1 in
+    all the inputs that carry it is traced at size 2 (the rows repeated); the program is the same for any size."""
+    sizes: dict[str, set[int]] = {}
+    for t, ax in zip(args, axes):
+        for i, name in ax.items():
+            if isinstance(t, torch.Tensor) and i < t.dim():
+                sizes.setdefault(name, set()).add(int(t.shape[i]))
+    unit = {name for name, seen in sizes.items() if seen == {1}}
+    if not unit:
+        return args
+    out = []
+    for t, ax in zip(args, axes):
+        for i, name in ax.items():
+            if name in unit and isinstance(t, torch.Tensor) and i < t.dim():
+                t = torch.cat([t, t], dim=i)
+        out.append(t)
+    return tuple(out) + tuple(args[len(axes):])
+
+
 def export_program(flat: FlatModule, args: tuple, axes: Sequence[dict[int, str]]):
     """``torch.export`` of ``flat`` with every named axis dynamic (``Dim.DYNAMIC``: guards the model implies, such
     as BERT's 512 positions, become range constraints instead of errors; :func:`rename_dims` names the axes in the
     ONNX file). Returns (program, {axis name: largest size the model accepts})."""
     from torch.export import Dim
 
+    args = widen_unit_axes(args, axes)
     spec = (tuple({i: Dim.DYNAMIC for i in a} or None for a in axes),)
     try:
         ep = torch.export.export(flat, args, dynamic_shapes=spec, strict=False)

@@ -145,3 +145,23 @@ def test_other_methods_export_folded_and_unmerged(tmp_path):
         delta = (pm.eval()(input_ids=x).logits[:, -1] - base(input_ids=x).logits[:, -1]).abs().max()
     assert delta > 1e-3                                               # the adapters act
     assert "PromptEmbedding" not in open(report.path, "rb").read().decode("latin-1")
+
+
+def test_batch_one_example_exports_with_dynamic_axes(tmp_path):
+    """The most common export: one sentence (batch 1) with a mask. torch.export pins size-1 dimensions, so export
+    traces at size 2 internally; the file must still take any batch and sequence length."""
+    base = M.bert().eval()
+    ids = M.ids(1, 12)
+    ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    pm = peftfx.apply(base, LoRA(rank=4, targets=select.role("attn.q")), ex)
+    _randomise_lora(pm)
+    report = export_onnx(pm, tmp_path / "m.onnx", ex)
+    assert report.max_abs < F32_TOL
+    rt = Runtime(tmp_path / "m.onnx")
+    x = M.ids(3, 7, seed=4)
+    mask = torch.ones_like(x)
+    mask[0, 5:] = 0
+    got = rt.run({"input_ids": x.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        want = pm.eval()(input_ids=x, attention_mask=mask).logits
+    assert np.abs(np.asarray(list(got.values())[0]) - want.numpy()).max() < F32_TOL
