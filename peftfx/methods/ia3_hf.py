@@ -1,7 +1,6 @@
 """Hugging Face PEFT ``IA3`` folders ⇄ :class:`~peftfx.IA3` (see :mod:`._hf`)."""
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import torch
@@ -10,8 +9,8 @@ from .._errors import CheckpointError
 from .._saferegex import compile_safe
 from ..model import AdapterRecord, PeftModel
 from ..rules import select
-from ._hf import (HINTS, PREFIX, Imported, adapter_paths, check_fields, hf_targets, module_path, pattern_value,
-                  records_of, register_converter)
+from ._hf import (HINTS, PREFIX, Imported, adapter_paths, check_fields, hf_targets, module_path, records_of,
+                  register_converter)
 
 
 @register_converter

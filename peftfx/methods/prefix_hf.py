@@ -9,6 +9,7 @@ import torch
 from .._errors import CheckpointError
 from ..model import AdapterRecord, PeftModel
 from ._hf import KEY, Imported, check_virtual, folded_tokens, register_converter, virtual_common
+from .prefix import PrefixTuning
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,6 @@ class PrefixTuningConverter:
 
     @staticmethod
     def read(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Imported:
-        from ..methods.prefix import PrefixTuning
-
         n = check_virtual(config, PrefixTuningConverter.honoured)
         return Imported([PrefixTuning(num_virtual_tokens=n)], lambda rec, pname: KEY)
 

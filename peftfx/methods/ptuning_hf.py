@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from .._errors import CheckpointError
 from ..model import AdapterRecord, PeftModel
 from ._hf import KEY, Imported, check_virtual, folded_tokens, register_converter, virtual_common
+from .prompt import PromptTuning
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,6 @@ class PTuningConverter:
 
     @staticmethod
     def read(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Imported:
-        from ..methods.prompt import PromptTuning
-
         n = check_virtual(config, PTuningConverter.honoured)
         log.info("HF P_TUNING folders hold the prompt encoder's output; loading it as prompt tuning")
         return Imported([PromptTuning(num_virtual_tokens=n)], lambda rec, pname: KEY)

@@ -1,17 +1,15 @@
 """Hugging Face PEFT ``VERA`` folders ⇄ :class:`~peftfx.VeRA` (see :mod:`._hf`)."""
 from __future__ import annotations
 
-import re
-from collections import Counter
 from typing import Any
 
 import torch
 
 from .._errors import CheckpointError
 from ..model import AdapterRecord, PeftModel
-from ..rules import select
-from ._hf import (HINTS, PREFIX, Imported, adapter_paths, check_fields, hf_targets, module_path, pattern_value,
-                  records_of, register_converter)
+from ._hf import (HINTS, PREFIX, Imported, adapter_paths, check_fields, hf_targets, module_path, records_of,
+                  register_converter)
+from .vera import VeRA
 
 @register_converter
 class VeRAConverter:
@@ -26,8 +24,6 @@ class VeRAConverter:
 
     @staticmethod
     def read(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Imported:
-        from ..methods.vera import VeRA
-
         check_fields(config, VeRAConverter.honoured, HINTS)
         rule = VeRA(rank=int(config.get("r", 256)), dropout=float(config.get("vera_dropout", 0.0)),
                     d_initial=float(config.get("d_initial", 0.1)),
