@@ -30,6 +30,8 @@ from .multi import (active_adapters, adapter_names, add_adapter, combine, delete
 from .quant import quantize
 from .rules import Selector, select
 from .trace import trace
+from .variants import disable_adapter
+from .dropin import merge_and_unload
 
 __all__ = [
     "__version__", "apply", "inspect", "print_trainable", "trainable_parameters", "trace", "merge", "unmerge",
@@ -40,5 +42,5 @@ __all__ = [
     "PassError", "ExportError",
     "add_adapter", "set_active", "active_adapters", "adapter_names", "delete_adapter", "combine", "mixed_batch",
     "forward_mixed", "quantize",
-    "export_onnx", "ExportReport", "Runtime", "write_onnx_adapter",
+    "export_onnx", "ExportReport", "Runtime", "write_onnx_adapter", "disable_adapter", "merge_and_unload",
 ]

@@ -24,6 +24,7 @@ from .passes.splice import splice_pass
 from .plan import Plan, adapter_name, plan
 from .sites import Site
 from .trace import trace
+from .variants import enable_variants
 
 __all__ = ["apply", "apply_to_graph", "inspect", "print_trainable", "trainable_parameters", "merge", "unmerge",
            "fold", "InspectReport", "Fill"]
@@ -43,7 +44,7 @@ def apply(model: nn.Module, rules: Any, example_inputs: Any = None, *, dynamic: 
     file. The model's base weights are shared (not copied) and set to ``requires_grad=False``; nothing
     about the model changes if any rule fails to match or conflicts."""
     rules = rules_from_data(rules)
-    pm = trace(model, example_inputs, dynamic=dynamic)
+    pm = trace(model, example_inputs, dynamic=dynamic, training=model.training)   # the other mode: on first use
     return apply_to_graph(pm, rules, fill=fill)
 
 
@@ -77,6 +78,7 @@ def apply_to_graph(pm: PeftModel, rules: list[MethodConfig], *, fill: Fill | Non
     pm.peft_info.rules = list(rules)
     edits = [(p.rules[i], edit, built[i]) for i, edit in p.graph_edits.items()]
     PassManager([splice_pass.bind(items), rewrite_pass.bind(edits), freeze_pass.bind(), adapter_mode_pass.bind()])(pm)
+    enable_variants(pm)      # other modes and call signatures get graphs of their own (peftfx.variants)
     log.info("applied %d rule(s) at %d site(s)", len(rules), len(items))
     return pm
 

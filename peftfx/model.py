@@ -9,6 +9,7 @@ original model's keys plus the adapters', and DDP wraps it like any module.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import fx, nn
 from ._errors import PeftfxError
 from ._util import find_submodule, is_tensor_attr
 
-__all__ = ["PeftModel", "PeftInfo", "AdapterRecord", "require_peft", "adapter_name", "adapter_of", "adapter_nodes", "output_chain",
+__all__ = ["PeftModel", "call_key", "register_service", "PeftInfo", "AdapterRecord", "require_peft", "adapter_name", "adapter_of", "adapter_nodes", "output_chain",
            "chain_end"]
 
 
@@ -46,13 +47,86 @@ class PeftInfo:
 
 
 class PeftModel(fx.GraphModule):
-    """A traced model with adapters. Build it with :func:`peftfx.apply` or :func:`peftfx.trace`."""
+    """A traced model with adapters. Build it with :func:`peftfx.apply` or :func:`peftfx.trace`.
+
+    A model returned by :func:`peftfx.apply` keeps one graph per call signature and mode (see
+    :mod:`peftfx.variants`): its own graph (``.graph``, ``.code``; the one passes act on) is the one traced at
+    ``apply`` time, in train mode, with the example inputs' signature; a call in another mode or with other
+    inputs runs a graph of its own, traced on first use from the original module and sharing every tensor and
+    adapter module with this one. Any pass that changes this graph makes the others stale; they are rebuilt on
+    their next use. ``peftfx.trace`` returns a single-graph model (no original module kept for re-tracing)."""
 
     def __init__(self, root: nn.Module | dict, graph: fx.Graph, class_name: str = "PeftModel"):
+        self.__dict__["_peftfx_version"] = 0
+        self.__dict__["_peftfx_quiet"] = False
         super().__init__(root, graph, class_name)
         self.peft_info = PeftInfo()
         self._graph_mode: bool | None = None
         self.register_forward_pre_hook(_fill_constants, with_kwargs=True)
+
+    # ------------------------------------------------------------------------------ graph, dispatch
+    def recompile(self):
+        """Regenerate the code of this graph. Unless the change only switched dropout (a mode change), the graphs
+        of other signatures/modes become stale (they are rebuilt on next use). ``forward`` dispatches by call
+        signature and mode when the model keeps several graphs; ``_graph_forward`` runs this graph."""
+        out = super().recompile()
+        if not self.__dict__.get("_peftfx_quiet", False):
+            self.__dict__["_peftfx_version"] = self.__dict__.get("_peftfx_version", 0) + 1
+        cls = type(self)
+        graph_forward = cls._graph_forward = cls.forward
+
+        def forward(self, *args, **kwargs):
+            return _dispatch_forward(self, *args, **kwargs)
+
+        # torch.export, Trainer (which columns to keep) and pipelines read forward's signature: the graph's own,
+        # or, for a model keeping several graphs, the original module's (set by peftfx.variants)
+        forward.__signature__ = self.__dict__.get("_peftfx_signature") or inspect.signature(graph_forward)
+        cls.forward = forward
+        return out
+
+    # ------------------------------------------------------------------------ the original module's face
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            origin = self.__dict__.get("_peftfx_origin")
+            if origin is not None and name in _FROM_SOURCE and hasattr(origin[0], name):
+                return getattr(origin[0], name)
+            raise
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter (buffer), as ``PreTrainedModel.device``."""
+        return next(iter(self.parameters()), next(iter(self.buffers()), torch.empty(0))).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point parameter, as ``PreTrainedModel.dtype``."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
+    def disable_adapter(self):
+        """A context manager: calls inside run the base model (every method's adapters off, train and eval); on
+        exit the adapters are back. Needs a model from :func:`peftfx.apply` (one that keeps the original)."""
+        variants = self.peft_variants
+        if variants is None:
+            raise PeftfxError("disable_adapter() needs a model returned by peftfx.apply() or load_adapter(): it "
+                              "runs the original module's graph without adapters.")
+        return variants.disable(self)
+
+    def save_pretrained(self, save_directory, **kwargs: Any) -> str:
+        """Write the adapter (a Hugging Face PEFT folder by default): :func:`peftfx.dropin.save_pretrained`."""
+        return _service("save_pretrained")(self, save_directory, **kwargs)
+
+    def mark_stale(self) -> None:
+        """The graphs of other modes/signatures are rebuilt on their next use. Passes do this by changing the
+        graph; call it after replacing a module the graph calls without a graph change."""
+        self.__dict__["_peftfx_version"] = self.__dict__.get("_peftfx_version", 0) + 1
+
+    @property
+    def peft_variants(self):
+        """The registry of graphs per (mode, call signature) (:class:`peftfx.variants.Variants`), or None for a
+        single-graph model."""
+        return self.__dict__.get("_peftfx_variants")
 
     # ----------------------------------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> "PeftModel":
@@ -60,7 +134,11 @@ class PeftModel(fx.GraphModule):
         if self._graph_mode is not mode:
             from .passes.dropout import dropout_mode_pass
 
-            dropout_mode_pass(self, mode)
+            self.__dict__["_peftfx_quiet"] = True      # a dropout switch leaves the other graphs valid
+            try:
+                dropout_mode_pass(self, mode)
+            finally:
+                self.__dict__["_peftfx_quiet"] = False
             self._graph_mode = mode
         return self
 
@@ -70,6 +148,9 @@ class PeftModel(fx.GraphModule):
         device = next((p.device for p in self.parameters()), None)
         if device is not None and device != self.peft_info.device:
             self._rewrite_devices(device)
+        variants = self.peft_variants
+        if variants is not None:   # buffers are new tensors now: re-point the original module, rebuild the others
+            variants.follow(self)
         return out
 
     def _rewrite_devices(self, device: torch.device) -> None:
@@ -97,6 +178,12 @@ class PeftModel(fx.GraphModule):
             if find_submodule(twin, name) is None:
                 twin.add_submodule(name, self.get_submodule(name))
         twin.peft_info = copy.deepcopy(self.peft_info)
+        if "_peftfx_origin" in self.__dict__:
+            twin.__dict__["_peftfx_origin"] = self.__dict__["_peftfx_origin"]
+        if self.peft_variants is not None:
+            twin.__dict__["_peftfx_variants"] = self.peft_variants.fresh()
+            twin.__dict__["_peftfx_signature"] = self.__dict__.get("_peftfx_signature")
+            type(twin).forward.__signature__ = twin.__dict__["_peftfx_signature"]
         twin.train(self.training)
         return twin
 
@@ -106,6 +193,13 @@ class PeftModel(fx.GraphModule):
         res = super().__deepcopy__(memo)
         res.peft_info = copy.deepcopy(self.peft_info, memo)
         res._graph_mode = self._graph_mode
+        origin = self.__dict__.get("_peftfx_origin")
+        if origin is not None:
+            res.__dict__["_peftfx_origin"] = (copy.deepcopy(origin[0], memo),) + tuple(origin[1:])
+        if self.peft_variants is not None:
+            res.__dict__["_peftfx_variants"] = self.peft_variants.fresh(copy.deepcopy(self.peft_variants.source, memo))
+            res.__dict__["_peftfx_signature"] = self.__dict__.get("_peftfx_signature")
+            type(res).forward.__signature__ = res.__dict__["_peftfx_signature"]
         for attr in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
             if hasattr(self, attr):
@@ -119,9 +213,41 @@ class PeftModel(fx.GraphModule):
         return {name: self.get_submodule(name) for name in self.peft_info.adapters}
 
 
+_SERVICES: dict[str, Any] = {}
+
+
+def register_service(name: str, fn: Any) -> None:
+    """Rooms that build on this one (io, dropin) provide PeftModel's methods that need them (no import circle)."""
+    _SERVICES[name] = fn
+
+
+def _service(name: str) -> Any:
+    if name not in _SERVICES:
+        raise PeftfxError(f"{name}() needs peftfx.dropin; import peftfx.")
+    return _SERVICES[name]
+
+
+#: Attributes a PeftModel answers from the module it was traced from (a Hugging Face model's face).
+_FROM_SOURCE = frozenset({"config", "generation_config", "name_or_path", "main_input_name", "can_generate",
+                          "base_model_prefix", "_no_split_modules", "warnings_issued", "model_tags",
+                          "_supports_cache_class", "_is_stateful", "hf_device_map", "is_parallelizable",
+                          "model_parallel", "supports_gradient_checkpointing", "is_gradient_checkpointing"})
+
+
+def _dispatch_forward(self: "PeftModel", *args: Any, **kwargs: Any) -> Any:
+    """``forward`` of every PeftModel: this graph's code, or (a model keeping several graphs) the graph for the
+    call's mode and signature (:meth:`peftfx.variants.Variants.call`)."""
+    variants = self.__dict__.get("_peftfx_variants")
+    if variants is None:
+        return self._graph_forward(*args, **kwargs)
+    return variants.call(self, args, kwargs)
+
+
 def _fill_constants(module: "PeftModel", args: tuple, kwargs: dict):
     """Non-tensor inputs fixed at trace time (``use_cache=False``) may be omitted; a different value is an
-    error because the graph cannot honour it."""
+    error because the graph cannot honour it. (A model keeping several graphs binds its inputs itself.)"""
+    if module.__dict__.get("_peftfx_variants") is not None:
+        return None
     info = module.peft_info
     if not info.constants and len(args) <= len(info.input_names):
         return None
@@ -185,3 +311,31 @@ def chain_end(site_node: fx.Node) -> fx.Node:
     """The last output adapter after a site, or the site itself."""
     chain = output_chain(site_node)
     return chain[-1] if chain else site_node
+
+
+def call_key(kwargs: dict[str, Any], training: bool, dynamic: bool = True) -> tuple:
+    """What selects a graph for a call: the mode, and per bound input (in signature order, ``None`` left out) its
+    kind — for a tensor its rank, dtype and which non-batch dimensions are 1 (``torch.export`` specialises size-1
+    dimensions; with ``dynamic=False`` the whole shape), for a constant its value."""
+    parts = []
+    for name, v in kwargs.items():
+        if v is None:
+            continue
+        if isinstance(v, torch.Tensor):
+            shape = tuple(v.shape) if not dynamic else tuple(isinstance(d, int) and d == 1 for d in v.shape[1:])
+            parts.append((name, "tensor", v.dim(), v.dtype, shape))
+        elif isinstance(v, (bool, int, float, str)):
+            parts.append((name, "value", v))
+        else:
+            parts.append((name, "object", type(v).__qualname__, _structure(v)))
+    return (bool(training), tuple(parts))
+
+
+def _structure(v: Any) -> Any:
+    """A hashable summary of a non-tensor input: its pytree structure where torch knows one (a cache object)."""
+    from torch.utils import _pytree as pytree
+
+    try:
+        return str(pytree.tree_flatten(v)[1])
+    except Exception:  # not a pytree: one graph per type
+        return None

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from ._errors import TraceError
-from .model import PeftModel
+from .model import PeftModel, call_key
 from .passes.cleanup import cleanup_pass
 from .passes.dropout import mode_dropout_pass
 from .trace_cache import cached_export
 
-__all__ = ["trace", "normalize_inputs"]
+__all__ = ["trace", "normalize_inputs", "hf_extra_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ def normalize_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in bound.arguments.items():
         if params[name].kind == inspect.Parameter.VAR_KEYWORD:
-            if hasattr(model, "config") and value:   # HF forwards swallow typos in **kwargs
+            if hasattr(model, "config") and set(value) - hf_extra_inputs():   # HF forwards swallow typos
                 named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
                 raise TraceError(f"example_inputs do not fit {type(model).__name__}.forward: "
-                                 f"{sorted(value)} is not one of its inputs {named}.")
+                                 f"{sorted(set(value) - hf_extra_inputs())} is not one of its inputs {named}.")
             out.update(value)
         else:
             out[name] = value
@@ -71,7 +71,18 @@ def normalize_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     return out
 
 
-def _dynamic_shapes(kwargs: dict[str, Any], dynamic: bool) -> dict[str, Any] | None:
+def hf_extra_inputs() -> set[str]:
+    """Keyword inputs a Hugging Face ``forward(**kwargs)`` accepts beyond its named parameters (``return_dict``,
+    ``output_hidden_states`` and the rest of transformers' ``TransformersKwargs``)."""
+    try:
+        from transformers.utils.generic import TransformersKwargs
+        names = set(TransformersKwargs.__annotations__)
+    except ImportError:  # an older transformers: the common ones
+        names = {"output_hidden_states", "output_attentions"}
+    return names | {"return_dict"}
+
+
+def _dynamic_shapes(kwargs: dict[str, Any], dynamic: bool, model: nn.Module | None = None) -> dict[str, Any] | None:
     if not dynamic:
         return None
     auto = torch.export.Dim.AUTO
@@ -83,6 +94,13 @@ def _dynamic_shapes(kwargs: dict[str, Any], dynamic: bool) -> dict[str, Any] | N
             spec[name] = {0: auto, 1: auto}   # (batch, sequence[, hidden])
         else:
             spec[name] = {0: auto}            # (batch, …) e.g. pixel values
+    if model is not None:                     # inputs that go to forward(**kwargs) nest under that name
+        params = inspect.signature(model.forward).parameters
+        var_kw = next((n for n, p in params.items() if p.kind == p.VAR_KEYWORD), None)
+        extra = [n for n in spec if n not in params]
+        if var_kw and extra:
+            nested = {n: spec.pop(n) for n in extra}
+            spec[var_kw] = nested if any(v is not None for v in nested.values()) else None
     return spec
 
 
@@ -144,13 +162,17 @@ def _clean_path(path: str) -> str:
     return path.strip(".")
 
 
-def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True) -> PeftModel:
+def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
+          training: bool = True) -> PeftModel:
     """Trace ``model`` with ``example_inputs`` into a :class:`PeftModel` (an ``fx.GraphModule``).
 
     Guarantees: batch and sequence dimensions are dynamic (``dynamic=True``); the parameters are the
     model's own tensors (nothing is copied); a model of an architecture already traced in this process (same
     class, config and input spec) reuses that graph (:mod:`peftfx.trace_cache`); dropout follows ``train()``/``eval()``; the model's
-    train/eval mode is unchanged afterwards and the result starts in the same mode.
+    train/eval mode is unchanged afterwards and the result starts in the same mode. The model runs in train mode
+    while traced (``training=False``: eval mode, so BatchNorm, stochastic depth and every ``if self.training:``
+    branch take their eval side). The result remembers ``model`` and the inputs' :func:`~peftfx.model.call_key`,
+    so :func:`peftfx.apply` can trace other modes and signatures (:mod:`peftfx.variants`).
     """
     if isinstance(model, PeftModel):
         raise TraceError("this model is already a peftfx model; apply rules to the original nn.Module.")
@@ -158,10 +180,10 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True)
     trace_kwargs = _unalias(_widen_batch(kwargs) if dynamic else kwargs)
     was_training = model.training
     t0 = time.perf_counter()
-    model.train()  # so dropout is recorded in the graph; the dropout pass makes it follow the mode
+    model.train(training)  # train: dropout is recorded in the graph; the dropout pass makes it follow the mode
     try:
         unlifted = cached_export(model, trace_kwargs, dynamic, lambda: torch.export.export(
-            model, (), kwargs=trace_kwargs, dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic), strict=False).module())
+            model, (), kwargs=trace_kwargs, dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic, model), strict=False).module())
     except Exception as e:  # torch.export raises many types; say which model failed and how to proceed
         msg = str(e).strip().splitlines()
         raise TraceError(
@@ -177,6 +199,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True)
     pm.peft_info.input_names = list(kwargs)
     pm.peft_info.constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     pm.peft_info.device = _first_device(model)
+    pm.__dict__["_peftfx_origin"] = (model, call_key(kwargs, training, dynamic), dynamic)
     _annotate(pm)
     cleanup_pass(pm)
     mode_dropout_pass(pm)

@@ -154,6 +154,7 @@ def _convert_default(pm: PeftModel) -> None:
         multi.adapters["default"] = single
         multi.active = ("default",)
         set_submodule(pm, n, multi)
+    pm.mark_stale()      # other graphs still call the replaced single-adapter modules
     info.multi.setdefault("adapters", {})
     info.multi["adapters"] = {"default": {
         "rules": [info.rules[i] for i in lora_rules],

@@ -1,0 +1,61 @@
+"""The rest of the drop-in face: the user's model class back with merged weights, and ``save_pretrained``.
+
+    merged = peftfx.merge_and_unload(peft)     # the original class (e.g. LlamaForCausalLM), adapters merged
+    merged.save_pretrained("merged")           # plain transformers loads it: AutoModelForCausalLM.from_pretrained
+    peft.save_pretrained("out")                # the adapter only: a Hugging Face PEFT folder (format="peftfx" too)
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from torch import nn
+
+from ._errors import PeftfxError
+from .apply import merge
+from .io.checkpoint import save_adapter
+from .model import PeftModel, register_service, require_peft
+from .variants import not_replayable
+
+__all__ = ["merge_and_unload", "save_pretrained"]
+
+
+def merge_and_unload(pm: PeftModel) -> nn.Module:
+    """A copy of the module ``pm`` was traced from (its own class, config and generation utilities) whose weights
+    hold every adapter merged by the adapter's own ``merge`` (the same one :func:`peftfx.merge` runs). ``pm`` and
+    the original module are unchanged. Adapters that cannot merge (Houlsby, virtual tokens) are an error: they
+    are not weights of the original architecture."""
+    require_peft(pm, "merge_and_unload")
+    origin = pm.__dict__.get("_peftfx_origin")
+    if origin is None:
+        raise PeftfxError("merge_and_unload() needs a model returned by peftfx.apply() or load_adapter() (it keeps "
+                          "the module it was traced from).")
+    why = not_replayable(pm)
+    if why:
+        raise PeftfxError(f"merge_and_unload(): {why}; the original class holds float weights. Merge into a "
+                          "float base (apply the adapter to the unquantized model).")
+    merged = merge(pm)
+    left = sorted({r.method for r in merged.peft_info.adapters.values() if not r.merged})
+    if left:
+        raise PeftfxError(f"merge_and_unload(): adapters of method(s) {left} do not merge into weights (they add "
+                          "modules the original architecture lacks); keep the peftfx model, or export it with "
+                          "peftfx.export_onnx.")
+    out = copy.deepcopy(origin[0])
+    target = out.state_dict()
+    state = {k: v for k, v in merged.state_dict().items() if k in target}
+    out.load_state_dict(state, strict=False)
+    for p in out.parameters():
+        p.requires_grad_(True)
+    return out
+
+
+def save_pretrained(pm: PeftModel, save_directory: str | os.PathLike, *, format: str = "hf",
+                    adapter: str | None = None, **_: Any) -> str:
+    """Write the adapter of ``pm`` to ``save_directory``: a Hugging Face PEFT folder by default (loads with
+    ``peft.PeftModel.from_pretrained`` and :func:`peftfx.load_adapter`), ``format="peftfx"`` for methods HF PEFT
+    has no form for. Hugging Face's other keywords (``safe_serialization`` …) are accepted and ignored."""
+    return save_adapter(pm, save_directory, format=format, adapter=adapter)
+
+
+register_service("save_pretrained", save_pretrained)
