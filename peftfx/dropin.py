@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from typing import Any
 
@@ -18,7 +19,9 @@ from .io.checkpoint import save_adapter
 from .model import PeftModel, register_service, require_peft
 from .variants import not_replayable
 
-__all__ = ["merge_and_unload", "save_pretrained"]
+__all__ = ["merge_and_unload", "save_pretrained", "generate"]
+
+log = logging.getLogger(__name__)
 
 
 def merge_and_unload(pm: PeftModel) -> nn.Module:
@@ -58,4 +61,29 @@ def save_pretrained(pm: PeftModel, save_directory: str | os.PathLike, *, format:
     return save_adapter(pm, save_directory, format=format, adapter=adapter)
 
 
+def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
+    """Hugging Face ``generate`` (greedy, sampling, beam search: the original module's GenerationMixin and
+    generation config) with every forward run by ``pm``'s adapted graphs, so every method generates as trained.
+    No KV cache yet: each step runs the whole sequence (``use_cache=False``); the tokens are the cached path's."""
+    require_peft(pm, "generate")
+    origin = pm.__dict__.get("_peftfx_origin")
+    source = None if origin is None else origin[0]
+    if source is None or not callable(getattr(source, "generate", None)):
+        raise PeftfxError("generate() needs a model returned by peftfx.apply() from a Hugging Face model with "
+                          "generate() (a GenerationMixin).")
+    if kwargs.pop("use_cache", False):
+        log.info("generate: use_cache=True is not supported yet; decoding without a KV cache")
+
+    def forward(*a: Any, **kw: Any) -> Any:
+        kw.pop("use_cache", None)
+        return pm(*a, **kw)
+
+    source.__dict__["forward"] = forward          # the mixin calls self(...): route it to the adapted graphs
+    try:
+        return source.generate(*args, use_cache=False, **kwargs)
+    finally:
+        source.__dict__.pop("forward", None)
+
+
 register_service("save_pretrained", save_pretrained)
+register_service("generate", generate)

@@ -117,6 +117,10 @@ class PeftModel(fx.GraphModule):
         """Write the adapter (a Hugging Face PEFT folder by default): :func:`peftfx.dropin.save_pretrained`."""
         return _service("save_pretrained")(self, save_directory, **kwargs)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Hugging Face ``generate`` on the adapted graphs: :func:`peftfx.dropin.generate`."""
+        return _service("generate")(self, *args, **kwargs)
+
     def mark_stale(self) -> None:
         """The graphs of other modes/signatures are rebuilt on their next use. Passes do this by changing the
         graph; call it after replacing a module the graph calls without a graph change."""

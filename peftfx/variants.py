@@ -187,7 +187,12 @@ class Variants:
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
             example = {k: (v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v)
                        for k, v in kwargs.items()}
-            pm = trace(self.source, example, dynamic=self.dynamic, training=training)
+            patched = self.source.__dict__.pop("forward", None)     # generate() routes forward here; trace the model's
+            try:
+                pm = trace(self.source, example, dynamic=self.dynamic, training=training)
+            finally:
+                if patched is not None:
+                    self.source.__dict__["forward"] = patched
             self.traces += 1
             _rebind(pm, home, self.source)
             if not base:

@@ -341,3 +341,22 @@ def test_merge_and_unload_refuses_adapters_that_do_not_merge():
     peft = peftfx.apply(M.llama(), peftfx.Houlsby(), {"input_ids": M.ids()})
     with pytest.raises(peftfx.PeftfxError, match="houlsby|adapter"):
         peftfx.merge_and_unload(peft)
+
+
+# ------------------------------------------------------------------------------------------ generate
+def test_generate_matches_hf_peft_greedy_sampling_and_beams_on_left_padded_prompts():
+    base, hf, ours = _hf_and_ours_llama()
+    hf.eval(), ours.eval()
+    ids = torch.randint(3, 128, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :4] = 0                                  # left padding, three prompt lengths
+    common = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 6, "pad_token_id": 0}
+    for kw in ({"do_sample": False}, {"do_sample": True, "top_k": 10}, {"do_sample": False, "num_beams": 3}):
+        torch.manual_seed(11)
+        want = hf.generate(**common, **kw)
+        torch.manual_seed(11)
+        got = ours.generate(**common, **kw)
+        assert torch.equal(got, want), kw
+    assert ours.peft_variants.traces <= 2
+    assert "forward" not in ours.peft_variants.source.__dict__      # the routing is undone
