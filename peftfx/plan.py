@@ -13,12 +13,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from torch import nn
 
 from ._errors import ConflictError, NoMatchError
 from .methods import MethodConfig
 from .model import PeftModel, adapter_name
 from .roles import assign_roles
+from .rules import quote
 from .sites import Site, find_sites
 
 __all__ = ["Plan", "Match", "plan", "adapter_name"]
@@ -107,15 +107,15 @@ def _patterns(d: Any, keys: tuple[str, ...] = ("name", "regex")) -> list[str]:
 def _no_match_message(i: int, rule: MethodConfig, sites: list[Site], declines) -> str:
     keys = [s.key for s in sites]
     near: list[str] = []
-    for pat in _patterns(rule.selector.to_dict()):
-        stem = pat.replace("*", "").replace("?", "").strip(".^$\\")
+    for pat in _patterns(rule.selector.to_dict())[:20]:      # bounded: patterns can be long (up to 1,000 chars)
+        stem = pat.replace("*", "").replace("?", "").strip(".^$\\")[:100]
         near += difflib.get_close_matches(stem, keys, n=5, cutoff=0.3)
         near += [k for k in keys if stem and stem.split(".")[-1] in k.split(".")[-1]][:3]
     near = list(dict.fromkeys(near))[:8] or keys[:8]
     roles = Counter(r for s in sites for r in s.roles)
     role_txt = ", ".join(f"{r} ({n})" for r, n in sorted(roles.items())) or "none found"
     why = [f"{k}: {r}" for j, k, r in declines if j == i][:5]
-    msg = (f"rule {i} ({rule.name}, targets {rule.selector.to_dict()}) matched no site.\n"
+    msg = (f"rule {i} ({rule.name}, targets {quote(rule.selector.to_dict(), 300)}) matched no site.\n"
            f"  nearest site names: {', '.join(near)}\n  roles present: {role_txt}\n"
            f"  {len(sites)} sites in all; see peftfx.inspect(model, None, example_inputs) for the full list.")
     if why:
