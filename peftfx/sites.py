@@ -2,8 +2,22 @@
 
 A site is any matmul one of whose operands is a parameter, whatever module wrapped it:
 ``aten.linear(x, W[out,in])``, ``aten.addmm(b, x, W[in,out])`` (GPT-2's ``Conv1D``), ``aten.mm``/``aten.matmul``
-with a parameter (directly or through a transpose: ``t``, ``numpy_T``, ``transpose``, ``permute``), and ``aten.embedding(W, ids)``. Every site exposes its
-weight in one canonical ``[out, in]`` orientation so methods never branch on the op.
+with a parameter (directly or through a transpose: ``t``, ``numpy_T``, ``transpose``, ``permute``), and
+``aten.embedding(W, ids)``. Every matrix site exposes its weight in one canonical ``[out, in]`` orientation so
+methods never branch on the op.
+
+Kinds (:data:`KINDS`; a method takes only the kinds in its ``site_kinds`` whitelist):
+  ``linear``     ``[out, in]`` stored as is (``linear``, ``x @ W.T``)
+  ``linear_t``   stored ``[in, out]`` (``addmm``/``mm``/``matmul`` with the bare parameter: GPT-2's ``Conv1D``)
+  ``embedding``  a table ``[vocab, dim]`` read by ids
+  ``conv``       ``aten.conv1d/conv2d/conv3d`` (either overload: int or string padding) or a non-transposed
+                 ``aten.convolution`` — ``nn.Conv1d/2d/3d``; the weight ``[out, in/groups, *kernel]`` is kept as
+                 stored (its canonical form is itself) and ``site.conv`` holds stride, padding, dilation, groups.
+                 Transposed convolutions are not sites.
+
+A site's ``path`` is the module that owns its weight when that is a submodule of the module that ran the op
+(``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``: the site is ``mha.out_proj``,
+its ``module_type`` the module that ran it, ``MultiheadAttention``); otherwise the module that ran the op.
 """
 from __future__ import annotations
 
@@ -14,12 +28,29 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["Site", "find_sites", "canonical_weight", "site_input", "set_site_input"]
+__all__ = ["Site", "ConvSpec", "find_sites", "canonical_weight", "site_input", "set_site_input", "conv_spec",
+           "WEIGHT_INDEX", "KINDS"]
 
 aten = torch.ops.aten
 
 #: kind → how the stored weight relates to the canonical [out, in] matrix
-KINDS = ("linear", "linear_t", "embedding")
+KINDS = ("linear", "linear_t", "embedding", "conv")
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """How a convolution site slides its kernel: per spatial dimension stride, padding (or ``"same"``/``"valid"``)
+    and dilation, and the channel groups."""
+
+    dims: int                              # 1, 2 or 3 spatial dimensions
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int = 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"dims": self.dims, "stride": list(self.stride), "dilation": list(self.dilation), "groups": self.groups,
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding)}
 
 
 @dataclass(eq=False)
@@ -36,14 +67,19 @@ class Site:
     bias: str | None = None
     roles: set[str] = field(default_factory=set)
     slices: dict[str, tuple[int, int]] = field(default_factory=dict)   # role → output rows (fused QKV)
+    conv: ConvSpec | None = None           # kind "conv": stride, padding, dilation, groups
 
     @property
     def in_features(self) -> int:
+        """Input features (input channels of a convolution)."""
+        if self.kind == "conv":
+            return self.weight_shape[1] * self.conv.groups
         return self.weight_shape[1] if self.kind == "linear" else self.weight_shape[0]
 
     @property
     def out_features(self) -> int:
-        return self.weight_shape[0] if self.kind == "linear" else self.weight_shape[1]
+        """Output features (output channels of a convolution)."""
+        return self.weight_shape[0] if self.kind in ("linear", "conv") else self.weight_shape[1]
 
     @property
     def input(self) -> fx.Node:
@@ -54,13 +90,23 @@ class Site:
         return dataclasses.replace(self, roles=set(roles))
 
     def describe(self) -> dict[str, Any]:
-        return {"key": self.key, "path": self.path, "layer": self.layer, "module_type": self.module_type,
-                "op": self.op, "kind": self.kind, "weight": self.weight, "weight_shape": list(self.weight_shape),
-                "bias": self.bias,
-                "roles": sorted(self.roles), "slices": {k: list(v) for k, v in self.slices.items()}}
+        out = {"key": self.key, "path": self.path, "layer": self.layer, "module_type": self.module_type,
+               "op": self.op, "kind": self.kind, "weight": self.weight, "weight_shape": list(self.weight_shape),
+               "bias": self.bias,
+               "roles": sorted(self.roles), "slices": {k: list(v) for k, v in self.slices.items()}}
+        if self.conv is not None:
+            out["conv"] = self.conv.describe()
+        return out
 
 
-_INPUT_INDEX = {"linear": 0, "addmm": 1, "embedding": 1, "mm": 0, "matmul": 0}
+_CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+             aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}
+#: op name → index of the activation operand
+_INPUT_INDEX = {"linear": 0, "addmm": 1, "embedding": 1, "mm": 0, "matmul": 0,
+                "conv1d": 0, "conv2d": 0, "conv3d": 0, "convolution": 0}
+#: op name → index of the weight operand
+WEIGHT_INDEX = {"linear": 1, "addmm": 2, "embedding": 0, "mm": 1, "matmul": 1,
+                "conv1d": 1, "conv2d": 1, "conv3d": 1, "convolution": 1}
 
 
 def site_input(node: fx.Node, op: str) -> fx.Node:
@@ -75,22 +121,48 @@ def set_site_input(node: fx.Node, op: str, new: fx.Node) -> None:
 
 
 def canonical_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """A view of ``weight`` as ``[out, in]`` (in-place updates of the view update the weight)."""
-    return weight if kind == "linear" else weight.t()
+    """A view of ``weight`` as ``[out, in]`` (in-place updates of the view update the weight); a convolution's
+    weight ``[out, in/groups, *kernel]`` as stored."""
+    return weight if kind in ("linear", "conv") else weight.t()
 
 
-def _param_attr(gm: fx.GraphModule, node: Any) -> tuple[str, torch.Tensor] | None:
+def _param_attr(gm: fx.GraphModule, node: Any, dims: tuple[int, ...] = (2,)) -> tuple[str, torch.Tensor] | None:
     if isinstance(node, fx.Node) and node.op == "call_module" and "dequant_of" in node.meta.get("peftfx", {}):
         # a quantized base weight (peftfx.quant): the dequantizer stands in for the parameter it replaced
         w = gm.get_submodule(node.target).weight_meta
-        return (node.meta["peftfx"]["dequant_of"], w) if w.dim() == 2 else None
+        return (node.meta["peftfx"]["dequant_of"], w) if w.dim() in dims else None
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     try:
         t = gm.get_parameter(node.target)
     except AttributeError:
         return None
-    return (node.target, t) if t.dim() == 2 else None
+    return (node.target, t) if t.dim() in dims else None
+
+
+def _ints(value: Any, n: int, default: int) -> tuple[int, ...]:
+    if value is None:
+        return (default,) * n
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    return value * n if len(value) == 1 else value
+
+
+def conv_spec(node: fx.Node) -> ConvSpec | None:
+    """Stride, padding, dilation and groups of a convolution node (``None`` for a transposed one)."""
+    t, a = node.target, list(node.args) + [None] * 9
+    kw = node.kwargs
+    if t in _CONV_OPS:
+        n = _CONV_OPS[t]
+        stride, padding, dilation, groups = (kw.get(k, a[i]) for i, k in
+                                             enumerate(("stride", "padding", "dilation", "groups"), 3))
+        pad = padding if isinstance(padding, str) else _ints(padding, n, 0)
+        return ConvSpec(n, _ints(stride, n, 1), pad, _ints(dilation, n, 1), int(groups or 1))
+    if t is aten.convolution.default and not a[6]:
+        n = len(node.args[1].meta["val"].shape) - 2 if "val" in node.args[1].meta else len(a[3])
+        return ConvSpec(n, _ints(a[3], n, 1), _ints(a[4], n, 0), _ints(a[5], n, 1), int(a[8] or 1))
+    return None
 
 
 # ``x @ W.t()``, ``x @ W.T`` (numpy_T: Falcon's FalconLinear), ``x @ W.transpose(0, 1)``, ``x @ W.permute(1, 0)``
@@ -122,6 +194,10 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str, Any, Any] | Non
     if t is aten.embedding.default:
         w = _param_attr(gm, a[0])
         return ("embedding", "embedding", w, None) if w else None
+    if t in _CONV_OPS or (t is aten.convolution.default and not a[6]):
+        w = _param_attr(gm, a[1], dims=(3, 4, 5))
+        b = a[2] if len(a) > 2 else None
+        return (t._opname, "conv", w, b) if w else None
     return None
 
 
@@ -136,15 +212,15 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             continue
         op, kind, (wname, w), bias = m
         found.append((node, op, kind, wname, tuple(w.shape), bias))
+    ran = {_path_of(n) for n in gm.graph.nodes if n.op == "call_function"}
+    paths = [_site_path(node, wname, ran) for node, _, _, wname, _, _ in found]
     by_path: dict[str, int] = {}
-    for node, *_ in found:
-        p = _path_of(node)
+    for p in paths:
         by_path[p] = by_path.get(p, 0) + 1
     sites: list[Site] = []
     seen: dict[str, int] = {}
-    for node, op, kind, wname, shape, bias in found:
+    for (node, op, kind, wname, shape, bias), path in zip(found, paths):
         info = node.meta.get("peftfx", {})
-        path = _path_of(node)
         key = path if by_path[path] == 1 else (f"{path}.{wname.rsplit('.', 1)[-1]}" if path else wname)
         n = seen.get(key, 0)
         seen[key] = n + 1
@@ -153,9 +229,18 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         bias_name = bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
         sites.append(Site(node=node, key=key, path=path, layer=info.get("layer"),
                           module_type=info.get("module_type", ""), op=op, kind=kind, weight=wname,
-                          weight_shape=shape, bias=bias_name))
+                          weight_shape=shape, bias=bias_name, conv=conv_spec(node) if kind == "conv" else None))
     return sites
 
 
 def _path_of(node: fx.Node) -> str:
     return node.meta.get("peftfx", {}).get("path", "")
+
+
+def _site_path(node: fx.Node, weight: str, ran: set[str]) -> str:
+    """The module that ran ``node``, or the submodule owning ``weight`` if that module never ran itself."""
+    path = _path_of(node)
+    owner = weight.rsplit(".", 1)[0] if "." in weight else ""
+    if path and owner.startswith(path + ".") and owner not in ran:
+        return owner
+    return path

@@ -58,8 +58,9 @@ def register_method(cls: type["MethodConfig"]) -> type["MethodConfig"]:
 
 
 _KIND_WORDS = {"linear": "a linear weight matmul", "linear_t": "a matmul with a transposed stored weight (Conv1D)",
-               "embedding": "an embedding lookup"}
-_KIND_NOUNS = {"linear": "linear weights", "linear_t": "linear weights", "embedding": "embedding tables"}
+               "embedding": "an embedding lookup", "conv": "a convolution (nn.Conv1d/2d/3d)"}
+_KIND_NOUNS = {"linear": "linear weights", "linear_t": "linear weights", "embedding": "embedding tables",
+               "conv": "convolutions"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,13 @@ On a fused QKV projection (GPT-2's ``c_attn``) selected by role, only the rows o
 are scaled (``ia3_l`` holds just those rows; the scale is one elsewhere). A fused site selected as a whole —
 by name, type or role ``attn.qkv`` — is scaled on all its outputs, as Hugging Face PEFT does for ``c_attn``.
 
+On a convolution (``nn.Conv1d/2d/3d``) ``l`` scales channels, as in Hugging Face PEFT: output channels
+(y ⊙ l over dimension 1, every position alike) or, on feed-forward sites, input channels. Only ``feedforward=``
+makes a convolution an input-scaled site (convolutions take no MLP role).
+
 Merging folds the vector into the canonical ``[out, in]`` weight: output scaling W ← diag(l) W and b ← l ⊙ b,
-input scaling W ← W diag(l) (the bias is untouched). Unmerging divides by ``l``; a zero entry makes that
+input scaling W ← W diag(l) (the bias is untouched); a convolution's ``[out, in/groups, *kernel]`` weight
+scales along its output or input channels (within each group, for a grouped one). Unmerging divides by ``l``; a zero entry makes that
 impossible and is reported.
 
 IA3 composes with LoRA on one site. Output adapters on a site chain in rule order (LoRA then IA3 gives
@@ -50,7 +55,7 @@ class IA3(MethodConfig):
     feedforward: Selector | None = None
 
     name: ClassVar[str] = "ia3"
-    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t"})
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t", "conv"})
     composes: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -79,9 +84,10 @@ class IA3(MethodConfig):
 
     def build(self, site, weight: torch.Tensor, roles: set[str] = frozenset()) -> AdapterModule:
         kw = dict(device=weight.device, dtype=weight.dtype)
+        spatial = site.conv.dims if site.kind == "conv" else 0
         if self.position(site) == "input":
-            return IA3Input(site.in_features, **kw)
-        return IA3Output(site.out_features, _spans(site, roles), **kw)
+            return IA3Input(site.in_features, spatial=spatial, groups=site.conv.groups if spatial else 1, **kw)
+        return IA3Output(site.out_features, _spans(site, roles), spatial=spatial, **kw)
 
 
 def _spans(site, roles: set[str]) -> list[tuple[int, int]]:
@@ -103,14 +109,16 @@ def _spans(site, roles: set[str]) -> list[tuple[int, int]]:
 
 
 class IA3Output(AdapterModule):
-    """``forward(x, y) = y ⊙ l_full``; ``l_full`` holds ``ia3_l`` in the selected rows and ones elsewhere."""
+    """``forward(x, y) = y ⊙ l_full``; ``l_full`` holds ``ia3_l`` in the selected rows and ones elsewhere
+    (``spatial`` > 0: a convolution's output channels, dimension ``-spatial-1``)."""
 
     position: ClassVar[str] = "output"
     mergeable: ClassVar[bool] = True
 
-    def __init__(self, out_features: int, spans, device=None, dtype=None):
+    def __init__(self, out_features: int, spans, spatial: int = 0, device=None, dtype=None):
         super().__init__()
         self.out_features = out_features
+        self.spatial = spatial
         self.spans = [tuple(s) for s in spans]
         rows = sum(e - s for s, e in self.spans)
         self.ia3_l = nn.Parameter(torch.ones(rows, device=device, dtype=dtype))
@@ -130,43 +138,59 @@ class IA3Output(AdapterModule):
         return torch.cat(pieces)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y * self.scale()
+        return y * _channels(self.scale(), self.spatial)
 
     @torch.no_grad()
     def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         l = self.scale().to(weight.dtype)
-        weight.mul_(l[:, None])
+        weight.mul_(l.view(-1, *([1] * (weight.dim() - 1))))
         if bias is not None:
             bias.mul_(l.to(bias.dtype))
 
     @torch.no_grad()
     def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         l = _invertible(self.scale()).to(weight.dtype)
-        weight.div_(l[:, None])
+        weight.div_(l.view(-1, *([1] * (weight.dim() - 1))))
         if bias is not None:
             bias.div_(l.to(bias.dtype))
 
 
 class IA3Input(AdapterModule):
-    """``forward(x) = x ⊙ l``: the site reads the rescaled activation."""
+    """``forward(x) = x ⊙ l``: the site reads the rescaled activation (``spatial`` > 0: a convolution's input
+    channels, dimension ``-spatial-1``; ``groups``: the convolution's channel groups, for merging)."""
 
     position: ClassVar[str] = "input"
     mergeable: ClassVar[bool] = True
 
-    def __init__(self, in_features: int, device=None, dtype=None):
+    def __init__(self, in_features: int, spatial: int = 0, groups: int = 1, device=None, dtype=None):
         super().__init__()
+        self.spatial, self.groups = spatial, groups
         self.ia3_l = nn.Parameter(torch.ones(in_features, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.ia3_l
+        return x * _channels(self.ia3_l, self.spatial)
+
+    def _per_weight(self, weight: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+        """``l`` shaped to multiply the weight ``[out, in/groups, …]``: column j of output o's group g is input
+        channel g·in/groups + j."""
+        ones = [1] * (weight.dim() - 2)
+        if self.groups == 1:
+            return l.view(1, -1, *ones)
+        g, out, per = self.groups, weight.shape[0], weight.shape[1]
+        return l.view(g, 1, per).expand(g, out // g, per).reshape(out, per, *ones)
 
     @torch.no_grad()
     def merge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        weight.mul_(self.ia3_l.to(weight.dtype)[None, :])
+        weight.mul_(self._per_weight(weight, self.ia3_l.to(weight.dtype)))
 
     @torch.no_grad()
     def unmerge(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        weight.div_(_invertible(self.ia3_l).to(weight.dtype)[None, :])
+        weight.div_(self._per_weight(weight, _invertible(self.ia3_l).to(weight.dtype)))
+
+
+def _channels(l: torch.Tensor, spatial: int) -> torch.Tensor:
+    """``l`` broadcast over the last dimension (``spatial`` 0) or a convolution's channel dimension."""
+    return l if not spatial else l.view(-1, *([1] * spatial))
 
 
 def _invertible(l: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,14 @@ LoRA is the identity. On an embedding the roles flip as in Hugging Face PEFT: A 
 B ∈ ℝ^{dim×r} Gaussian, and the update is s · embedding(ids, Aᵀ) Bᵀ. Merging adds s·BA to the ``[out, in]``
 view of the weight; unmerging subtracts it.
 
+On a convolution (``nn.Conv1d/2d/3d``, site kind ``conv``) the pair is Hugging Face PEFT's: A is a convolution
+like the site's (its kernel, stride, padding and dilation; groups 1) from the input channels to r channels, B a
+1×…×1 convolution from r channels to the output channels (groups as the site's), and y = W₀ ⊛ x + b + s·B ⊛ A ⊛ x.
+Merging adds ΔW[o, i, κ] = s Σ_j B[o, j] A[j, i, κ] (exactly B ⊛ A, as HF folds it). A grouped convolution
+(groups g > 1, rank a multiple of g) trains and saves as in HF PEFT but cannot merge (B ⊛ A is dense across
+groups, the weight is not): it stays in the graph. Unlike HF PEFT, A keeps the site's dilation (HF's A drops it,
+so its output no longer lines up with the base's).
+
 A fused projection (GPT-2's ``c_attn``) takes one pair for the whole weight (``fused="joint"``, as HF PEFT) or,
 with ``fused="split"``, one pair per selected q/k/v slice, laid out block-wise so that the update is still one
 low-rank product B_full A_full whose rows outside the selected slices are zero.
@@ -28,7 +36,7 @@ from .base import AdapterModule, MethodConfig, register_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoRA", "LoRALinear", "LoRAEmbedding"]
+__all__ = ["LoRA", "LoRALinear", "LoRAEmbedding", "LoRAConv"]
 
 
 @register_method
@@ -43,7 +51,7 @@ class LoRA(MethodConfig):
     fused: str = "joint"           # "joint" | "split"
 
     name: ClassVar[str] = "lora"
-    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t", "embedding"})
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t", "embedding", "conv"})
     composes: ClassVar[bool] = True
 
     def validate(self) -> None:
@@ -61,8 +69,17 @@ class LoRA(MethodConfig):
     def default_targets(self) -> Selector:
         return select.role("attn.q") | select.role("attn.v")
 
+    def decline(self, site) -> str | None:
+        if site.kind == "conv" and self.rank % site.conv.groups:
+            return (f"a grouped convolution (groups={site.conv.groups}) takes LoRA only with a rank that is a "
+                    f"multiple of its groups (B is grouped as the weight is, as in HF PEFT); rank is {self.rank}")
+        return None
+
     def build(self, site, weight: torch.Tensor, roles: set[str] = frozenset()) -> AdapterModule:
         kw = dict(device=weight.device, dtype=weight.dtype)
+        if site.kind == "conv":
+            return LoRAConv(site.conv, site.in_features, site.out_features, tuple(site.weight_shape[2:]), self.rank,
+                            self.scaling, self.dropout, self.init, **kw)
         if site.kind == "embedding":
             return LoRAEmbedding(site.in_features, site.out_features, self.rank, self.scaling, **kw)
         spans = [site.slices[r] for r in ("attn.q", "attn.k", "attn.v") if r in roles and r in site.slices]
@@ -149,3 +166,41 @@ class LoRAEmbedding(AdapterModule):
     def forward(self, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = F.embedding(ids, self.lora_embedding_A.t())
         return y + (h @ self.lora_embedding_B.t()) * self.scaling
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class LoRAConv(AdapterModule):
+    """``forward(x, y) = y + s · B ⊛ (A ⊛ dropout(x))``: ``lora_A`` ``[r, in, *kernel]`` slides like the site's
+    weight (stride, padding, dilation); ``lora_B`` ``[out, r/groups, 1, …]`` mixes channels (grouped as the site).
+    Both are stored in Hugging Face PEFT's shapes (its ``lora_A.weight``/``lora_B.weight`` of the two convs)."""
+
+    def __init__(self, spec, in_channels, out_channels, kernel, rank, scaling, dropout, init, device=None,
+                 dtype=None):
+        super().__init__()
+        self.scaling = scaling
+        self.spec = spec
+        self.mergeable = spec.groups == 1      # B ⊛ A is dense across channel groups: a grouped weight cannot hold it
+        self.lora_A = nn.Parameter(torch.empty(rank, in_channels, *kernel, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_channels, rank // spec.groups, *([1] * spec.dims), device=device,
+                                               dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if self.lora_A.device.type != "meta":
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / rank)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def delta(self) -> torch.Tensor:
+        """ΔW = s · B ⊛ A as ``[out, in, *kernel]``: ΔW[o, i, κ] = s Σ_j B[o, j] A[j, i, κ] (groups 1)."""
+        if not self.mergeable:
+            raise NotImplementedError(f"LoRA on a grouped convolution (groups={self.spec.groups}) cannot be merged")
+        a = self.lora_A
+        return (self.lora_B.flatten(1) @ a.flatten(1)).view(self.lora_B.shape[0], *a.shape[1:]) * self.scaling
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        conv, sp = _CONV[self.spec.dims], self.spec
+        padding = sp.padding if isinstance(sp.padding, str) else list(sp.padding)
+        h = conv(self.dropout(x), self.lora_A, None, list(sp.stride), padding, list(sp.dilation), 1)
+        return y + conv(h, self.lora_B, None, 1, 0, 1, sp.groups) * self.scaling

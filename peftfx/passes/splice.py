@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from .._util import find_submodule
 from ..model import adapter_of, output_chain
-from ..sites import set_site_input, site_input
+from ..sites import WEIGHT_INDEX, set_site_input, site_input
 from .base import PassResult, fail, graph_pass
 from .checks import adapters_called_once
 
@@ -52,12 +52,9 @@ def splice_one(gm: fx.GraphModule, site_node: fx.Node, op: str, name: str, modul
     return new
 
 
-_WEIGHT_INDEX = {"linear": 1, "addmm": 2, "embedding": 0, "mm": 1, "matmul": 1}
-
-
 def _base_operands(site_node: fx.Node, op: str) -> tuple:
     """(weight as stored, bias or None) of a site, for ``reads_weight`` adapters (``m(x, y, w, b)``)."""
-    w = site_node.args[_WEIGHT_INDEX[op]]
+    w = site_node.args[WEIGHT_INDEX[op]]
     if w.op == "call_function":          # mm(x, t(W)): the parameter behind the transpose
         w = w.args[0]
     if op == "linear":

@@ -71,7 +71,11 @@ def attention_nodes(graph: fx.Graph) -> list[Attention]:
 
 def _eager_attention(softmax: fx.Node) -> Attention | None:
     scores = walk_back(softmax.args[0], lambda n: n.target in SCORES, limit=6)
-    probs_user = walk_single(softmax, lambda n: n.target in BATCH_MM, limit=6, forward=True)
+    # the probabilities may also leave the block (nn.MultiheadAttention's need_weights averages them): the one
+    # chain of single users from the softmax that reaches a batched matmul is the probs @ v
+    users = {walk_single(u, lambda n: n.target in BATCH_MM, limit=5, forward=True) for u in softmax.users}
+    users.discard(None)
+    probs_user = users.pop() if len(users) == 1 else None
     if scores is None or probs_user is None or scores.target is aten.einsum.default:
         return None
     # baddbmm(bias, q, kᵀ): scores with an additive bias fused in (BLOOM's ALiBi)

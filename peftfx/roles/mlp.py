@@ -4,6 +4,7 @@ How: an MLP is a site (not an embedding, not already an attention projection) wh
 through a nonlinearity, where that second site's output joins the residual stream (an add, within a few steps,
 with an ancestor of the first site's input): that second site is down; the sites feeding it are up — and when
 two branches are multiplied, the branch that went through the nonlinearity is gate and the other is up.
+Convolutions take no MLP role.
 """
 from __future__ import annotations
 
@@ -28,19 +29,22 @@ _ACTIVATIONS = {aten.gelu.default, aten.silu.default, aten.relu.default, aten.ta
                 aten.relu_.default}
 _ADDS = {aten.add.Tensor, aten.add_.Tensor}
 _ATTN_ROLES = {"attn.q", "attn.k", "attn.v", "attn.o"}
+#: site kinds that never take an MLP role: embedding tables, and convolutions (a CNN's conv → norm → relu → conv +
+#: residual block has the MLP's shape but is not a transformer MLP; select convolutions by name or type)
+_NOT_MLP = ("embedding", "conv")
 
 
 @register_detector("mlp", roles=("mlp.up", "mlp.gate", "mlp.down"), order=20, after="attention")
 def detect_mlp(ctx: RoleContext) -> None:
     """up/gate/down for every site pair that forms an MLP; sites with an attention role are left alone."""
     g, by_node = ctx.dataflow, ctx.by_node
-    free = [s for s in ctx.sites if s.kind != "embedding" and not (s.roles & _ATTN_ROLES)]
+    free = [s for s in ctx.sites if s.kind not in _NOT_MLP and not (s.roles & _ATTN_ROLES)]
     producers: dict[Site, list[tuple[Site, bool]]] = {}
     for s in free:
         for d, via_act in _reach_with_activation(g, s.node, ctx.stop, ctx.blocked):
             producers.setdefault(by_node[d], []).append((s, via_act))
     for down, prods in producers.items():
-        if down.roles & _ATTN_ROLES or not any(act for _, act in prods):
+        if down.kind in _NOT_MLP or down.roles & _ATTN_ROLES or not any(act for _, act in prods):
             continue
         if not _joins_residual(g, down, [p.input for p, _ in prods], ctx.stop):
             continue
