@@ -29,7 +29,7 @@ import torch
 from torch import fx
 
 __all__ = ["Site", "ConvSpec", "find_sites", "canonical_weight", "site_input", "set_site_input", "conv_spec",
-           "WEIGHT_INDEX", "KINDS"]
+           "WEIGHT_INDEX", "KINDS", "Unadaptable", "unadaptable_modules"]
 
 aten = torch.ops.aten
 
@@ -86,6 +86,13 @@ class Site:
         """The activation operand (token ids for an embedding)."""
         return site_input(self.node, self.op)
 
+    @property
+    def bias_operand(self) -> Any:
+        """The bias the op adds (a node, or None): ``bias`` names it only when it is a parameter."""
+        i = _BIAS_INDEX.get(self.op)
+        args = self.node.args
+        return args[i] if i is not None and len(args) > i else None
+
     def with_roles(self, roles: set[str]) -> "Site":
         return dataclasses.replace(self, roles=set(roles))
 
@@ -104,6 +111,8 @@ _CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default
 #: op name → index of the activation operand
 _INPUT_INDEX = {"linear": 0, "addmm": 1, "embedding": 1, "mm": 0, "matmul": 0,
                 "conv1d": 0, "conv2d": 0, "conv3d": 0, "convolution": 0}
+#: op name → index of the bias operand (ops that add one)
+_BIAS_INDEX = {"linear": 2, "addmm": 0, "conv1d": 2, "conv2d": 2, "conv3d": 2, "convolution": 2}
 #: op name → index of the weight operand
 WEIGHT_INDEX = {"linear": 1, "addmm": 2, "embedding": 0, "mm": 1, "matmul": 1,
                 "conv1d": 1, "conv2d": 1, "conv3d": 1, "convolution": 1}
@@ -244,3 +253,78 @@ def _site_path(node: fx.Node, weight: str, ran: set[str]) -> str:
     if path and owner.startswith(path + ".") and owner not in ran:
         return owner
     return path
+
+
+# ------------------------------------------------------------------------------------ modules without a site
+@dataclass(eq=False)
+class Unadaptable:
+    """A module whose parameters the graph reads outside any site (a norm, a transposed convolution, a sliced
+    MultiheadAttention in-projection): selectors can name it (``key``, ``module_type``, ``layer``) and planning
+    then reports ``reason`` instead of adapting part of what the rule names."""
+
+    key: str
+    path: str
+    layer: int | None
+    module_type: str
+    op: str
+    reason: str
+    kind: str = "none"
+    roles: frozenset[str] = frozenset()
+
+
+_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+          "cudnn_batch_norm", "layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "rms_norm",
+          "instance_norm"}
+_TRANSPOSED = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+
+
+def unadaptable_modules(gm: fx.GraphModule, sites: list[Site]) -> list[Unadaptable]:
+    """Every module (by path) that reads a parameter in the graph but holds no site, with the reason in words."""
+    have, site_nodes = {s.path for s in sites}, {s.node for s in sites}
+    ops: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node in site_nodes or \
+                not any(_is_parameter(gm, a) for a in node.all_input_nodes):
+            continue
+        path = _path_of(node)
+        if path and path not in have:
+            ops.setdefault(path, []).append(node)
+    out = []
+    for path, nodes in ops.items():
+        info = nodes[0].meta.get("peftfx", {})
+        names = list(dict.fromkeys(_opname(n) for n in nodes))
+        out.append(Unadaptable(path, path, info.get("layer"), info.get("module_type", ""), names[0],
+                               _why(path, info.get("module_type", ""), names, nodes)))
+    return out
+
+
+def _is_parameter(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "get_attr":
+        return False
+    try:
+        gm.get_parameter(node.target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _opname(node: fx.Node) -> str:
+    return getattr(node.target, "_opname", getattr(node.target, "__name__", str(node.target)))
+
+
+def _why(path: str, module_type: str, names: list[str], nodes: list[fx.Node]) -> str:
+    ops = ", ".join(f"aten.{n}" for n in names[:4])
+    if module_type == "MultiheadAttention":
+        return (f"this nn.MultiheadAttention is called with a query that is not its key and value (cross-attention), "
+                f"so it slices in_proj_weight ({ops}) before its matmuls; peftfx adapts a MultiheadAttention's "
+                f"in-projection only in self-attention (query is key is value). Its out-projection is the site "
+                f"'{path}.out_proj'.")
+    if any(n in _NORMS for n in names):
+        return (f"a normalisation layer ({module_type or 'module'}, {ops}): its parameters scale and shift "
+                "features, they are not a weight matrix; peftfx adapts weight matmuls, convolutions and embedding "
+                "lookups")
+    if any(n in _TRANSPOSED for n in names) or any(n.target is aten.convolution.default and n.args[6] for n in nodes):
+        return (f"a transposed convolution ({module_type or 'module'}, {ops}); peftfx (like Hugging Face PEFT) "
+                "adapts ordinary convolutions only")
+    return (f"its parameters are read by {ops} ({module_type or 'module'}), not by a weight matmul, convolution or "
+            "embedding lookup that peftfx can adapt")

@@ -50,7 +50,7 @@ from .base import MethodConfig
 
 __all__ = ["CONVERTERS", "register_converter", "Imported", "check_fields", "module_path", "PREFIX", "HINTS",
            "adapter_paths", "hf_targets", "pattern_value", "records_of", "KEY", "check_virtual", "folded_tokens",
-           "virtual_common"]
+           "virtual_common", "is_mha_out_proj", "mha_out_proj_paths", "hf_shape"]
 
 PREFIX = "base_model.model."
 
@@ -121,7 +121,8 @@ HINTS = {
     "megatron_config": "Megatron parallel layers are not supported",
 }
 
-_MODULE_TYPES = ("Linear", "Conv1D", "Embedding")
+#: module classes HF PEFT's LoRA adapts (a MultiheadAttention as a whole: its in- and out-projections)
+_MODULE_TYPES = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention")
 
 
 def adapter_paths(tensors: dict[str, torch.Tensor], marker: str) -> list[str]:
@@ -165,16 +166,41 @@ def pattern_value(patterns: dict[str, Any] | None, path: str, default: Any) -> A
     return default
 
 
-def records_of(model: PeftModel, records: list[AdapterRecord]) -> list[tuple[AdapterRecord, Any, str]]:
+def records_of(model: PeftModel, records: list[AdapterRecord], types: tuple[str, ...] = _MODULE_TYPES,
+               method: str = "") -> list[tuple[AdapterRecord, Any, str]]:
+    """(record, adapter module, HF module path) per record; an error for a module class HF PEFT's ``method``
+    does not adapt (``types``)."""
     out = []
     for rec in records:
         path = module_path(rec)
-        if rec.site.get("module_type") not in _MODULE_TYPES:
+        if rec.site.get("module_type") not in types:
             raise CheckpointError(
-                f"adapter {rec.name} sits on a {rec.site.get('module_type')!r} module; Hugging Face PEFT adapts "
-                f"{', '.join(_MODULE_TYPES)} modules only. Save in the peftfx format instead.")
+                f"adapter {rec.name} sits on a {rec.site.get('module_type')!r} module; Hugging Face PEFT{method} "
+                f"adapts {', '.join(types)} modules only. Save in the peftfx format instead.")
         out.append((rec, model.get_submodule(rec.name), path))
     return out
+
+
+def is_mha_out_proj(site: dict[str, Any]) -> bool:
+    """Whether a site is the out-projection of an ``nn.MultiheadAttention`` (read inside the attention module,
+    never called): HF PEFT adapts it as part of the attention module, never on its own."""
+    return site.get("module_type") == "MultiheadAttention" and site["path"].endswith(".out_proj")
+
+
+def mha_out_proj_paths(paths: list[str]) -> list[str]:
+    """The ``<mha>.out_proj`` paths of a file whose ``<mha>`` holds adapter tensors too: HF PEFT adapted the
+    MultiheadAttention ``<mha>`` (its ``target_modules`` names only ``<mha>``)."""
+    have = set(paths)
+    return [p for p in paths if p.endswith(".out_proj") and p[: -len(".out_proj")] in have]
+
+
+def hf_shape(record: AdapterRecord, vector: torch.Tensor, position: str) -> torch.Tensor:
+    """A per-feature vector in HF PEFT's layout: ``[1, C, 1, …]`` on a convolution, else ``[n, 1]`` for output
+    and ``[1, n]`` for input scaling."""
+    conv = record.site.get("conv")
+    if conv is not None:
+        return vector.reshape(1, -1, *([1] * conv["dims"]))
+    return vector.reshape(-1, 1) if position == "output" else vector.reshape(1, -1)
 
 
 KEY = "prompt_embeddings"

@@ -82,6 +82,12 @@ class IA3(MethodConfig):
             return "input" if self.feedforward.matches(site) else "output"
         return "input" if "mlp.down" in site.roles else "output"
 
+    def decline(self, site) -> str | None:
+        if self.position(site) == "output" and site.bias is None and site.bias_operand is not None:
+            return ("its bias is computed in the graph (a slice of another parameter, e.g. a MultiheadAttention "
+                    "with separate q/k/v weights), so output scaling could not be merged into it")
+        return None
+
     def build(self, site, weight: torch.Tensor, roles: set[str] = frozenset()) -> AdapterModule:
         kw = dict(device=weight.device, dtype=weight.dtype)
         spatial = site.conv.dims if site.kind == "conv" else 0

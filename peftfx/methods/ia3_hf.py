@@ -9,14 +9,17 @@ from .._errors import CheckpointError
 from .._saferegex import compile_safe
 from ..model import AdapterRecord, PeftModel
 from ..rules import select
-from ._hf import (HINTS, PREFIX, Imported, adapter_paths, check_fields, hf_targets, module_path, records_of,
-                  register_converter)
+from ._hf import (HINTS, PREFIX, Imported, adapter_paths, check_fields, hf_shape, hf_targets, module_path,
+                  records_of, register_converter)
+
+#: module classes HF PEFT's IA3 adapts (not Conv1d, not MultiheadAttention)
+_IA3_TYPES = ("Linear", "Conv1D", "Conv2d", "Conv3d")
 
 
 @register_converter
 class IA3Converter:
     """``IA3`` ⇄ :class:`~peftfx.IA3`. HF stores ``ia3_l`` as ``[out, 1]`` (output scaling) or ``[1, in]``
-    (``feedforward_modules``: input scaling); peftfx as a vector. ``feedforward_modules`` is resolved the way
+    (``feedforward_modules``: input scaling), ``[1, C, 1, …]`` on a convolution; peftfx as a vector. ``feedforward_modules`` is resolved the way
     HF does (a module path ending in a name, or a full-match regex) over the modules in the file."""
 
     peft_type = "IA3"
@@ -42,16 +45,14 @@ class IA3Converter:
     @staticmethod
     def write(model: PeftModel, records: list[AdapterRecord]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors, targets, feedforward = {}, set(), set()
-        for rec, mod, path in records_of(model, records):
+        for rec, mod, path in records_of(model, records, _IA3_TYPES, "'s IA3"):
             if mod.position == "input":
-                tensors[f"{PREFIX}{path}.ia3_l"] = mod.ia3_l.reshape(1, -1)
                 feedforward.add(path)
-            else:
-                if mod.spans != [(0, mod.out_features)]:
-                    raise CheckpointError(
-                        f"adapter {rec.name} scales only the {mod.spans} rows of a fused projection; HF PEFT "
-                        "scales whole modules. Select the projection by name to save in the HF format.")
-                tensors[f"{PREFIX}{path}.ia3_l"] = mod.ia3_l.reshape(-1, 1)
+            elif mod.spans != [(0, mod.out_features)]:
+                raise CheckpointError(
+                    f"adapter {rec.name} scales only the {mod.spans} rows of a fused projection; HF PEFT "
+                    "scales whole modules. Select the projection by name to save in the HF format.")
+            tensors[f"{PREFIX}{path}.ia3_l"] = hf_shape(rec, mod.ia3_l, mod.position)
             targets.add(path)
         fields = {"target_modules": sorted(targets), "feedforward_modules": sorted(feedforward),
                   "fan_in_fan_out": any(rec.site.get("module_type") == "Conv1D" for rec in records),

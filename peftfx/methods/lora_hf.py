@@ -10,8 +10,8 @@ import torch
 from .._errors import CheckpointError
 from ..model import AdapterRecord, PeftModel
 from ..rules import select
-from ._hf import (HINTS, PREFIX, Imported, adapter_paths, check_fields, hf_targets, module_path, pattern_value,
-                  records_of, register_converter)
+from ._hf import (HINTS, PREFIX, Imported, adapter_paths, check_fields, hf_targets, is_mha_out_proj,
+                  mha_out_proj_paths, module_path, pattern_value, records_of, register_converter)
 
 _LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_embedding_A": "lora_embedding_A",
               "lora_embedding_B": "lora_embedding_B", "dora_magnitude": "lora_magnitude_vector"}
@@ -56,6 +56,9 @@ class LoRAConverter:
             groups.setdefault(key, []).append(p)
         common = dict(dropout=float(config.get("lora_dropout", 0.0)), rslora=bool(config.get("use_rslora")))
         base = hf_targets(config, paths)
+        mha_out = mha_out_proj_paths(paths)
+        if mha_out:                     # HF adapted these MultiheadAttentions whole: their out_proj too
+            base = base | select.name(*mha_out)
         others = [p for g, ps in groups.items() if g != (r, alpha) for p in ps]
         rules = []
         if not others or (r, alpha) in groups:
@@ -79,12 +82,18 @@ class LoRAConverter:
             if getattr(mod, "spans", None) not in (None, [(0, getattr(mod, "out_features", None))]):
                 raise CheckpointError(f"adapter {rec.name} uses fused='split' (one LoRA pair per q/k/v slice); "
                                       "HF PEFT has no such form. Use fused='joint' to save in the HF format.")
+            if rec.method == "dora" and rec.site.get("module_type") == "MultiheadAttention":
+                raise CheckpointError(f"adapter {rec.name} is DoRA on a MultiheadAttention; HF PEFT refuses DoRA "
+                                      "there. Save in the peftfx format instead.")
             for pname, p in mod.named_parameters():
                 tensors[f"{PREFIX}{path}.{_LORA_KEYS[pname]}"] = p
             rank = (mod.lora_A if hasattr(mod, "lora_A") else mod.lora_embedding_A).shape[0]
             entries.append((path, rank, float(mod.scaling), rules[rec.rule_index]))
+        _check_mha_pairs(records, {e[0]: e[1:3] for e in entries})
         (r, rslora, alpha), _ = Counter((e[1], e[3].rslora, e[3].alpha) for e in entries).most_common(1)[0]
         rank_pattern, alpha_pattern = {}, {}
+        out_projs = {rec.site["path"] for rec in records if is_mha_out_proj(rec.site)}
+        entries = [e for e in entries if e[0] not in out_projs]   # they follow their attention module in HF
         for path, rank, scaling, _rule in entries:
             if rank != r:
                 rank_pattern[re.escape(path)] = rank
@@ -98,3 +107,24 @@ class LoRAConverter:
                   "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
                   "layers_pattern": None}
         return fields, tensors
+
+
+def _check_mha_pairs(records: list[AdapterRecord], rank_scaling: dict[str, tuple[int, float]]) -> None:
+    """HF PEFT adapts an ``nn.MultiheadAttention`` whole: its in-projection (module ``<mha>``) and its
+    ``<mha>.out_proj`` with one rank and one scaling. Anything else has no HF form."""
+    mha = {rec.site["path"] for rec in records
+           if rec.site.get("module_type") == "MultiheadAttention" and not is_mha_out_proj(rec.site)}
+    outs = {rec.site["path"][: -len(".out_proj")] for rec in records if is_mha_out_proj(rec.site)}
+    for m in sorted(mha ^ outs):
+        have, lack = (m, f"{m}.out_proj") if m in mha else (f"{m}.out_proj", m)
+        raise CheckpointError(
+            f"the MultiheadAttention {m!r} has a LoRA on {have} but not on {lack}; HF PEFT adapts a "
+            f"MultiheadAttention's in- and out-projection together (target_modules=[{m.rsplit('.', 1)[-1]!r}]). "
+            f"Select both (select.name({m!r}, {m + '.out_proj'!r}) or select.type('MultiheadAttention')) or save "
+            "in the peftfx format.")
+    for m in sorted(mha):
+        if rank_scaling[m] != rank_scaling[f"{m}.out_proj"]:
+            raise CheckpointError(
+                f"the MultiheadAttention {m!r} has LoRA rank/scaling {rank_scaling[m]} on its in-projection and "
+                f"{rank_scaling[m + '.out_proj']} on its out_proj; HF PEFT gives both one rank and one alpha. Use one "
+                "rule for both or save in the peftfx format.")

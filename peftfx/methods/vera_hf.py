@@ -51,7 +51,7 @@ class VeRAConverter:
                                   f"has {len(rules)} VeRA rules. Save in the peftfx format instead.")
         rule = model.peft_info.rules[rules.pop()]
         tensors = {}
-        for rec, mod, path in records_of(model, records):
+        for rec, mod, path in records_of(model, records, ("Linear", "Conv1D"), "'s VeRA"):
             for pname, p in mod.named_parameters():
                 tensors[f"{PREFIX}{path}.{pname}"] = p
         proj = model.get_submodule(records[0].name).projection

@@ -2,6 +2,7 @@
 sites, the attention ops of a graph and the weight products that are not sites."""
 from __future__ import annotations
 
+import operator
 from collections import deque
 from typing import Any, Callable
 
@@ -19,7 +20,12 @@ BATCH_MM = {aten.matmul.default, aten.bmm.default, aten.einsum.default}
 SCORES = BATCH_MM | {aten.baddbmm.default}
 #: products of an activation with a weight (a site when peftfx can adapt it, a wall for role walks otherwise)
 PRODUCTS = SCORES | {aten.mm.default, aten.addmm.default, aten.linear.default, aten.convolution.default,
-                     aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+                     aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
+                     aten.conv2d.padding, aten.conv3d.padding, aten.conv_transpose1d.default,
+                     aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+#: pieces of a parameter that are still weights (nn.MultiheadAttention's in_proj_weight split for cross-attention)
+_PIECES = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.slice.Tensor, aten.select.int,
+           aten.unbind.int, operator.getitem}
 #: ops that move or re-shape a tensor without mixing its features
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
          aten.permute.default, aten.contiguous.default, aten.clone.default, aten.expand.default,
@@ -152,6 +158,8 @@ def weight_ops(graph: fx.Graph) -> set[fx.Node]:
                 except AttributeError:
                     return False
             return isinstance(v, torch.Tensor) and v.dim() >= 2 and v.is_floating_point()
+        if n.op == "call_function" and n.target in _PIECES:
+            return is_weight(n.args[0] if n.args else None)
         return n.op == "call_function" and n.target in VIEWS and is_weight(n.args[0] if n.args else None) \
             and len(n.users) == 1
     out = set()
