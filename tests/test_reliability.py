@@ -322,6 +322,14 @@ def test_save_under_a_file_or_onto_a_file_names_the_real_path(peft, tmp_path):
         peftfx.export_onnx(peft, tmp_path / "file" / "m.onnx", {"input_ids": IDS})
 
 
+@pytest.mark.parametrize("path", ["", 5, b"adapter", None])
+def test_save_and_load_need_a_path(peft, path):
+    with pytest.raises(CheckpointError, match="path"):
+        peftfx.save_adapter(peft, path)
+    with pytest.raises(CheckpointError, match="path|folder"):
+        peftfx.load_adapter(Tiny(), path, {"input_ids": IDS})
+
+
 def test_save_into_a_place_nobody_can_write(peft):
     with pytest.raises(CheckpointError, match=r"cannot write the adapter to /proc/peftfx-test/adapter: ") as e:
         peftfx.save_adapter(peft, "/proc/peftfx-test/adapter")

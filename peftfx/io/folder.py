@@ -25,9 +25,9 @@ def write_folder(path: str | os.PathLike, tensors: dict[str, dict[str, torch.Ten
     written (a parent that is a file, no permission, a full disk) raises :class:`CheckpointError` naming ``path``."""
     from safetensors.torch import save_file
 
-    path = os.fspath(path)
-    if not path:
-        raise CheckpointError("save_adapter needs a folder path, got ''.")
+    path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+    if not isinstance(path, str) or not path:
+        raise CheckpointError(f"save_adapter needs a folder path (a non-empty str or os.PathLike), got {path!r:.80}.")
     tmp = make_temp_dir(path, "tmp", CheckpointError, "the adapter")
     try:
         for name, state in tensors.items():
