@@ -98,7 +98,9 @@ def check_fields(config: dict[str, Any], honoured: set[str] | frozenset[str],
 
 
 def module_path(record: AdapterRecord) -> str:
-    """The HF module path of an adapter's site; an error for sites HF PEFT cannot address."""
+    """The HF module path of an adapter's site (a MultiheadAttention's ``<mha>.out_proj`` is
+    ``<mha>.base_layer.out_proj`` there: HF wraps the attention module first); an error for sites HF PEFT cannot
+    address."""
     site = record.site
     if site["key"] != site["path"] or not site["path"]:
         raise CheckpointError(
@@ -106,6 +108,8 @@ def module_path(record: AdapterRecord) -> str:
             f"inside module {site['path'] or '<root>'!r}, not a module's own weight. HF PEFT names adapters by "
             "module and cannot store it; narrow the rule's targets to Linear/Conv1D/Embedding modules "
             "(select.type('Linear', 'Conv1D', 'Embedding')) or save in the peftfx format.")
+    if is_mha_out_proj(site):
+        return site["path"][: -len(".out_proj")] + _MHA_OUT
     return site["path"]
 
 
@@ -187,11 +191,16 @@ def is_mha_out_proj(site: dict[str, Any]) -> bool:
     return site.get("module_type") == "MultiheadAttention" and site["path"].endswith(".out_proj")
 
 
-def mha_out_proj_paths(paths: list[str]) -> list[str]:
-    """The ``<mha>.out_proj`` paths of a file whose ``<mha>`` holds adapter tensors too: HF PEFT adapted the
-    MultiheadAttention ``<mha>`` (its ``target_modules`` names only ``<mha>``)."""
+_MHA_OUT = ".base_layer.out_proj"
+
+
+def mha_out_proj_paths(paths: list[str]) -> dict[str, tuple[str, str]]:
+    """HF path → (peftfx site key, HF path of its attention module) for every ``<mha>.base_layer.out_proj`` of a
+    file whose ``<mha>`` holds adapter tensors too: HF PEFT adapted the MultiheadAttention ``<mha>`` as a whole
+    (its ``target_modules`` names only ``<mha>``, and its rank and alpha hold for both projections)."""
     have = set(paths)
-    return [p for p in paths if p.endswith(".out_proj") and p[: -len(".out_proj")] in have]
+    return {p: (p[: -len(_MHA_OUT)] + ".out_proj", p[: -len(_MHA_OUT)]) for p in paths
+            if p.endswith(_MHA_OUT) and p[: -len(_MHA_OUT)] in have}
 
 
 def hf_shape(record: AdapterRecord, vector: torch.Tensor, position: str) -> torch.Tensor:

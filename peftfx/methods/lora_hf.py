@@ -48,17 +48,19 @@ class LoRAConverter:
                 "conversion=...)).")
         cls = DoRA if config.get("use_dora") else LoRA
         r, alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
-        paths = adapter_paths(tensors, "lora_")
+        hf_paths = adapter_paths(tensors, "lora_")
+        mha_out = mha_out_proj_paths(hf_paths)    # HF adapted these MultiheadAttentions whole: their out_proj too
+        paths = [mha_out[p][0] if p in mha_out else p for p in hf_paths]
         groups: dict[tuple[int, Any], list[str]] = {}
-        for p in paths:
-            key = (int(pattern_value(config.get("rank_pattern"), p, r)),
-                   pattern_value(config.get("alpha_pattern"), p, alpha))
+        for p, hp in zip(paths, hf_paths):
+            src = mha_out[hp][1] if hp in mha_out else p
+            key = (int(pattern_value(config.get("rank_pattern"), src, r)),
+                   pattern_value(config.get("alpha_pattern"), src, alpha))
             groups.setdefault(key, []).append(p)
         common = dict(dropout=float(config.get("lora_dropout", 0.0)), rslora=bool(config.get("use_rslora")))
         base = hf_targets(config, paths)
-        mha_out = mha_out_proj_paths(paths)
-        if mha_out:                     # HF adapted these MultiheadAttentions whole: their out_proj too
-            base = base | select.name(*mha_out)
+        if mha_out:
+            base = base | select.name(*(k for k, _ in mha_out.values()))
         others = [p for g, ps in groups.items() if g != (r, alpha) for p in ps]
         rules = []
         if not others or (r, alpha) in groups:
@@ -92,7 +94,7 @@ class LoRAConverter:
         _check_mha_pairs(records, {e[0]: e[1:3] for e in entries})
         (r, rslora, alpha), _ = Counter((e[1], e[3].rslora, e[3].alpha) for e in entries).most_common(1)[0]
         rank_pattern, alpha_pattern = {}, {}
-        out_projs = {rec.site["path"] for rec in records if is_mha_out_proj(rec.site)}
+        out_projs = {module_path(rec) for rec in records if is_mha_out_proj(rec.site)}
         entries = [e for e in entries if e[0] not in out_projs]   # they follow their attention module in HF
         for path, rank, scaling, _rule in entries:
             if rank != r:
@@ -115,6 +117,8 @@ def _check_mha_pairs(records: list[AdapterRecord], rank_scaling: dict[str, tuple
     mha = {rec.site["path"] for rec in records
            if rec.site.get("module_type") == "MultiheadAttention" and not is_mha_out_proj(rec.site)}
     outs = {rec.site["path"][: -len(".out_proj")] for rec in records if is_mha_out_proj(rec.site)}
+    out_key = {m: module_path(rec) for rec in records if is_mha_out_proj(rec.site)
+               for m in [rec.site["path"][: -len(".out_proj")]]}
     for m in sorted(mha ^ outs):
         have, lack = (m, f"{m}.out_proj") if m in mha else (f"{m}.out_proj", m)
         raise CheckpointError(
@@ -123,8 +127,8 @@ def _check_mha_pairs(records: list[AdapterRecord], rank_scaling: dict[str, tuple
             f"Select both (select.name({m!r}, {m + '.out_proj'!r}) or select.type('MultiheadAttention')) or save "
             "in the peftfx format.")
     for m in sorted(mha):
-        if rank_scaling[m] != rank_scaling[f"{m}.out_proj"]:
+        if rank_scaling[m] != rank_scaling[out_key[m]]:
             raise CheckpointError(
                 f"the MultiheadAttention {m!r} has LoRA rank/scaling {rank_scaling[m]} on its in-projection and "
-                f"{rank_scaling[m + '.out_proj']} on its out_proj; HF PEFT gives both one rank and one alpha. Use one "
+                f"{rank_scaling[out_key[m]]} on its out_proj; HF PEFT gives both one rank and one alpha. Use one "
                 "rule for both or save in the peftfx format.")
