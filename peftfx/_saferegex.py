@@ -12,6 +12,7 @@ needs them. Only whole-string matching (``re.fullmatch``) is offered: that is wh
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from ._errors import RuleError
@@ -22,8 +23,6 @@ try:                                   # Python ≥ 3.11
 except ImportError:                    # pragma: no cover - Python 3.10
     import sre_constants as C          # type: ignore[no-redef]
     import sre_parse as P              # type: ignore[no-redef]
-
-import re
 
 __all__ = ["SafeRegex", "compile_safe", "MAX_PATTERN", "MAX_PROGRAM"]
 
@@ -75,7 +74,6 @@ class _Compiler:
 
     # ---------------------------------------------------------------------------------- char predicates
     def pred(self, op, av, flags: int) -> Callable[[str], bool]:
-        ascii_only = bool(flags & C.SRE_FLAG_ASCII)
         if op is C.LITERAL:
             base = lambda c, x=chr(av): c == x                         # noqa: E731
         elif op is C.NOT_LITERAL:

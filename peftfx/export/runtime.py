@@ -221,9 +221,8 @@ class Runtime:
             opts.add_active_adapter(entry[0])
         try:
             values = self.session.run(self.outputs, feeds, opts)
-        except Exception as e:          # ORT's own errors (InvalidArgument, Fail …), past the checks above
-            raise ExportError(f"ONNX Runtime could not run {os.path.basename(self.path)}: "
-                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}") from None
+        except Exception as e:          # ORT's own errors (InvalidArgument, Fail …), past the checks in run()
+            raise self._ort_error(e) from None
         return dict(zip(self.outputs, values))
 
     def _execute_bound(self, feeds: dict[str, Any], entry) -> dict[str, Any]:
@@ -246,9 +245,13 @@ class Runtime:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as e:          # ORT's own errors, past the checks in run()
-            raise ExportError(f"ONNX Runtime could not run {os.path.basename(self.path)}: "
-                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}") from None
+            raise self._ort_error(e) from None
         return dict(zip(self.outputs, binding.get_outputs()))
+
+    def _ort_error(self, e: Exception) -> ExportError:
+        text = str(e).strip()
+        return ExportError(f"ONNX Runtime could not run {os.path.basename(self.path)}: "
+                           f"{text.splitlines()[0][:300] if text else type(e).__name__}")
 
     # ------------------------------------------------------------------------------------------- generation
     def generate(self, input_ids: Any, max_new_tokens: int = 32, *, eos_token_id: int | None = None,
