@@ -167,7 +167,8 @@ class _Compiler:
 
 class SafeRegex:
     """A compiled selector regex: ``SafeRegex(pattern).fullmatch(text)`` is ``re.fullmatch(pattern, text) is not
-    None`` for every pattern it accepts, in time linear in ``len(text)``."""
+    None`` for every pattern it accepts, in time linear in ``len(text)`` (case-insensitive matching compares a
+    character's lower and upper forms, which agrees with ``re`` except for a few special Unicode case foldings)."""
 
     def __init__(self, pattern: str):
         if not isinstance(pattern, str):
