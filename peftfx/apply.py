@@ -44,7 +44,7 @@ def apply(model: nn.Module, rules: Any, example_inputs: Any = None, *, dynamic: 
     file. The model's base weights are shared (not copied) and set to ``requires_grad=False``; nothing
     about the model changes if any rule fails to match or conflicts."""
     rules = rules_from_data(rules)
-    pm = trace(model, example_inputs, dynamic=dynamic, training=model.training)   # the other mode: on first use
+    pm = trace(model, example_inputs, dynamic=dynamic)   # train mode; eval (and other inputs): traced on first use
     return apply_to_graph(pm, rules, fill=fill)
 
 

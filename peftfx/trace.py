@@ -99,8 +99,7 @@ def _dynamic_shapes(kwargs: dict[str, Any], dynamic: bool, model: nn.Module | No
         var_kw = next((n for n, p in params.items() if p.kind == p.VAR_KEYWORD), None)
         extra = [n for n in spec if n not in params]
         if var_kw and extra:
-            nested = {n: spec.pop(n) for n in extra}
-            spec[var_kw] = nested if any(v is not None for v in nested.values()) else None
+            spec[var_kw] = {n: spec.pop(n) for n in extra}
     return spec
 
 

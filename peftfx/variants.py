@@ -54,7 +54,10 @@ def enable_variants(pm: PeftModel) -> PeftModel:
     pm.__dict__["_peftfx_variants"] = Variants(source, key, dynamic)
     sig = inspect.signature(source.forward)
     this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    pm.__dict__["_peftfx_signature"] = sig.replace(parameters=[this, *sig.parameters.values()])
+    # without **kwargs: Trainer then passes no num_items_in_batch (torch.export cannot take a forward's **kwargs
+    # tensors here); return_dict and the like are still accepted by Variants.bind
+    named = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    pm.__dict__["_peftfx_signature"] = sig.replace(parameters=[this, *named])
     type(pm).forward.__signature__ = pm.__dict__["_peftfx_signature"]
     return pm
 
@@ -215,12 +218,20 @@ class Variants:
 
 def not_replayable(home: PeftModel) -> str | None:
     """Why ``home``'s adapters cannot be replayed on a fresh trace, or None."""
+    origin = home.__dict__.get("_peftfx_origin")
+    known = set() if origin is None else (
+        {n for n, _ in origin[0].named_parameters(remove_duplicate=False)})
+    adapters = tuple(a + "." for a in home.peft_info.adapters)
     for n in home.graph.nodes:
         meta = n.meta.get("peftfx", {})
         if "dequant_of" in meta:
             return "this model has a quantized base (peftfx.quantize)"
         if "folded_from" in meta:
             return "this model has folded adapters (peftfx.fold)"
+        if (n.op == "get_attr" and origin is not None and n.target not in known
+                and not str(n.target).startswith(adapters)
+                and isinstance(_tensor(home, str(n.target)), nn.Parameter)):
+            return f"this model reads weight {n.target}, which the original module does not have (a merge untied it)"
     return None
 
 
