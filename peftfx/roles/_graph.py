@@ -77,17 +77,34 @@ def attention_nodes(graph: fx.Graph) -> list[Attention]:
 
 def _eager_attention(softmax: fx.Node) -> Attention | None:
     scores = walk_back(softmax.args[0], lambda n: n.target in SCORES, limit=6)
-    # the probabilities may also leave the block (nn.MultiheadAttention's need_weights averages them): the one
-    # chain of single users from the softmax that reaches a batched matmul is the probs @ v
-    users = {walk_single(u, lambda n: n.target in BATCH_MM, limit=5, forward=True) for u in softmax.users}
-    users.discard(None)
-    probs_user = users.pop() if len(users) == 1 else None
+    probs_user = _probs_times_v(softmax)
     if scores is None or probs_user is None or scores.target is aten.einsum.default:
         return None
     # baddbmm(bias, q, kᵀ): scores with an additive bias fused in (BLOOM's ALiBi)
     q, kt = scores.args[1:3] if scores.target is aten.baddbmm.default else scores.args[:2]
     v = probs_user.args[1]
     return (softmax, q, kt, v, probs_user)
+
+
+def _probs_times_v(softmax: fx.Node, limit: int = 5) -> fx.Node | None:
+    """The one batched matmul, within ``limit`` steps, that takes the probabilities (through dropout, casts, a head
+    mask, views) as its first operand. The probabilities may also leave the block on the way (``nn.MultiheadAttention`` with
+    ``need_weights`` returns them, after dropout in training), so forks are followed, not refused."""
+    hits, frontier, seen = set(), [softmax], {softmax}
+    for _ in range(limit):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen or u.op not in ("call_function", "call_module"):
+                    continue
+                seen.add(u)
+                if u.target in BATCH_MM:
+                    if u.args and u.args[0] is n:
+                        hits.add(u)
+                elif is_tensor(u):
+                    nxt.append(u)
+        frontier = nxt
+    return hits.pop() if len(hits) == 1 else None
 
 
 def walk_back(start: Any, pred: Callable[[fx.Node], bool], limit: int) -> fx.Node | None:

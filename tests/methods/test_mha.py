@@ -112,6 +112,16 @@ def test_in_projection_is_a_site_with_qkv_slices_and_out_proj_is_attn_o(need_wei
     assert (out.weight, out.roles, out.module_type) == ("mha.out_proj.weight", {"attn.o"}, "MultiheadAttention")
 
 
+def test_roles_found_in_training_with_attention_dropout():
+    """In training the returned attention weights are the dropout's output: the probabilities fork after dropout."""
+    torch.manual_seed(0)
+    model = AttnNet()
+    model.mha.dropout = 0.1
+    sites = {s.key: s for s in peftfx.inspect(model.train(), None, {"input_ids": IDS}).plan.sites}
+    assert sites["mha"].slices == {"attn.q": (0, E), "attn.k": (E, 2 * E), "attn.v": (2 * E, 3 * E)}
+    assert sites["mha.out_proj"].roles == {"attn.o"}
+
+
 # ------------------------------------------------------------------------------------------------- LoRA
 @pytest.mark.parametrize("targets", [select.type("MultiheadAttention"), select.name("mha", "mha.out_proj"),
                                      select.role("attn.qkv", "attn.o")])
