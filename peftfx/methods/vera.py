@@ -77,7 +77,7 @@ class VeRA(MethodConfig):
 
         sites = find_sites(graph.owning_module)
         assign_roles(graph, sites)
-        taken = [s for s in sites if self.selector.matches(s) and self.decline(s) is None]
+        taken = [s for s in sites if self.selector.matches(s) and (self.decline_kind(s) or self.decline(s)) is None]
         return max(s.out_features for s in taken), max(s.in_features for s in taken)
 
 

@@ -92,8 +92,8 @@ def quantize(pm: PeftModel, bits: int = 4, targets: Any = None, *, source: Any =
     sites = find_sites(pm)
     assign_roles(pm.graph, sites)
     done = set(quantized_weights(pm))
-    chosen = {s.weight: s.kind for s in sites if sel.matches(s) and s.weight not in done
-              and (targets is not None or s.kind != "embedding")}
+    chosen = {s.weight: s.kind for s in sites if sel.matches(s) and s.weight not in done and s.kind != "conv"
+              and (targets is not None or s.kind != "embedding")}      # convolutions: not quantized
     if not chosen:
         raise NoMatchError(f"quantize: targets {sel.to_dict()} select no unquantized weight matmul of this model "
                            f"({len(sites)} sites, {len(done)} already quantized); see peftfx.inspect(model).")
