@@ -297,3 +297,22 @@ def test_transposed_convolution_is_named_as_unsupported():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 2))
     with pytest.raises(peftfx.RuleError, match=r"'1' \(ConvTranspose2d\): a transposed convolution"):
         peftfx.apply(model, LoRA(rank=2, targets=select.name("0", "1")), X)
+
+
+# ------------------------------------------------------------------------------ checkpoint, composition, ONNX
+def test_lora_and_ia3_compose_on_convs_round_trip_and_export(tmp_path):
+    base = _cnn()
+    rules = [LoRA(rank=2, targets=select.type("Conv2d", "Conv1d")), IA3(targets=select.name("conv", "conv1d"))]
+    ours = peftfx.apply(copy.deepcopy(base), rules, X)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    out = _run(ours)
+    peftfx.save_adapter(ours, tmp_path / "a")
+    again = peftfx.load_adapter(copy.deepcopy(base), tmp_path / "a", X)
+    assert (_run(again) - out).abs().max().item() < TOL_W
+    assert (_run(peftfx.merge(again)) - out).abs().max().item() < TOL             # LoRA then IA3, folded in order
+    report = peftfx.export_onnx(again, str(tmp_path / "cnn.onnx"), X)            # merged, verified in ORT
+    assert report.checks and report.max_abs < 1e-4
