@@ -15,6 +15,11 @@ Merging adds ΔW[o, i, κ] = s Σ_j B[o, j] A[j, i, κ] (exactly B ⊛ A, as HF 
 groups, the weight is not): it stays in the graph. Unlike HF PEFT, A keeps the site's dilation (HF's A drops it,
 so its output no longer lines up with the base's).
 
+``nn.MultiheadAttention`` is two linear sites, its in-projection ``mha`` (``in_proj_weight`` [3E, E], one pair for
+all of q/k/v by default, or per selected slice with ``fused="split"``) and ``mha.out_proj``: targeting both gives
+Hugging Face PEFT's MultiheadAttention LoRA (same pairs, counts and W + ΔW; HF applies no LoRA dropout there, since
+it merges before each forward, while ``dropout`` here acts on the projections' input as on any linear).
+
 A fused projection (GPT-2's ``c_attn``) takes one pair for the whole weight (``fused="joint"``, as HF PEFT) or,
 with ``fused="split"``, one pair per selected q/k/v slice, laid out block-wise so that the update is still one
 low-rank product B_full A_full whose rows outside the selected slices are zero.
