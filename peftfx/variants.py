@@ -272,7 +272,8 @@ def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool) -
         p = plan(pm, info.rules, allow_empty=True)
     except PeftfxError as e:
         raise PeftfxError(f"the model's rules do not plan on {where}: {e}") from e
-    sites = {adapter_name(pm, m.site.key, m.rule.name): m.site for m in p.matches}
+    live = {r.rule_index for r in info.adapters.values()}       # a rule whose adapter was deleted takes no sites
+    sites = {adapter_name(pm, m.site.key, m.rule.name): m.site for m in p.matches if m.rule_index in live}
     for name, spec in info.multi.get("adapters", {}).items():   # named adapters added later (peftfx.multi)
         if name != "default":
             sites.update((adapter_name(pm, m.site.key, m.rule.name), m.site)
