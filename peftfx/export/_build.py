@@ -184,7 +184,11 @@ def resize_inputs(inputs: Mapping[str, torch.Tensor], axes: Mapping[str, dict[in
 def strip_adapters(pm) -> Any:
     """A fork of ``pm`` computing the base model: every adapter node is cut out (an output adapter's node is
     replaced by the site's output, an input adapter's by its input). Parameters are shared, nothing is changed."""
-    return remove_adapters_pass(pm.fork(), keep_modules=True).graph_module
+    out = remove_adapters_pass(pm.fork(), keep_modules=True).graph_module
+    # a single-graph model: the fork's other (mode, signature) graphs would be re-traced from the original module
+    # with the adapters spliced back in (peftfx.variants), which is not the base model
+    out.__dict__.pop("_peftfx_variants", None)
+    return out
 
 
 @contextlib.contextmanager
