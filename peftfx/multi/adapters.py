@@ -114,9 +114,18 @@ def _check_new(pm: PeftModel, name: Any, rules: list) -> None:
                         "with peftfx.apply() (they stay always on).")
 
 
+_KINDS = ("linear", "linear_t", "embedding")      # what MultiLoRA holds (see .container)
+
+
 def _build(pm: PeftModel, rules: list) -> dict[str, tuple[Any, nn.Module]]:
     out: dict[str, tuple[Any, nn.Module]] = {}
-    for m in plan(pm, rules).matches:
+    matches = plan(pm, rules).matches
+    other = sorted({m.site.key for m in matches if m.site.kind not in _KINDS})
+    if other:
+        raise RuleError(f"named adapters hold LoRA on linear and embedding sites; the rules also select "
+                        f"{other[:3]} (a {next(m.site.kind for m in matches if m.site.key == other[0])} site). "
+                        "Narrow the targets (e.g. & ~select.type('Conv2d')) or apply LoRA there with peftfx.apply().")
+    for m in matches:
         rec = adapter_name(pm, m.site.key, m.rule.name)
         module = m.rule.build(m.site, _site_weight(pm, m.site.weight), m.roles)
         out[rec] = (m, module)

@@ -316,3 +316,11 @@ def test_lora_and_ia3_compose_on_convs_round_trip_and_export(tmp_path):
     assert (_run(peftfx.merge(again)) - out).abs().max().item() < TOL             # LoRA then IA3, folded in order
     report = peftfx.export_onnx(again, str(tmp_path / "cnn.onnx"), X)            # merged, verified in ORT
     assert report.checks and report.max_abs < 1e-4
+
+
+def test_named_adapters_refuse_conv_sites_clearly_and_change_nothing():
+    ours = peftfx.apply(_cnn(), LoRA(rank=2, targets=select.type("Conv2d")), X)
+    before = _run(ours)
+    with pytest.raises(peftfx.RuleError, match="named adapters hold LoRA on linear and embedding sites"):
+        peftfx.add_adapter(ours, "b", LoRA(rank=2, targets=select.type("Conv2d")))
+    assert peftfx.adapter_names(ours) == [] and torch.equal(_run(ours), before)
