@@ -221,8 +221,18 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
+def _single_graph(work):
+    """A fork of ``work`` that runs its own graph only (no per-mode/signature variants, which are re-traced from the
+    original module and read the weights through other modules: torch.export would lift them as nameless constants)."""
+    if getattr(work, "peft_variants", None) is None:
+        return work
+    out = work.fork()
+    out.__dict__.pop("_peftfx_variants", None)
+    return out
+
+
 def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict) -> ExportReport:
-    work, inputs, entries = plan["model"], plan["inputs"], plan["entries"]
+    work, inputs, entries = _single_graph(plan["model"]), plan["inputs"], plan["entries"]
     t = time.perf_counter()
     flat = FlatModule(work, list(inputs), [e.path for e in entries])
     args = tuple(inputs.values()) + tuple(work.get_parameter(e.path).detach() for e in entries)
