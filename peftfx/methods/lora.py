@@ -104,6 +104,17 @@ def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / (math.sqrt(rank) if rslora else rank)
 
 
+def init_lora_A(a: nn.Parameter, init: str, rank: int) -> None:
+    """LoRA's A at init, as HF PEFT: ``"gaussian"`` N(0, 1/r), else Kaiming-uniform (a = √5); B stays zero.
+    Tensors on the meta device have no values to fill."""
+    if a.device.type == "meta":
+        return
+    if init == "gaussian":
+        nn.init.normal_(a, std=1.0 / rank)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+
 class LoRALinear(AdapterModule):
     """``forward(x, y) = y + s · (dropout(x) Aᵀ) B_fullᵀ``; ``B_full`` places each slice's B in its rows."""
 
@@ -119,11 +130,7 @@ class LoRALinear(AdapterModule):
         rows = sum(e - s for s, e in self.spans)
         self.lora_B = nn.Parameter(torch.zeros(rows, rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if self.lora_A.device.type != "meta":
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / rank)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        init_lora_A(self.lora_A, init, rank)
 
     def full_B(self) -> torch.Tensor:
         """B as ``[out, rank·n]``: slice i's rows hold B_i in columns i·r…(i+1)·r, zeros elsewhere."""
@@ -191,11 +198,7 @@ class LoRAConv(AdapterModule):
         self.lora_B = nn.Parameter(torch.zeros(out_channels, rank // spec.groups, *([1] * spec.dims), device=device,
                                                dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if self.lora_A.device.type != "meta":
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / rank)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        init_lora_A(self.lora_A, init, rank)
 
     def delta(self) -> torch.Tensor:
         """ΔW = s · B ⊛ A as ``[out, in, *kernel]``: ΔW[o, i, κ] = s Σ_j B[o, j] A[j, i, κ] (groups 1)."""
