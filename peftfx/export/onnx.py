@@ -32,9 +32,9 @@ from .._fs import make_temp_dir
 from .._version import __version__
 from ..apply import fold, merge, unmerge
 from ..model import PeftModel
-from ._moe import grouped_mm_translations
 from ._build import (FlatModule, dynamic_axes, export_program, flatten_outputs, keep_modes, rename_dims,
                      tensor_inputs)
+from ._moe import grouped_mm_translations
 
 __all__ = ["export_onnx", "ExportReport", "DEFAULT_OPSET", "TOLERANCE"]
 
