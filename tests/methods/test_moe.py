@@ -114,8 +114,8 @@ def test_lora_experts_matches_hf_target_parameters(arch, tmp_path):
         for name, p in pm.named_parameters():
             if not p.requires_grad:
                 continue
-            site, pname = name.rsplit(".lora.", 1)
-            if site.endswith(("gate_up_proj", "down_proj")):
+            site, pname = name.rsplit(".lora.", 1) if ".lora." in name else name.rsplit("_lora.", 1)
+            if site.endswith(("gate_up_proj", "down_proj")):     # an adapter on a parameter: "<param>_lora"
                 module, param = site.rsplit(".", 1)
                 key = f"base_model.model.{module}.{'base_layer.' if param == 'gate_up_proj' else ''}{pname}.default.weight"
             else:
@@ -128,7 +128,7 @@ def test_lora_experts_matches_hf_target_parameters(arch, tmp_path):
     pm.train(), hf.train()
     pm(input_ids=IDS).logits.pow(2).mean().backward()
     hf(input_ids=IDS).logits.pow(2).mean().backward()
-    a = pm.get_submodule("model.layers.0.mlp.experts.down_proj.lora").lora_B.grad
+    a = pm.get_submodule("model.layers.0.mlp.experts.down_proj_lora").lora_B.grad
     b = hf.base_model.model.model.layers[0].mlp.experts.lora_B["default"].weight.grad
     assert a.abs().max() > 0 and (a - b).abs().max() <= TOL
 
@@ -203,7 +203,7 @@ def test_ia3_default_covers_expert_down_against_pytorch():
             for proj in ("k_proj", "v_proj"):
                 l = pm.get_submodule(f"model.layers.{i}.self_attn.{proj}.ia3").ia3_l
                 getattr(layer.self_attn, proj).weight.mul_(l[:, None])
-            l = pm.get_submodule(f"model.layers.{i}.mlp.experts.down_proj.ia3").ia3_l     # [E, I]
+            l = pm.get_submodule(f"model.layers.{i}.mlp.experts.down_proj_ia3").ia3_l     # [E, I]
             layer.mlp.experts.down_proj.mul_(l[:, None, :])
     assert (out - _logits(ref)).abs().max() <= TOL
     merged = peftfx.merge(pm)
@@ -216,7 +216,7 @@ def test_ia3_default_covers_expert_down_against_pytorch():
 def test_ia3_on_the_up_slice_and_with_lora_on_one_expert_weight():
     rules = [LoRA(rank=2, targets=select.role("mlp.experts.up")), IA3(targets=select.role("mlp.experts.up"))]
     pm = peftfx.apply(_mixtral(), rules, EX)
-    ia3 = pm.get_submodule("model.layers.0.mlp.experts.gate_up_proj.ia3")
+    ia3 = pm.get_submodule("model.layers.0.mlp.experts.gate_up_proj_ia3")
     assert tuple(ia3.ia3_l.shape) == (4, 48)       # only the up rows [48, 96) of gate_up_proj
     _randomize(pm, std=0.3)
     pm.eval()
@@ -224,9 +224,9 @@ def test_ia3_on_the_up_slice_and_with_lora_on_one_expert_weight():
     ref = _mixtral()
     with torch.no_grad():
         for i, layer in enumerate(ref.model.layers):
-            lora = pm.get_submodule(f"model.layers.{i}.mlp.experts.gate_up_proj.lora")
+            lora = pm.get_submodule(f"model.layers.{i}.mlp.experts.gate_up_proj_lora")
             scale = torch.ones(4, 96)
-            scale[:, 48:] = pm.get_submodule(f"model.layers.{i}.mlp.experts.gate_up_proj.ia3").ia3_l
+            scale[:, 48:] = pm.get_submodule(f"model.layers.{i}.mlp.experts.gate_up_proj_ia3").ia3_l
             w = layer.mlp.experts.gate_up_proj
             w.copy_((w + lora.delta()) * scale[:, :, None])     # rule order: LoRA, then IA3 on its output
     assert (out - _logits(ref)).abs().max() <= TOL
