@@ -59,18 +59,7 @@ class LoRAConverter:
                    pattern_value(config.get("alpha_pattern"), src, alpha))
             groups.setdefault(key, []).append(p)
         common = dict(dropout=float(config.get("lora_dropout", 0.0)), rslora=bool(config.get("use_rslora")))
-        base = hf_targets(config, paths)
-        if mha_out:
-            base = base | select.name(*(k for k, _ in mha_out.values()))
-        others = [p for g, ps in groups.items() if g != (r, alpha) for p in ps]
-        rules = []
-        if not others or (r, alpha) in groups:
-            rules.append(cls(rank=r, alpha=alpha, targets=base & ~select.name(*others) if others else base,
-                             **common))
-        rules += [cls(rank=g[0], alpha=g[1], targets=select.name(*ps), **common)
-                  for g, ps in groups.items() if g != (r, alpha)]
-        if not hf_paths:
-            rules = []
+        rules = _module_rules(cls, config, r, alpha, paths, mha_out, groups, common) if hf_paths else []
         if experts:
             rules.append(cls(rank=r, alpha=alpha, targets=select.type("experts")
                              & select.name(*config["target_parameters"]), **common))
@@ -124,6 +113,20 @@ class LoRAConverter:
         if params:
             fields["target_parameters"] = sorted(p[0] for p in params)
         return fields, tensors
+
+
+def _module_rules(cls, config, r, alpha, paths, mha_out, groups, common) -> list:
+    """The rules for the module targets of an HF LORA file (one per (rank, alpha) group)."""
+    base = hf_targets(config, paths)
+    if mha_out:
+        base = base | select.name(*(k for k, _ in mha_out.values()))
+    others = [p for g, ps in groups.items() if g != (r, alpha) for p in ps]
+    rules = []
+    if not others or (r, alpha) in groups:
+        rules.append(cls(rank=r, alpha=alpha, targets=base & ~select.name(*others) if others else base, **common))
+    rules += [cls(rank=g[0], alpha=g[1], targets=select.name(*ps), **common)
+              for g, ps in groups.items() if g != (r, alpha)]
+    return rules
 
 
 def _check_mha_pairs(records: list[AdapterRecord], rank_scaling: dict[str, tuple[int, float]]) -> None:
