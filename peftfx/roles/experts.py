@@ -32,7 +32,7 @@ _DEPTH = 24
 
 
 @register_detector("experts", roles=("mlp.experts.up", "mlp.experts.gate", "mlp.experts.down", "mlp.router"),
-                   order=25, after="mlp")
+                   order=22, after="mlp")
 def detect_experts(ctx: RoleContext) -> None:
     experts = [s for s in ctx.sites if s.kind == "experts"]
     if not experts:
