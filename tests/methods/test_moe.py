@@ -5,7 +5,6 @@ export with ONNX Runtime parity at shapes unlike the example — on tiny Mixtral
 4 experts, top-2, 2 layers), with the experts run by their default grouped matmul and by ``batched_mm``."""
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
