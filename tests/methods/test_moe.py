@@ -5,7 +5,6 @@ export with ONNX Runtime parity at shapes unlike the example — on tiny Mixtral
 4 experts, top-2, 2 layers), with the experts run by their default grouped matmul and by ``batched_mm``."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -252,3 +251,22 @@ def test_export_onnx_ort_parity(arch, impl, tmp_path):
     got = sess.run(["logits"], {"input_ids": ids.numpy()})[0]
     ref = _logits(pm, ids).numpy()
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_eager_experts_trace_as_batched_mm():
+    """Experts set to "eager" (a data-dependent loop torch.export cannot trace) are traced as batched_mm; the
+    model keeps its setting, and the result equals HF PEFT running the eager loop."""
+    model = _mixtral("eager")
+    pm = peftfx.apply(model, LoRA(rank=2, alpha=4.0, targets=select.expert()), EX)
+    assert model.get_experts_implementation()[""] == "eager"
+    assert {s["experts"]["consumer"] for s in (r.site for r in pm.peft_info.adapters.values())} == {"bmm"}
+    hf = _hf_lora(_mixtral("eager"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad:
+                site, pname = name.rsplit("_lora.", 1)
+                module, param = site.rsplit(".", 1)
+                nest = "base_layer." if param == "gate_up_proj" else ""
+                p.copy_(hf.get_parameter(f"base_model.model.{module}.{nest}{pname}.default.weight"))
+    pm.eval()
+    assert (_logits(pm) - _logits(hf)).abs().max() <= TOL
