@@ -31,7 +31,7 @@ from torch import nn
 from .._errors import PassError
 from .base import AdapterModule
 
-__all__ = ["LoRAExperts", "IA3Experts", "lora_experts", "ia3_experts", "decline_experts_lora"]
+__all__ = ["IA3Experts", "LoRAExperts", "decline_experts_lora", "ia3_experts", "lora_experts"]
 
 _PIECES = ("mlp.experts.gate", "mlp.experts.up")
 
@@ -44,12 +44,12 @@ def decline_experts_lora(config, site) -> str | None:
     return None
 
 
-def lora_experts(config, site, weight: torch.Tensor) -> "LoRAExperts":
+def lora_experts(config, site, weight: torch.Tensor) -> LoRAExperts:
     return LoRAExperts(site.experts.num_experts, site.in_features, site.out_features, config.rank, config.scaling,
                        config.init, site.experts.transposed, device=weight.device, dtype=weight.dtype)
 
 
-def ia3_experts(site, weight: torch.Tensor, roles, feedforward: bool) -> "IA3Experts":
+def ia3_experts(site, weight: torch.Tensor, roles, feedforward: bool) -> IA3Experts:
     spec, n = site.experts, (site.in_features if feedforward else site.out_features)
     spans = [(0, n)]
     chosen = [r for r in _PIECES if r in roles and r in site.slices]
