@@ -277,7 +277,7 @@ def _layers(x: Any, whole: Any = None) -> tuple[int, ...]:
 
 class select:
     """Selector constructors: ``select.name``, ``select.regex``, ``select.type``, ``select.layer``,
-    ``select.role``, ``select.all``, and ``select.from_dict`` for the data form."""
+    ``select.role``, ``select.expert``, ``select.all``, and ``select.from_dict`` for the data form."""
 
     @staticmethod
     def name(*patterns: str) -> Selector:
@@ -300,6 +300,19 @@ class select:
     @staticmethod
     def role(*patterns: str) -> Selector:
         return _any([_Role(p) for p in patterns], "role")
+
+    @staticmethod
+    def expert(*parts: str) -> Selector:
+        """Mixture-of-experts weights: ``select.expert()`` every 3-D expert weight (site kind ``experts``);
+        ``select.expert("up", "down")`` those with roles ``mlp.experts.up``/``mlp.experts.down`` (``"gate"`` too,
+        globs allowed); ``"router"`` adds the router (role ``mlp.router``). Sugar: the data form is the type/role
+        selector it builds."""
+        if not parts:
+            return _Type(("experts",))
+        for p in parts:
+            if not isinstance(p, str) or not p:
+                raise RuleError(f"select.expert() takes parts such as 'up', 'gate', 'down', 'router', got {_quote(p)}")
+        return _any([_Role("mlp.router" if p == "router" else f"mlp.experts.{p}") for p in parts], "expert")
 
     @staticmethod
     def all() -> Selector:

@@ -14,6 +14,14 @@ Kinds (:data:`KINDS`; a method takes only the kinds in its ``site_kinds`` whitel
                  ``aten.convolution`` — ``nn.Conv1d/2d/3d``; the weight ``[out, in/groups, *kernel]`` is kept as
                  stored (its canonical form is itself) and ``site.conv`` holds stride, padding, dilation, groups.
                  Transposed convolutions are not sites.
+  ``experts``    a 3-D parameter holding one matrix per expert (transformers-5 MoE blocks: ``experts.gate_up_proj``
+                 ``[E, 2I, H]``, ``experts.down_proj`` ``[E, H, I]``) whose every use is a product with an
+                 activation: gathered by expert id and multiplied (``index`` → ``bmm``, the ``batched_mm``
+                 implementation), read whole by a grouped matmul (``transformers.grouped_mm_fallback`` /
+                 ``aten._grouped_mm``, through a transpose), or picked per expert (``select`` → ``linear``/``mm``).
+                 The site is the parameter itself (its ``get_attr`` node; key = the parameter's qualified name);
+                 adapters act on the weight as stored (``W ↦ W + ΔW`` per expert), so every consumer sees them.
+                 ``site.experts`` holds the expert count and whether each expert matrix is stored ``[in, out]``.
 
 A site's ``path`` is the module that owns its weight when that is a submodule of the module that ran the op
 (``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``: the site is ``mha.out_proj``,
@@ -29,12 +37,12 @@ import torch
 from torch import fx
 
 __all__ = ["Site", "ConvSpec", "find_sites", "canonical_weight", "site_input", "set_site_input", "conv_spec",
-           "WEIGHT_INDEX", "KINDS", "Unadaptable", "unadaptable_modules"]
+           "WEIGHT_INDEX", "KINDS", "Unadaptable", "unadaptable_modules", "ExpertSpec"]
 
 aten = torch.ops.aten
 
 #: kind → how the stored weight relates to the canonical [out, in] matrix
-KINDS = ("linear", "linear_t", "embedding", "conv")
+KINDS = ("linear", "linear_t", "embedding", "conv", "experts")
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,23 @@ class ConvSpec:
                 "padding": self.padding if isinstance(self.padding, str) else list(self.padding)}
 
 
+@dataclass(frozen=True)
+class ExpertSpec:
+    """How a 3-D expert weight ``[E, a, b]`` is used: ``transposed`` when each expert's matrix is stored
+    ``[in, out]`` (``x @ W[e]``) rather than ``[out, in]``; ``products`` the product nodes that read it (for the role
+    detectors); ``siblings`` the expert-weight names of the owning module in registration order."""
+
+    num_experts: int
+    transposed: bool
+    consumer: str                          # op of the product: "bmm", "grouped_mm_fallback", "linear", …
+    products: tuple = ()
+    siblings: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return {"num_experts": self.num_experts, "transposed": self.transposed, "consumer": self.consumer,
+                "siblings": list(self.siblings)}
+
+
 @dataclass(eq=False)
 class Site:
     node: fx.Node
@@ -68,22 +93,28 @@ class Site:
     roles: set[str] = field(default_factory=set)
     slices: dict[str, tuple[int, int]] = field(default_factory=dict)   # role → output rows (fused QKV)
     conv: ConvSpec | None = None           # kind "conv": stride, padding, dilation, groups
+    experts: ExpertSpec | None = None      # kind "experts": expert count, orientation
 
     @property
     def in_features(self) -> int:
         """Input features (input channels of a convolution)."""
         if self.kind == "conv":
             return self.weight_shape[1] * self.conv.groups
+        if self.kind == "experts":
+            return self.weight_shape[1 if self.experts.transposed else 2]
         return self.weight_shape[1] if self.kind == "linear" else self.weight_shape[0]
 
     @property
     def out_features(self) -> int:
         """Output features (output channels of a convolution)."""
+        if self.kind == "experts":
+            return self.weight_shape[2 if self.experts.transposed else 1]
         return self.weight_shape[0] if self.kind in ("linear", "conv") else self.weight_shape[1]
 
     @property
-    def input(self) -> fx.Node:
-        """The activation operand (token ids for an embedding)."""
+    def input(self) -> fx.Node | None:
+        """The activation operand (token ids for an embedding; None for an ``experts`` weight, which adapters
+        change as a weight, whatever reads it)."""
         return site_input(self.node, self.op)
 
     @property
@@ -103,6 +134,8 @@ class Site:
                "roles": sorted(self.roles), "slices": {k: list(v) for k, v in self.slices.items()}}
         if self.conv is not None:
             out["conv"] = self.conv.describe()
+        if self.experts is not None:
+            out["experts"] = self.experts.describe()
         return out
 
 
@@ -118,8 +151,11 @@ WEIGHT_INDEX = {"linear": 1, "addmm": 2, "embedding": 0, "mm": 1, "matmul": 1,
                 "conv1d": 1, "conv2d": 1, "conv3d": 1, "convolution": 1}
 
 
-def site_input(node: fx.Node, op: str) -> fx.Node:
-    """The activation operand of a site node of the given op."""
+def site_input(node: fx.Node, op: str) -> fx.Node | None:
+    """The activation operand of a site node of the given op (None for an ``experts`` weight: its adapters are
+    called ``m(None, W)`` and return the adapted weight)."""
+    if op == "experts":
+        return None
     return node.args[_INPUT_INDEX[op]]
 
 
@@ -131,8 +167,8 @@ def set_site_input(node: fx.Node, op: str, new: fx.Node) -> None:
 
 def canonical_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """A view of ``weight`` as ``[out, in]`` (in-place updates of the view update the weight); a convolution's
-    weight ``[out, in/groups, *kernel]`` as stored."""
-    return weight if kind in ("linear", "conv") else weight.t()
+    weight ``[out, in/groups, *kernel]`` and an ``experts`` weight ``[E, a, b]`` as stored."""
+    return weight if kind in ("linear", "conv", "experts") else weight.t()
 
 
 def _param_attr(gm: fx.GraphModule, node: Any, dims: tuple[int, ...] = (2,)) -> tuple[str, torch.Tensor] | None:
@@ -239,7 +275,98 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         sites.append(Site(node=node, key=key, path=path, layer=info.get("layer"),
                           module_type=info.get("module_type", ""), op=op, kind=kind, weight=wname,
                           weight_shape=shape, bias=bias_name, conv=conv_spec(node) if kind == "conv" else None))
-    return sites
+    return _with_experts(gm, sites)
+
+
+def _with_experts(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
+    """``sites`` plus one ``experts`` site per 3-D expert weight, all in graph order (an expert weight placed at its
+    first product)."""
+    found = _expert_sites(gm)
+    if not found:
+        return sites
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    pos = {id(s): order[s.experts.products[0] if s.kind == "experts" else s.node] for s in sites + found}
+    return sorted(sites + found, key=lambda s: pos[id(s)])
+
+
+# ------------------------------------------------------------------------------------------- expert weights
+#: ops a 3-D expert weight may pass through on its way to a product: gather by expert id, pick one expert, dtype
+#: casts and aliases (the last two matrix dimensions keep their order), and transposes (they swap them)
+_KEEP = {aten.index.Tensor, aten.select.int, aten.alias.default, aten.contiguous.default, aten.clone.default,
+         aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device}
+_SWAP = {aten.transpose.int, aten.t.default, aten.numpy_T.default, aten.permute.default}
+_GROUPED = {"grouped_mm_fallback", "_grouped_mm", "grouped_mm"}      # (x, w, offs): x @ w[group]
+
+
+def _swaps(node: fx.Node) -> bool | None:
+    """Whether a transpose-like node swaps the last two dimensions (None: it moves others too)."""
+    val = node.args[0].meta.get("val")
+    nd = val.dim() if isinstance(val, torch.Tensor) else 3
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        return True
+    dims = list(node.args[1]) if node.target is aten.permute.default else None
+    if dims is None:
+        a, b = sorted(int(d) % nd for d in node.args[1:3])
+        return True if (a, b) == (nd - 2, nd - 1) else None
+    dims = [int(d) % nd for d in dims]
+    return True if dims == list(range(nd - 2)) + [nd - 1, nd - 2] else (False if dims == list(range(nd)) else None)
+
+
+def _expert_uses(node: fx.Node, flipped: bool = False, depth: int = 0) -> list[tuple[fx.Node, bool]] | None:
+    """(product node, whether each expert matrix is stored [in, out]) for every use of ``node``; None if some use
+    is not a product with an activation (through :data:`_KEEP` and :data:`_SWAP` ops)."""
+    out: list[tuple[fx.Node, bool]] = []
+    for user in node.users:
+        t, name = user.target, getattr(user.target, "_opname", "")
+        if depth > 6 or user.op != "call_function":
+            return None
+        if t in _KEEP and user.args[0] is node and not (t is aten.index.Tensor and len(user.args[1]) != 1):
+            more = _expert_uses(user, flipped, depth + 1)
+        elif t in _SWAP and user.args[0] is node and _swaps(user) is not None:
+            more = _expert_uses(user, flipped ^ _swaps(user), depth + 1)
+        elif t in (aten.bmm.default, aten.matmul.default, aten.mm.default) and user.args[0] is not user.args[1]:
+            more = [(user, flipped ^ (user.args[1] is node))]           # W @ x: [out, in]; x @ W: [in, out]
+        elif t is aten.linear.default and user.args[1] is node:
+            more = [(user, flipped)]
+        elif name in _GROUPED and len(user.args) > 1 and user.args[1] is node:
+            more = [(user, not flipped)]
+        else:
+            return None
+        if more is None:
+            return None
+        out += more
+    return out
+
+
+def _expert_sites(gm: fx.GraphModule) -> list[Site]:
+    """An ``experts`` site per 3-D floating parameter whose uses are all products with an activation agreeing on
+    the orientation of the expert matrices."""
+    found = []
+    for node in gm.graph.nodes:
+        w = _param_attr(gm, node, dims=(3,))
+        if w is None or not w[1].is_floating_point() or not node.users:
+            continue
+        uses = _expert_uses(node)
+        if not uses or len({t for _, t in uses}) != 1:
+            continue
+        first = uses[0][0]
+        info, owner = first.meta.get("peftfx", {}), node.target.rsplit(".", 1)[0] if "." in node.target else ""
+        spec = ExpertSpec(int(w[1].shape[0]), uses[0][1], _opname(first), tuple(u for u, _ in uses))
+        found.append(Site(node=node, key=node.target, path=owner, layer=node.meta.get("peftfx", {}).get("layer"),
+                          module_type=info.get("module_type", ""), op="experts", kind="experts",
+                          weight=node.target, weight_shape=tuple(w[1].shape), experts=spec))
+    by_owner: dict[str, list[str]] = {}
+    for s in found:
+        by_owner.setdefault(s.path, []).append(s.weight.rsplit(".", 1)[-1])
+    for s in found:                        # registration order of the owner's expert weights (HF nests in it)
+        try:
+            names = [n for n, _ in gm.get_submodule(s.path).named_parameters(recurse=False)] if s.path else []
+        except AttributeError:
+            names = []
+        mine = by_owner[s.path]
+        sib = [n for n in names if n in mine] + [n for n in mine if n not in names]
+        s.experts = dataclasses.replace(s.experts, siblings=tuple(sib))
+    return found
 
 
 def _path_of(node: fx.Node) -> str:

@@ -20,6 +20,7 @@ from .model import PeftModel, call_key
 from .passes.cleanup import cleanup_pass
 from .passes.dropout import mode_dropout_pass
 from .trace_cache import cached_export
+from .trace_patches import traceable_experts
 
 __all__ = ["trace", "normalize_inputs", "hf_extra_inputs"]
 
@@ -181,8 +182,10 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
     t0 = time.perf_counter()
     model.train(training)  # train: dropout is recorded in the graph; the dropout pass makes it follow the mode
     try:
-        unlifted = cached_export(model, trace_kwargs, dynamic, lambda: torch.export.export(
-            model, (), kwargs=trace_kwargs, dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic, model), strict=False).module())
+        with traceable_experts(model):      # MoE experts set to "eager" cannot be traced: batched_mm for the trace
+            unlifted = cached_export(model, trace_kwargs, dynamic, lambda: torch.export.export(
+                model, (), kwargs=trace_kwargs, dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic, model),
+                strict=False).module())
     except Exception as e:  # torch.export raises many types; say which model failed and how to proceed
         msg = str(e).strip().splitlines()
         raise TraceError(

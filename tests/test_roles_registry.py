@@ -18,6 +18,7 @@ from peftfx.sites import find_sites
 from tests import models as M
 
 BUILTIN_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.up", "mlp.gate", "mlp.down",
+                 "mlp.experts.up", "mlp.experts.gate", "mlp.experts.down", "mlp.router",
                  "embed", "embed.position", "embed.aux", "head")
 
 
@@ -48,7 +49,7 @@ def test_builtin_detectors_are_discovered_and_ordered():
     modules = {m.name for m in pkgutil.iter_modules(peftfx.roles.__path__) if not m.name.startswith("_")}
     assert {"attention", "mlp", "embedding", "head"} <= modules
     assert all(f"peftfx.roles.{m}" in sys.modules for m in modules)
-    assert [d.name for d in pipeline()] == ["attention", "mlp", "embedding", "head"]
+    assert [d.name for d in pipeline()] == ["attention", "mlp", "experts", "embedding", "head"]
     assert tuple(ROLES) == BUILTIN_ROLES and ROLES == BUILTIN_ROLES and "mlp.gate" in ROLES
 
 
@@ -66,8 +67,8 @@ def test_custom_detector_runs_in_declared_order_and_its_role_is_selectable(regis
                     u.target is torch.ops.aten.tanh.default for u in ctx.dataflow.successors(s.node)):
                 s.roles.add("pooler")
 
-    assert [d.name for d in pipeline()] == ["attention", "mlp", "pooler", "embedding", "head"]
-    assert tuple(ROLES) == BUILTIN_ROLES[:8] + ("pooler",) + BUILTIN_ROLES[8:]
+    assert [d.name for d in pipeline()] == ["attention", "mlp", "experts", "pooler", "embedding", "head"]
+    assert tuple(ROLES) == BUILTIN_ROLES[:12] + ("pooler",) + BUILTIN_ROLES[12:]
     pm, sites = _bert_sites()
     assign_roles(pm.graph, sites)
     roles = {s.key: sorted(s.roles) for s in sites}
@@ -129,4 +130,4 @@ def test_reloading_a_detector_module_replaces_its_detector_in_place():
     before = DETECTORS["head"]
     importlib.reload(sys.modules["peftfx.roles.head"])
     assert DETECTORS["head"] is not before and DETECTORS["head"].run.__qualname__ == before.run.__qualname__
-    assert [d.name for d in pipeline()] == ["attention", "mlp", "embedding", "head"]
+    assert [d.name for d in pipeline()] == ["attention", "mlp", "experts", "embedding", "head"]

@@ -34,6 +34,7 @@ from ..apply import fold, merge, unmerge
 from ..model import PeftModel
 from ._build import (FlatModule, dynamic_axes, export_program, flatten_outputs, keep_modes, rename_dims,
                      tensor_inputs)
+from ._moe import grouped_mm_translations
 
 __all__ = ["export_onnx", "ExportReport", "DEFAULT_OPSET", "TOLERANCE"]
 
@@ -248,7 +249,8 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
         try:
             program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False, optimize=True,
                                         input_names=plan["names"] + [e.name for e in entries],
-                                        output_names=out_names)
+                                        output_names=out_names,
+                                        custom_translation_table=grouped_mm_translations(work))
             program.save(tmp, external_data=big)
         except Exception as e:  # the exporter raises its own error types; name the op when it says which
             raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e

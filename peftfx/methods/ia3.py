@@ -5,7 +5,8 @@ Learning" (arXiv:2205.05638): (IA)³, Infused Adapter by Inhibiting and Amplifyi
     input position (MLP down-projection):  y = W₀(x ⊙ l) + b,    l ∈ ℝ^{in}   (the FFN inner activation)
 
 ``l`` (parameter ``ia3_l``) starts at ones, so an untrained IA3 is the identity. Default sites are chosen by
-role: ``attn.k | attn.v | mlp.down``. Any linear site can take IA3 through ``targets``; the position is decided
+role: ``attn.k | attn.v | mlp.down | mlp.experts.down`` (mixture-of-experts weights: one vector per expert,
+see :mod:`.experts`). Any linear site can take IA3 through ``targets``; the position is decided
 by the site's roles — a site with role ``mlp.down`` is scaled at its input, every other site at its output.
 ``feedforward=`` (a selector) overrides that choice: the sites it matches are scaled at the input, all others
 at the output — Hugging Face PEFT's ``feedforward_modules``. Embeddings are declined.
@@ -39,6 +40,7 @@ from torch import nn
 from .._errors import PassError, RuleError, SiteError
 from ..rules import Selector, select, selector_from_dict
 from .base import AdapterModule, MethodConfig, register_method
+from .experts import ia3_experts
 
 __all__ = ["IA3", "IA3Output", "IA3Input"]
 
@@ -55,7 +57,7 @@ class IA3(MethodConfig):
     feedforward: Selector | None = None
 
     name: ClassVar[str] = "ia3"
-    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t", "conv"})
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t", "conv", "experts"})
     composes: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -73,14 +75,14 @@ class IA3(MethodConfig):
         return out
 
     def default_targets(self) -> Selector:
-        return select.role("attn.k") | select.role("attn.v") | select.role("mlp.down")
+        return select.role("attn.k") | select.role("attn.v") | select.role("mlp.down") | select.role("mlp.experts.down")
 
     def position(self, site) -> str:
         """Where ``l`` acts: ``"input"`` on feed-forward sites (``feedforward`` selector, else role ``mlp.down``),
         ``"output"`` elsewhere."""
         if self.feedforward is not None:
             return "input" if self.feedforward.matches(site) else "output"
-        return "input" if "mlp.down" in site.roles else "output"
+        return "input" if site.roles & {"mlp.down", "mlp.experts.down"} else "output"
 
     def decline(self, site) -> str | None:
         if self.position(site) == "output" and site.bias is None and site.bias_operand is not None:
@@ -89,6 +91,8 @@ class IA3(MethodConfig):
         return None
 
     def build(self, site, weight: torch.Tensor, roles: set[str] = frozenset()) -> AdapterModule:
+        if site.kind == "experts":
+            return ia3_experts(site, weight, roles, self.position(site) == "input")
         kw = dict(device=weight.device, dtype=weight.dtype)
         spatial = site.conv.dims if site.kind == "conv" else 0
         if self.position(site) == "input":

@@ -20,6 +20,9 @@ all of q/k/v by default, or per selected slice with ``fused="split"``) and ``mha
 Hugging Face PEFT's MultiheadAttention LoRA (same pairs, counts and W + ΔW; HF applies no LoRA dropout there, since
 it merges before each forward, while ``dropout`` here acts on the projections' input as on any linear).
 
+Mixture-of-experts weights (site kind ``experts``, 3-D ``[E, out, in]``) take one pair per expert in Hugging Face
+PEFT's ``target_parameters`` form (see :mod:`.experts`).
+
 A fused projection (GPT-2's ``c_attn``) takes one pair for the whole weight (``fused="joint"``, as HF PEFT) or,
 with ``fused="split"``, one pair per selected q/k/v slice, laid out block-wise so that the update is still one
 low-rank product B_full A_full whose rows outside the selected slices are zero.
@@ -38,6 +41,7 @@ from torch import nn
 from .._errors import RuleError
 from ..rules import Selector, select
 from .base import AdapterModule, MethodConfig, register_method
+from .experts import decline_experts_lora, lora_experts
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ class LoRA(MethodConfig):
     fused: str = "joint"           # "joint" | "split"
 
     name: ClassVar[str] = "lora"
-    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t", "embedding", "conv"})
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "linear_t", "embedding", "conv", "experts"})
     composes: ClassVar[bool] = True
 
     def validate(self) -> None:
@@ -75,6 +79,8 @@ class LoRA(MethodConfig):
         return select.role("attn.q") | select.role("attn.v")
 
     def decline(self, site) -> str | None:
+        if site.kind == "experts":
+            return decline_experts_lora(self, site)
         if site.kind == "conv" and self.rank % site.conv.groups:
             return (f"a grouped convolution (groups={site.conv.groups}) takes LoRA only with a rank that is a "
                     f"multiple of its groups (B is grouped as the weight is, as in HF PEFT); rank is {self.rank}")
@@ -82,6 +88,8 @@ class LoRA(MethodConfig):
 
     def build(self, site, weight: torch.Tensor, roles: set[str] = frozenset()) -> AdapterModule:
         kw = dict(device=weight.device, dtype=weight.dtype)
+        if site.kind == "experts":
+            return lora_experts(self, site, weight)
         if site.kind == "conv":
             return LoRAConv(site.conv, site.in_features, site.out_features, tuple(site.weight_shape[2:]), self.rank,
                             self.scaling, self.dropout, self.init, **kw)

@@ -2,10 +2,12 @@
 
 Roles: ``attn.q``, ``attn.k``, ``attn.v`` (a fused projection carries all three plus ``attn.qkv`` and the
 output rows of each slice), ``attn.o``, ``mlp.up``, ``mlp.gate``, ``mlp.down``, ``embed`` (token
-embedding), ``embed.position``, ``embed.aux``, ``head`` (the last projection before an output).
+embedding), ``embed.position``, ``embed.aux``, ``head`` (the last projection before an output), and on
+mixture-of-experts blocks ``mlp.experts.up``/``gate``/``down`` (3-D expert weights; a fused ``gate_up_proj``
+carries both gate and up with the rows of each) and ``mlp.router``.
 
 Each family of roles is found by a detector in its own module of this package (:mod:`.attention`, :mod:`.mlp`,
-:mod:`.embedding`, :mod:`.head`), registered with :func:`register_detector` when the module is imported; every
+:mod:`.embedding`, :mod:`.head`, :mod:`.experts`), registered with :func:`register_detector` when the module is imported; every
 module of the package is imported here, so adding a file ``roles/foo.py`` adds a detector. :func:`assign_roles`
 runs the detectors in the order they declare (``order``, ``after=``; see :mod:`.base`), and :data:`ROLES` is the
 live union of the roles they declare.

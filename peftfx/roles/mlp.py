@@ -31,7 +31,7 @@ _ADDS = {aten.add.Tensor, aten.add_.Tensor}
 _ATTN_ROLES = {"attn.q", "attn.k", "attn.v", "attn.o"}
 #: site kinds that never take an MLP role: embedding tables, and convolutions (a CNN's conv → norm → relu → conv +
 #: residual block has the MLP's shape but is not a transformer MLP; select convolutions by name or type)
-_NOT_MLP = ("embedding", "conv")
+_NOT_MLP = ("embedding", "conv", "experts")   # expert weights: roles/experts.py
 
 
 @register_detector("mlp", roles=("mlp.up", "mlp.gate", "mlp.down"), order=20, after="attention")
