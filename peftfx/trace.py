@@ -173,11 +173,13 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
 
     Guarantees: batch and sequence dimensions are dynamic (``dynamic=True``); the parameters are the
     model's own tensors (nothing is copied); a model of an architecture already traced in this process (same
-    class, config and input spec) reuses that graph (:mod:`peftfx.trace_cache`); dropout follows ``train()``/``eval()``; the model's
-    train/eval mode is unchanged afterwards and the result starts in the same mode. The model runs in train mode
-    while traced (``training=False``: eval mode, so BatchNorm, stochastic depth and every ``if self.training:``
-    branch take their eval side). The result remembers ``model`` and the inputs' :func:`~peftfx.model.call_key`,
-    so :func:`peftfx.apply` can trace other modes and signatures (:mod:`peftfx.variants`).
+    class, config and input spec) reuses that graph (:mod:`peftfx.trace_cache`); dropout follows
+    ``train()``/``eval()``; the model's train/eval mode is unchanged afterwards and the result starts in the same
+    mode. The model runs in train mode while traced (``training=False``: eval mode, so BatchNorm, stochastic depth
+    and every ``if self.training:`` branch take their eval side); in train mode LayerDrop and SpecAugment, whose
+    decisions are drawn on the host, are off while tracing (:func:`_host_randomness_off`, warned). The result
+    remembers ``model`` and the inputs' :func:`~peftfx.model.call_key`, so :func:`peftfx.apply` can trace other
+    modes and signatures (:mod:`peftfx.variants`).
     """
     if isinstance(model, PeftModel):
         raise TraceError("this model is already a peftfx model; apply rules to the original nn.Module.")

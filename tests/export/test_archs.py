@@ -307,7 +307,8 @@ def test_resnet_lora_on_convs_matches_hf_peft_in_eval_and_train():
     for name, mod in hf.named_modules():
         if "default" in getattr(mod, "lora_A", {}):
             ours = pm.get_submodule(name.replace("base_model.model.", "", 1) + ".lora")
-            for mine, theirs in ((ours.lora_A, mod.lora_A["default"].weight), (ours.lora_B, mod.lora_B["default"].weight)):
+            pairs = ((ours.lora_A, mod.lora_A["default"].weight), (ours.lora_B, mod.lora_B["default"].weight))
+            for mine, theirs in pairs:
                 assert (mine.grad - theirs.grad.reshape(mine.shape)).abs().max() < HF_TOL
     stats = "resnet.embedder.embedder.normalization.running_mean"
     assert torch.allclose(pm.get_buffer(stats), hf.get_buffer("base_model.model." + stats), atol=HF_TOL)
