@@ -233,9 +233,11 @@ def _host_randomness_off(model: nn.Module, training: bool):
                 if obj is None or id(obj) in seen:
                     continue
                 seen.add(id(obj))
+                spec_off = getattr(obj, "apply_spec_augment", True) is False    # Whisper's default: masks unused
                 for name, value in list(vars(obj).items()):
-                    if _HOST_RANDOM.fullmatch(name) and isinstance(value, (int, float)) \
-                            and not isinstance(value, bool) and value > 0:
+                    if not _HOST_RANDOM.fullmatch(name) or (spec_off and name.startswith("mask_")):
+                        continue
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
                         changed.append((obj, name, value))
     for obj, name, _ in changed:
         setattr(obj, name, 0.0)

@@ -125,7 +125,10 @@ def test_whisper_mel_bins_stay_fixed_and_decoder_length_varies(tmp_path):
                         eos_token_id=2, decoder_start_token_id=1)
     model = WhisperForConditionalGeneration(cfg).eval()
     ex = {"input_features": torch.randn(2, 80, 32), "decoder_input_ids": _ids(2, 4)}
-    pm = peftfx.apply(model, LoRA(rank=4), ex)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peftfx.apply(model, LoRA(rank=4), ex)
+    assert not [w for w in caught if "SpecAugment" in str(w.message)]  # mask_time_prob 0.05, apply_spec_augment off
     _randomise_b(pm)
     report = export_onnx(pm, tmp_path / "whisper.onnx", ex)
     assert report.inputs == {"input_features": ["batch", 80, 32], "decoder_input_ids": ["batch", "decoder_sequence"]}
