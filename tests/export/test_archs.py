@@ -251,6 +251,10 @@ def test_wav2vec2_applies_without_host_randomness_and_matches_hf_peft():
         masked = pm(input_values=x, mask_time_indices=mask).last_hidden_state
         assert (masked - hf(input_values=x, mask_time_indices=mask).last_hidden_state).abs().max() < HF_TOL
         assert (masked - out).abs().max() > 1e-3
+        pad = torch.ones(2, 400, dtype=torch.long)
+        pad[1, 250:] = 0                               # the feature extractor's padding mask, another signature
+        padded = pm(input_values=x, attention_mask=pad).last_hidden_state
+        assert (padded - hf(input_values=x, attention_mask=pad).last_hidden_state).abs().max() < HF_TOL
     pm.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
