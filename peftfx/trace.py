@@ -6,10 +6,12 @@ original ``forward``) and output structure (``ModelOutput``, tuple, tensor), and
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
 import time
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -27,6 +29,10 @@ __all__ = ["trace", "normalize_inputs", "hf_extra_inputs"]
 log = logging.getLogger(__name__)
 
 _LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+#: config fields (and module attributes copied from them) that switch on training-time randomness decided on the host:
+#: LayerDrop (``layerdrop``, ``encoder_layerdrop``, …) branches in Python on ``torch.rand([]) < p``, SpecAugment
+#: (``mask_time_prob``, ``mask_feature_prob``) draws its masks with numpy. No graph can hold either.
+_HOST_RANDOM = re.compile(r"(?:\w+_)?layerdrop|mask_time_prob|mask_feature_prob")
 
 
 def normalize_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
@@ -168,11 +174,13 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
 
     Guarantees: batch and sequence dimensions are dynamic (``dynamic=True``); the parameters are the
     model's own tensors (nothing is copied); a model of an architecture already traced in this process (same
-    class, config and input spec) reuses that graph (:mod:`peftfx.trace_cache`); dropout follows ``train()``/``eval()``; the model's
-    train/eval mode is unchanged afterwards and the result starts in the same mode. The model runs in train mode
-    while traced (``training=False``: eval mode, so BatchNorm, stochastic depth and every ``if self.training:``
-    branch take their eval side). The result remembers ``model`` and the inputs' :func:`~peftfx.model.call_key`,
-    so :func:`peftfx.apply` can trace other modes and signatures (:mod:`peftfx.variants`).
+    class, config and input spec) reuses that graph (:mod:`peftfx.trace_cache`); dropout follows
+    ``train()``/``eval()``; the model's train/eval mode is unchanged afterwards and the result starts in the same
+    mode. The model runs in train mode while traced (``training=False``: eval mode, so BatchNorm, stochastic depth
+    and every ``if self.training:`` branch take their eval side); in train mode LayerDrop and SpecAugment, whose
+    decisions are drawn on the host, are off while tracing (:func:`_host_randomness_off`, warned). The result
+    remembers ``model`` and the inputs' :func:`~peftfx.model.call_key`, so :func:`peftfx.apply` can trace other
+    modes and signatures (:mod:`peftfx.variants`).
     """
     if isinstance(model, PeftModel):
         raise TraceError("this model is already a peftfx model; apply rules to the original nn.Module.")
@@ -182,7 +190,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
     t0 = time.perf_counter()
     model.train(training)  # train: dropout is recorded in the graph; the dropout pass makes it follow the mode
     try:
-        with traceable_experts(model):      # MoE experts set to "eager" cannot be traced: batched_mm for the trace
+        # MoE experts set to "eager" cannot be traced: batched_mm for the trace; layerdrop/SpecAugment off
+        with traceable_experts(model), _host_randomness_off(model, training):
             unlifted = cached_export(model, trace_kwargs, dynamic, lambda: torch.export.export(
                 model, (), kwargs=trace_kwargs, dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic, model),
                 strict=False).module())
@@ -209,6 +218,43 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
     log.debug("traced %s in %.2fs (%d nodes)", type(model).__name__, time.perf_counter() - t0,
               len(pm.graph.nodes))
     return pm
+
+
+@contextlib.contextmanager
+def _host_randomness_off(model: nn.Module, training: bool):
+    """While a model is traced in train mode, turn off LayerDrop and SpecAugment (``_HOST_RANDOM``: set to 0 on the
+    configs and modules holding them, restored after), with a warning that the training graph runs without them.
+    Their decisions are drawn on the host (a Python ``if`` on ``torch.rand``, numpy masks), so torch.export either
+    fails on a data-dependent guard (Wav2Vec2's LayerDrop) or would freeze one draw into every step. A mask the
+    caller passes (``mask_time_indices``) is an input and still applies."""
+    changed: list[tuple[Any, str, Any]] = []
+    if training:
+        seen: set[int] = set()
+        for m in model.modules():
+            for obj in (m, getattr(m, "config", None)):
+                if obj is None or id(obj) in seen:
+                    continue
+                seen.add(id(obj))
+                spec_off = getattr(obj, "apply_spec_augment", True) is False    # Whisper's default: masks unused
+                for name, value in list(vars(obj).items()):
+                    if not _HOST_RANDOM.fullmatch(name) or (spec_off and name.startswith("mask_")):
+                        continue
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                        changed.append((obj, name, value))
+    for obj, name, _ in changed:
+        setattr(obj, name, 0.0)
+    if changed:
+        names = sorted({f"{n}={v:g}" for _, n, v in changed})
+        spec = any(n.startswith("mask_") for _, n, _ in changed)
+        warnings.warn(f"{type(model).__name__} has {', '.join(names)}: LayerDrop/SpecAugment decide on the host (a "
+                      "Python branch on torch.rand, numpy masks), which no traced graph can hold, so peftfx's training "
+                      "graph runs every layer" + (" and draws no SpecAugment mask (pass mask_time_indices as an "
+                      "input to mask time steps you choose)" if spec else "") + ".", stacklevel=3)
+    try:
+        yield
+    finally:
+        for obj, name, value in changed:
+            setattr(obj, name, value)
 
 
 def _first_device(model: nn.Module) -> torch.device:

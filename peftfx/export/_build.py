@@ -13,8 +13,8 @@ from torch import nn
 from .._errors import ExportError
 from ..passes.remove import remove_adapters_pass
 
-__all__ = ["FlatModule", "flatten_outputs", "dynamic_axes", "resize_inputs", "strip_adapters", "keep_modes",
-           "tensor_inputs", "export_program", "rename_dims"]
+__all__ = ["FlatModule", "flatten_outputs", "dynamic_axes", "traced_axes", "resize_inputs", "unique_output_names",
+           "strip_adapters", "keep_modes", "tensor_inputs", "export_program", "rename_dims"]
 
 BATCH, SEQUENCE, PAST = "batch", "sequence", "past_sequence"
 
@@ -69,8 +69,9 @@ def tensor_inputs(kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def dynamic_axes(inputs: Mapping[str, torch.Tensor], past: Sequence[str] = ()) -> dict[str, dict[int, str]]:
-    """Axis names per input: ``batch`` on axis 0; ``sequence`` on axis 1 of token-like inputs (2-D, or 3-D float
-    embeddings), ``past_sequence`` on axis 1 of the key/value cache inputs named in ``past``."""
+    """Axis names per input when no trace says better (a model traced with ``dynamic=False``, the cache graph):
+    ``batch`` on axis 0; ``sequence`` on axis 1 of token-like inputs (2-D, or 3-D float embeddings)
+    (``decoder_sequence`` for ``decoder_*`` inputs), ``past_sequence`` on axis 1 of the cache inputs in ``past``."""
     axes: dict[str, dict[int, str]] = {}
     for name, t in inputs.items():
         if name in past:
@@ -78,10 +79,79 @@ def dynamic_axes(inputs: Mapping[str, torch.Tensor], past: Sequence[str] = ()) -
         elif t.dim() == 0:
             axes[name] = {}
         elif t.dim() == 2 or (t.dim() == 3 and t.is_floating_point()):
-            axes[name] = {0: BATCH, 1: SEQUENCE}
+            axes[name] = {0: BATCH, 1: _sequence_name(name)}
         else:
             axes[name] = {0: BATCH}
     return axes
+
+
+def _sequence_name(input_name: str) -> str:
+    return f"decoder_{SEQUENCE}" if input_name.startswith("decoder_") else SEQUENCE
+
+
+def traced_axes(pm, inputs: Mapping[str, torch.Tensor]) -> dict[str, dict[int, str]] | None:
+    """The dynamic axes the trace of ``pm`` proved, per input, read from its placeholders' symbolic shapes.
+
+    A dimension is dynamic when its traced size is a symbol (a size the trace fixed, such as Whisper's 80 mel
+    bins, stays a number). Inputs sharing a symbol share the axis name, so an encoder's ``sequence`` and a
+    decoder's ``decoder_sequence`` stay apart unless the trace proved them equal. Names: ``batch`` for every axis
+    0; ``sequence`` (``decoder_sequence`` for ``decoder_*`` inputs) for axis 1; ``{input}_dim{i}`` otherwise or
+    when the name is taken by another symbol. A size the trace pinned to 1 (torch.export specialises sizes 0 and
+    1) is not a proof: such an axis keeps the name :func:`dynamic_axes` gives it. Returns None when the graph holds
+    no symbolic size at all (traced with ``dynamic=False``) or its placeholders cannot be matched to ``inputs``."""
+    shapes = _placeholder_shapes(pm)
+    if shapes is None or not any(isinstance(d, torch.SymInt) for s in shapes.values() for d in s):
+        return None
+    fallback = dynamic_axes(inputs)
+    found: list[tuple[str, int, Any]] = []          # (input, axis, symbol or None for a unit-pinned axis)
+    for name, t in inputs.items():
+        shape = shapes.get(name)
+        if shape is None or len(shape) != t.dim():
+            return None
+        for i, d in enumerate(shape):
+            if isinstance(d, torch.SymInt):
+                expr = d.node.expr
+                if getattr(expr, "is_Symbol", False):
+                    found.append((name, i, expr))
+            elif d == 1 and i in fallback[name]:
+                found.append((name, i, None))
+    axes: dict[str, dict[int, str]] = {name: {} for name in inputs}
+    names: dict[Any, str] = {}
+    taken: set[str] = set()
+    for name, i, sym in sorted(found, key=lambda f: f[1] != 0):      # axis 0 first: every batch is "batch"
+        if sym is not None and sym in names:
+            axes[name][i] = names[sym]
+            continue
+        label = BATCH if i == 0 else _sequence_name(name) if i == 1 else f"{name}_dim{i}"
+        if sym is None:
+            label = fallback[name][i]
+        elif i != 0 and label in taken:
+            label = f"{name}_dim{i}"
+        axes[name][i] = label
+        taken.add(label)
+        if sym is not None:
+            names[sym] = label
+    return axes
+
+
+def _placeholder_shapes(pm) -> dict[str, tuple] | None:
+    """Input name → the traced shape (sizes or SymInts) of its placeholder in ``pm``'s own graph."""
+    graph = getattr(pm, "graph", None)
+    info = getattr(pm, "peft_info", None)
+    if graph is None or info is None:
+        return None
+    holders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(holders) == len(info.input_names):         # one placeholder per traced input, in the traced order
+        pairs = zip(info.input_names, holders)
+    else:
+        by_name = {n.target: n for n in holders} | {n.name: n for n in holders}
+        pairs = ((k, by_name[k]) for k in info.input_names if k in by_name)
+    out = {}
+    for name, node in pairs:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            out[name] = tuple(val.shape)
+    return out
 
 
 def widen_unit_axes(args: tuple, axes: Sequence[dict[int, str]]) -> tuple:
@@ -108,7 +178,7 @@ def widen_unit_axes(args: tuple, axes: Sequence[dict[int, str]]) -> tuple:
 def export_program(flat: FlatModule, args: tuple, axes: Sequence[dict[int, str]]):
     """``torch.export`` of ``flat`` with every named axis dynamic (``Dim.DYNAMIC``: guards the model implies, such
     as BERT's 512 positions, become range constraints instead of errors; :func:`rename_dims` names the axes in the
-    ONNX file). Returns (program, {axis name: largest size the model accepts})."""
+    ONNX file). Returns (program, {axis name: (smallest, largest or None) size to try})."""
     from torch.export import Dim
 
     args = widen_unit_axes(args, axes)
@@ -120,22 +190,35 @@ def export_program(flat: FlatModule, args: tuple, axes: Sequence[dict[int, str]]
     return ep, _limits(ep, axes)
 
 
-def _limits(ep, axes: Sequence[dict[int, str]]) -> dict[str, int]:
+def _limits(ep, axes: Sequence[dict[int, str]]) -> dict[str, tuple[int, int | None]]:
+    """{axis name: (smallest size worth trying, largest size the model accepts or None)} from the program's range
+    constraints (BERT's 512 positions; a lower bound above torch.export's default 2, e.g. a convolution's kernel)."""
     user = set(ep.graph_signature.user_inputs)
     nodes = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
-    limits: dict[str, int] = {}
+    limits: dict[str, tuple[int, int | None]] = {}
     for node, ax in zip(nodes, axes):
         val = node.meta.get("val")
         for i, name in ax.items():
             size = val.shape[i] if val is not None and i < val.dim() else None
             expr = getattr(getattr(size, "node", None), "expr", None)
             rng = ep.range_constraints.get(expr) if expr is not None else None
-            try:
-                upper = int(rng.upper)
-            except (AttributeError, TypeError, ValueError, OverflowError):
-                continue                         # no constraint, or unbounded (int_oo)
-            limits[name] = min(limits.get(name, upper), upper)
+            if rng is None:
+                continue
+            lo, hi = limits.get(name, (1, None))
+            lo = max(lo, _as_int(rng.lower, 1) if _as_int(rng.lower, 1) > 2 else 1)
+            upper = _as_int(rng.upper, None)
+            hi = upper if hi is None else hi if upper is None else min(hi, upper)
+            limits[name] = (lo, hi)
     return limits
+
+
+def _as_int(v, default):
+    if not getattr(v, "is_finite", True):                 # unbounded (int_oo)
+        return default
+    try:
+        return int(v)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return default
 
 
 def _export_error(e: Exception) -> ExportError:
@@ -166,18 +249,29 @@ def rename_dims(model_proto, axes: Mapping[str, dict[int, str]]) -> None:
                 d.dim_param = pattern.sub(lambda m: table[m.group(1)], d.dim_param)
 
 
-def resize_inputs(inputs: Mapping[str, torch.Tensor], axes: Mapping[str, dict[int, str]], batch: int,
-                  seq: int) -> dict[str, torch.Tensor]:
-    """The example inputs at another batch and sequence length: rows and columns repeated cyclically, so token ids
-    stay in the vocabulary and masks keep their pattern."""
+def resize_inputs(inputs: Mapping[str, torch.Tensor], axes: Mapping[str, dict[int, str]],
+                  sizes: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """The example inputs with each named axis at ``sizes[name]``: rows and columns repeated cyclically, so token
+    ids stay in the vocabulary and masks keep their pattern. Axes not named in ``sizes`` keep their size."""
     out = {}
     for name, t in inputs.items():
-        ax = axes.get(name, {})
-        if 0 in ax:
-            t = t.index_select(0, torch.arange(batch, device=t.device) % t.shape[0])
-        if ax.get(1) == SEQUENCE:
-            t = t.index_select(1, torch.arange(seq, device=t.device) % t.shape[1])
+        for i, axis in axes.get(name, {}).items():
+            if axis in sizes and i < t.dim() and t.shape[i] != sizes[axis]:
+                t = t.index_select(i, torch.arange(sizes[axis], device=t.device) % t.shape[i])
         out[name] = t
+    return out
+
+
+def unique_output_names(outputs: Sequence[str], inputs: Sequence[str]) -> list[str]:
+    """ONNX names every value once, so an output named like an input (a diffusion UNet's ``sample`` in and out)
+    becomes ``out_sample`` (``out_out_sample`` … until the name is free); other names are kept."""
+    used = set(inputs)
+    out = []
+    for name in outputs:
+        while name in used:
+            name = f"out_{name}"
+        used.add(name)
+        out.append(name)
     return out
 
 

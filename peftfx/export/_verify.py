@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .._errors import ExportError
-from ._build import SEQUENCE, flatten_outputs, keep_modes, resize_inputs, strip_adapters
+from ._build import BATCH, SEQUENCE, flatten_outputs, keep_modes, resize_inputs, strip_adapters
 
 __all__ = ["verify_export", "compare"]
 
@@ -33,16 +33,44 @@ def compare(case: str, name: str, got: np.ndarray, ref: torch.Tensor, tol: float
             "ok": err <= tol * max(1.0, scale)}
 
 
-def _shapes(inputs: dict, axes: dict, limits: dict) -> list[tuple[int, int]]:
-    """(batch, sequence) cases: batch 1 at the example length, batch > 1 short (1 token) and long (2×, capped)."""
-    first = next(iter(inputs.values()))
-    b = int(first.shape[0])
-    has_seq = any(ax.get(1) == SEQUENCE for ax in axes.values())
-    s = int(next((inputs[n].shape[1] for n, ax in axes.items() if ax.get(1) == SEQUENCE), 1))
-    if not has_seq:
-        return [(1, s), (b + 1, s)]
-    long = min(2 * s, limits.get(SEQUENCE, 2 * s))
-    return [(1, s), (b + 1, 1), (b + 1, long)]
+def _cases(inputs: dict, axes: dict, limits: dict) -> list[tuple[str, dict[str, int]]]:
+    """(label, {axis name: size}) cases: batch 1 at the example sizes; batch > 1 with every other dynamic axis short
+    (1, 2, 3 … in axis order) and long (2× the example, plus its position), each axis within the model's limits;
+    with two or more such axes also the first long and the second short, so an encoder-decoder sees a source
+    shorter and a source longer than the target. In the short case separate axes take separate sizes (where the
+    limits allow), so a file that wrongly tied two of them fails here."""
+    example: dict[str, int] = {}
+    for name, ax in axes.items():
+        for i, axis in ax.items():
+            example.setdefault(axis, int(inputs[name].shape[i]))
+    other = [a for a in example if a != BATCH]
+    if BATCH not in example and not other:
+        return [(_label({}), {})]
+
+    def clamp(axis: str, size: int) -> int:
+        lo, hi = limits.get(axis, (1, None))
+        return max(lo, size if hi is None else min(hi, size))
+
+    b = example.get(BATCH, 1)
+    batch = {BATCH: b + 1} if BATCH in example else {}
+    short = {a: clamp(a, 1 + k) for k, a in enumerate(other)}
+    long = {a: clamp(a, 2 * example[a] + k) for k, a in enumerate(other)}
+    sizes = [{BATCH: 1} if BATCH in example else dict(example)]
+    if other:
+        sizes += [batch | short, batch | long]
+        if len(other) > 1:
+            sizes.append(batch | {a: (long if k % 2 == 0 else short)[a] for k, a in enumerate(other)})
+    else:
+        sizes.append(batch)
+    for s in sizes:
+        for a, n in example.items():
+            s.setdefault(a, n)
+    return [(_label(s), s) for s in sizes]
+
+
+def _label(sizes: dict[str, int]) -> str:
+    short = {BATCH: "batch", SEQUENCE: "seq"}
+    return " × ".join(f"{short.get(a, a)} {n}" for a, n in sizes.items()) or "example shapes"
 
 
 def _numpy(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -82,17 +110,17 @@ def _verify_plain(rt, pm, plan: dict, tol: float) -> list[dict]:
     entries = plan["entries"]
     feeds_adapter = {e.name: plan["model"].get_parameter(e.path).detach().cpu().numpy() for e in entries}
     base = strip_adapters(pm) if entries else None
+    names = list(zip(plan["out_names"], plan.get("out_keys", plan["out_names"])))   # ONNX name, PyTorch key
     checks = []
-    for b, s in _shapes(inputs, axes, plan.get("limits", {})):
-        x = resize_inputs(inputs, axes, b, s)
-        case = f"batch {b} × seq {s}"
+    for case, sizes in _cases(inputs, axes, plan.get("limits", {})):
+        x = resize_inputs(inputs, axes, sizes)
         ref = dict(flatten_outputs(pm(**x)))
         got = rt.run({**_numpy(x), **feeds_adapter})
-        checks += [compare(case, n, got[n], ref[n], tol) for n in plan["out_names"] if n in ref]
+        checks += [compare(case, n, got[n], ref[k], tol) for n, k in names if k in ref]
         if base is not None:            # no adapter fed: the zero defaults must give the base model
             ref0 = dict(flatten_outputs(base(**x)))
             got0 = rt.run(_numpy(x))
-            checks += [compare(case + ", no adapter", n, got0[n], ref0[n], tol) for n in plan["out_names"] if n in ref0]
+            checks += [compare(case + ", no adapter", n, got0[n], ref0[k], tol) for n, k in names if k in ref0]
     return checks
 
 
@@ -103,11 +131,12 @@ def _verify_kv(rt, pm, plan: dict, tol: float) -> list[dict]:
     layout = plan["kv"]
     entries = plan["entries"]
     feeds_adapter = {e.name: plan["model"].get_parameter(e.path).detach().cpu().numpy() for e in entries}
-    b, s = ids.shape
-    long = min(2 * s, plan.get("limits", {}).get(SEQUENCE, 2 * s))
+    s = ids.shape[1]
+    hi = plan.get("limits", {}).get(SEQUENCE, (1, None))[1]
+    long = 2 * s if hi is None else min(2 * s, hi)
     checks = []
-    for prompt in (ids, resize_inputs({"input_ids": ids[:1]}, {"input_ids": {0: "batch", 1: SEQUENCE}}, 1,
-                                      long)["input_ids"]):
+    for prompt in (ids, resize_inputs({"input_ids": ids[:1]}, {"input_ids": {0: BATCH, 1: SEQUENCE}},
+                                      {BATCH: 1, SEQUENCE: long})["input_ids"]):
         case = f"batch {prompt.shape[0]} × seq {prompt.shape[1]}"
         dtype = np.float16 if rt.input_dtype(plan["names"][1]) == np.float16 else np.float32
         past = {n: np.zeros((prompt.shape[0], 0, layout.width), dtype) for n in plan["names"][1:]}

@@ -9,7 +9,10 @@ removed on every exit; one left by a killed process is removed by the next expor
 
 Tolerance, per output: max |ORT − PyTorch| ≤ tol · max(1, max |ref|), tol = 1e-4 for float32 and 1e-2 for
 float16 (float16 rounds at 2⁻¹¹ ≈ 5e-4 relative per operation; the models in the tests measure 2e-4 – 4e-4).
-Batch and sequence axes are dynamic and named ``batch``, ``sequence`` (``past_sequence`` for the cache). The opset
+Dynamic axes follow the trace, per input: a dimension is dynamic only where the trace made it symbolic (Whisper's
+mel bins stay fixed), and inputs share an axis name only where they share a symbol: ``batch``, ``sequence``,
+``decoder_sequence`` (an encoder-decoder's source and target lengths are separate), ``past_sequence`` for the
+cache. Input and output names are unique (an output named like an input gets the prefix ``out_``). The opset
 is 18 unless asked otherwise and is recorded in the file's metadata with the peftfx version, dtype and layout.
 Models over 2 GB get an external ``.onnx.data`` file. float16 files keep float32/int64 inputs and outputs.
 """
@@ -33,7 +36,7 @@ from .._version import __version__
 from ..apply import fold, merge, unmerge
 from ..model import PeftModel
 from ._build import (FlatModule, dynamic_axes, export_program, flatten_outputs, keep_modes, rename_dims,
-                     tensor_inputs)
+                     tensor_inputs, traced_axes, unique_output_names)
 from ._moe import grouped_mm_translations
 
 __all__ = ["export_onnx", "ExportReport", "DEFAULT_OPSET", "TOLERANCE"]
@@ -213,7 +216,11 @@ def _prepare(pm: PeftModel, inputs: dict, kv_cache: bool, source, adapter_inputs
     stages["fold"] = time.perf_counter() - t
     if adapter_inputs:
         plan["entries"] = list_adapter_inputs(work, plan["prefix"])
-    axes = dynamic_axes(dict(zip(names, inputs.values())), past=names[1:] if kv_cache else ())
+    # dynamic axes follow what the trace proved, per input (a size the trace fixed stays fixed); the cache graph
+    # and a model traced with dynamic=False take the default batch/sequence axes
+    axes = None if kv_cache else traced_axes(pm, inputs)
+    if axes is None:
+        axes = dynamic_axes(dict(zip(names, inputs.values())), past=names[1:] if kv_cache else ())
     plan.update(model=work, inputs=inputs, names=names, axes=axes)
     return plan
 
@@ -242,7 +249,8 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
         warnings.simplefilter("ignore")
         work.eval()
         with torch.no_grad():
-            out_names = [n for n, _ in flatten_outputs(work(**inputs))]
+            out_keys = [n for n, _ in flatten_outputs(work(**inputs))]
+        out_names = unique_output_names(out_keys, plan["names"] + [e.name for e in entries])
         ep, plan["limits"] = export_program(flat.eval(), args, axes)
         stages["torch.export"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -254,7 +262,7 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
             program.save(tmp, external_data=big)
         except Exception as e:  # the exporter raises its own error types; name the op when it says which
             raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e
-    plan["out_names"] = out_names
+    plan["out_names"], plan["out_keys"] = out_names, out_keys
     _postprocess(tmp, plan, dtype, opset, big)
     stages["onnx"] = time.perf_counter() - t
     return _report(tmp, plan, dtype, opset, big)

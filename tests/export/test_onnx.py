@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import peftfx
 from peftfx import ExportError, LoRA, select
@@ -165,3 +166,43 @@ def test_batch_one_example_exports_with_dynamic_axes(tmp_path):
     with torch.no_grad():
         want = pm.eval()(input_ids=x, attention_mask=mask).logits
     assert np.abs(np.asarray(list(got.values())[0]) - want.numpy()).max() < F32_TOL
+
+
+class _Denoiser(nn.Module):
+    """``sample`` [batch, channels, frames] in, ``{"sample": …}`` out (a diffusion model's convention): the channel
+    count is fixed by the weights, the frame count by the example (the trace marks only batch as dynamic there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.cond = nn.Linear(4, 6)
+
+    def forward(self, sample, context):
+        h = self.proj(sample.transpose(1, 2)).transpose(1, 2)
+        return {"sample": h + self.cond(context).mean(1)[:, :, None]}
+
+
+def test_axes_follow_the_trace_and_names_are_unique(tmp_path):
+    """Axes are dynamic only where the trace made them symbolic (channels 6 and frames 5 stay fixed: declaring dim 1
+    a ``sequence`` made torch.export fail), ``context``'s own length is its own axis, and the output named like an
+    input is renamed, so ``onnx.checker`` accepts the file (it rejected a name used twice)."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = _Denoiser()
+    ex = {"sample": torch.randn(2, 6, 5), "context": torch.randn(2, 3, 4)}
+    pm = peftfx.apply(model, LoRA(rank=2, targets=select.name("proj", "cond")), ex)
+    _randomise_lora(pm)
+    report = export_onnx(pm, tmp_path / "d.onnx", ex)
+    assert report.inputs == {"sample": ["batch", 6, 5], "context": ["batch", "sequence", 4]}
+    assert report.outputs == {"out_sample": ["batch", 6, 5]}
+    graph = onnx.load(report.path).graph
+    names = [v.name for v in list(graph.input) + list(graph.output)]
+    assert len(names) == len(set(names)) == 3
+    assert {c["case"] for c in report.checks} == {"batch 1 × seq 3", "batch 3 × seq 1", "batch 3 × seq 6"}
+    x = {"sample": torch.randn(4, 6, 5), "context": torch.randn(4, 7, 4)}
+    with torch.no_grad():
+        want = pm.eval()(**x)["sample"].numpy()
+    assert np.abs(Runtime(report.path).run({k: v.numpy() for k, v in x.items()})["out_sample"] - want).max() < F32_TOL
+    with pytest.raises(ExportError, match="sample"):                       # fixed sizes are fixed in the file
+        Runtime(report.path).run(sample=np.zeros((4, 6, 9), np.float32), context=x["context"].numpy())
