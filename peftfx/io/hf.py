@@ -19,6 +19,7 @@ from ..methods._hf import CONVERTERS, PREFIX, Imported
 from ..model import PeftModel
 from ..trace import trace
 from .folder import read_tensors, write_folder
+from .hf_aux import AUX_METHODS, combine, model_fields, read_aux, task_type_of, write_aux
 from .state import load_state, require_adapters
 
 __all__ = ["is_hf_adapter", "read_hf_folder", "load_hf_adapter", "save_hf_adapter", "CONFIG_NAME", "WEIGHTS_NAME",
@@ -100,11 +101,15 @@ def load_hf_adapter(model: nn.Module, path: str | os.PathLike, example_inputs: A
 
 
 def _import(config: dict[str, Any], tensors: dict[str, torch.Tensor], cfg_path: str) -> Imported:
-    """The converter's rules for ``config``. Its values pass the same validation as any rule (types, ranges,
-    finiteness: ``lora_alpha: NaN`` is refused); a bad value is a :class:`CheckpointError` naming the file."""
+    """The converter's rules for ``config``, plus the rules of its ``modules_to_save`` and
+    ``trainable_token_indices`` (:mod:`peftfx.io.hf_aux`, for every peft_type). Its values pass the same validation
+    as any rule (types, ranges, finiteness: ``lora_alpha: NaN`` is refused); a bad value is a
+    :class:`CheckpointError` naming the file."""
     conv = _converter(config.get("peft_type"))
     try:
-        return conv.read(config, tensors)
+        config, aux = read_aux(config, tensors)
+        imported = conv.read(config, {k: v for k, v in tensors.items() if k not in aux.consumed})
+        return combine(imported, aux)
     except CheckpointError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     except (RuleError, TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
@@ -142,7 +147,11 @@ def _match_tensors(pm: PeftModel, plan, modules, imported: Imported, tensors, so
 def save_hf_adapter(model: PeftModel, path: str | os.PathLike) -> str:
     """Write ``model``'s adapter as an HF PEFT folder that ``peft.PeftModel.from_pretrained`` loads."""
     require_adapters(model)
-    records = list(model.peft_info.adapters.values())
+    records = [r for r in model.peft_info.adapters.values() if r.method not in AUX_METHODS]
+    aux_records = [r for r in model.peft_info.adapters.values() if r.method in AUX_METHODS]
+    if not records:
+        raise CheckpointError("this model has only modules_to_save / trainable-token adapters; an HF PEFT folder "
+                              "records them beside a method (LoRA …). Save in the peftfx format instead.")
     methods = sorted({r.method for r in records})
     convs = {c for c in CONVERTERS.values() for m in methods if m in c.methods}
     missing = [m for m in methods if not any(m in c.methods for c in CONVERTERS.values())]
@@ -153,8 +162,12 @@ def save_hf_adapter(model: PeftModel, path: str | os.PathLike) -> str:
             + (f" (no HF form for {missing})" if missing else "") + ". Save in the peftfx format instead.")
     conv = convs.pop()
     fields, tensors = conv.write(model, records)
+    aux_fields, aux_tensors = write_aux(model, aux_records)
+    tensors.update(aux_tensors)
     config = {"peft_type": conv.peft_type, "task_type": None, "inference_mode": True,
-              "base_model_name_or_path": None, "revision": None, **fields}
+              "base_model_name_or_path": None, "revision": None, **fields, **aux_fields, **model_fields(model)}
+    if config["task_type"] is None and "auto_mapping" in config:
+        config["task_type"] = task_type_of(config["auto_mapping"]["base_model_class"])
     if any(t.device.type == "meta" for t in tensors.values()):
         raise CheckpointError("the adapter lives on the meta device (no values); materialise the model first.")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
