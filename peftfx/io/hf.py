@@ -19,11 +19,25 @@ from ..methods._hf import CONVERTERS, PREFIX, Imported
 from ..model import PeftModel
 from ..trace import trace
 from .folder import read_tensors, write_folder
-from .hf_aux import AUX_METHODS, combine, model_fields, read_aux, task_type_of, write_aux
+from .hf_aux import (
+    AUX_METHODS,
+    combine,
+    model_fields,
+    read_aux,
+    task_type_of,
+    write_aux,
+)
 from .state import load_state, require_adapters
 
-__all__ = ["is_hf_adapter", "read_hf_folder", "load_hf_adapter", "save_hf_adapter", "CONFIG_NAME", "WEIGHTS_NAME",
-           "PREFIX"]
+__all__ = [
+    "CONFIG_NAME",
+    "PREFIX",
+    "WEIGHTS_NAME",
+    "is_hf_adapter",
+    "load_hf_adapter",
+    "read_hf_folder",
+    "save_hf_adapter",
+]
 
 log = logging.getLogger(__name__)
 

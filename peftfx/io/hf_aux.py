@@ -20,7 +20,7 @@ from .._errors import CheckpointError
 from ..methods._hf import PREFIX, Imported
 from ..model import AdapterRecord, PeftModel
 
-__all__ = ["AUX_METHODS", "read_aux", "write_aux", "combine", "model_fields", "task_type_of"]
+__all__ = ["AUX_METHODS", "combine", "model_fields", "read_aux", "task_type_of", "write_aux"]
 
 AUX_METHODS = ("modules_to_save", "trainable_tokens")
 _DELTA = "token_adapter.trainable_tokens_delta"
