@@ -131,7 +131,21 @@ def write_aux(model: PeftModel, records: list[AdapterRecord]) -> tuple[dict[str,
 
 
 def task_type_of(class_name: str) -> str | None:
-    """HF PEFT's task_type for a Hugging Face head class name (None for a bare model)."""
+    """HF PEFT's task_type for a Hugging Face head class name (None for a bare model): transformers' own auto
+    mappings (``GPT2LMHeadModel`` is a causal LM), else the class name's suffix."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:                 # pragma: no cover - transformers is a dependency of the HF format
+        auto = None
+    if auto is not None:
+        for mapping, task in (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+                              ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+                              ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+                              ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+                              ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM")):
+            names = getattr(auto, mapping, {}).values()
+            if any(class_name == n or (isinstance(n, (list, tuple)) and class_name in n) for n in names):
+                return task
     return next((t for suffix, t in _TASKS if class_name.endswith(suffix)), None)
 
 

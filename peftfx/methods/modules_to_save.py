@@ -70,9 +70,10 @@ class ModulesToSave(MethodConfig):
     def owner(self, path: str) -> str:
         """The named module a site path lies in (the longest prefix of ``path`` that matches a name)."""
         parts = path.split(".")
-        for i in range(len(parts), 0, -1):
-            if parts[i - 1] in self.names or ".".join(parts[:i]) in self.names:
-                return ".".join(parts[:i])
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if any(prefix == n or prefix.endswith("." + n) for n in self.names):
+                return prefix
         return path
 
     def build(self, site, weight: torch.Tensor, roles: set[str] = frozenset()) -> ModuleCopy:
