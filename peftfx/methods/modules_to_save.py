@@ -67,6 +67,11 @@ class ModulesToSave(MethodConfig):
     def default_targets(self) -> Selector:
         return module_selector(self.names)
 
+    @classmethod
+    def conformance_example(cls) -> ModulesToSave:
+        """The config ``tests/test_conformance.py`` applies (the default has no names): a causal LM's head."""
+        return cls(names=("lm_head",))
+
     def owner(self, path: str) -> str:
         """The named module a site path lies in (the longest prefix of ``path`` that matches a name)."""
         parts = path.split(".")

@@ -60,6 +60,11 @@ class TrainableTokens(MethodConfig):
     def default_targets(self) -> Selector:
         return select.role("embed")
 
+    @classmethod
+    def conformance_example(cls) -> TrainableTokens:
+        """The config ``tests/test_conformance.py`` applies (the default has no indices)."""
+        return cls(token_indices=tuple(range(0, 64, 3)))
+
     @property
     def selector(self) -> Selector:
         base = super().selector
