@@ -114,6 +114,21 @@ def load_hf_adapter(model: nn.Module, path: str | os.PathLike, example_inputs: A
     return apply_to_graph(pm, imported.rules, fill=load)
 
 
+def load_hf_into(pm: PeftModel, path: str | os.PathLike) -> None:
+    """Copy the tensors of the HF PEFT folder ``path`` into the adapters ``pm`` already has (a Trainer resuming
+    from an adapter-only checkpoint). Every adapter parameter must be in the file with its shape, and nothing else;
+    else a :class:`CheckpointError` and ``pm`` is unchanged."""
+    config, tensors = read_hf_folder(path)
+    imported = _import(config, tensors, os.path.join(os.fspath(path), CONFIG_NAME))
+    modules = pm.adapter_modules()
+
+    class _NoPlan:
+        declines: list = []
+
+    state = _match_tensors(pm, _NoPlan(), modules, imported, tensors, os.fspath(path))
+    load_state(modules, state, os.fspath(path))
+
+
 def _import(config: dict[str, Any], tensors: dict[str, torch.Tensor], cfg_path: str) -> Imported:
     """The converter's rules for ``config``, plus the rules of its ``modules_to_save`` and
     ``trainable_token_indices`` (:mod:`peftfx.io.hf_aux`, for every peft_type). Its values pass the same validation
