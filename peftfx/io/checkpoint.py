@@ -11,13 +11,13 @@ from torch import nn
 from .._errors import CheckpointError
 from ..apply import apply_to_graph
 from ..model import PeftModel
-from ..multi import add_adapter, adapter_names, adapter_view, is_multi
+from ..multi import adapter_names, adapter_view, add_adapter, is_multi
 from ..trace import trace
 from .hf import is_hf_adapter, load_hf_adapter, load_hf_into, save_hf_adapter
 from .peftfx_format import adapter_rules, read_adapter, write_adapter
 from .state import load_state
 
-__all__ = ["save_adapter", "load_adapter", "load_adapter_weights"]
+__all__ = ["load_adapter", "load_adapter_weights", "save_adapter"]
 
 
 def save_adapter(model: PeftModel, path: str | os.PathLike, *, format: str = "peftfx",
