@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import types
 from typing import Any
 
 import torch
@@ -19,14 +20,7 @@ from ..methods._hf import CONVERTERS, PREFIX, Imported
 from ..model import PeftModel
 from ..trace import trace
 from .folder import read_tensors, write_folder
-from .hf_aux import (
-    AUX_METHODS,
-    combine,
-    model_fields,
-    read_aux,
-    task_type_of,
-    write_aux,
-)
+from .hf_aux import AUX_METHODS, combine, model_fields, read_aux, write_aux
 from .state import load_state, require_adapters
 
 __all__ = [
@@ -122,10 +116,7 @@ def load_hf_into(pm: PeftModel, path: str | os.PathLike) -> None:
     imported = _import(config, tensors, os.path.join(os.fspath(path), CONFIG_NAME))
     modules = pm.adapter_modules()
 
-    class _NoPlan:
-        declines: list = []
-
-    state = _match_tensors(pm, _NoPlan(), modules, imported, tensors, os.fspath(path))
+    state = _match_tensors(pm, types.SimpleNamespace(declines=()), modules, imported, tensors, os.fspath(path))
     load_state(modules, state, os.fspath(path))
 
 
@@ -193,10 +184,11 @@ def save_hf_adapter(model: PeftModel, path: str | os.PathLike) -> str:
     fields, tensors = conv.write(model, records)
     aux_fields, aux_tensors = write_aux(model, aux_records)
     tensors.update(aux_tensors)
-    config = {"peft_type": conv.peft_type, "task_type": None, "inference_mode": True,
-              "base_model_name_or_path": None, "revision": None, **fields, **aux_fields, **model_fields(model)}
-    if config["task_type"] is None and "auto_mapping" in config:
-        config["task_type"] = task_type_of(config["auto_mapping"]["base_model_class"])
+    recorded = model_fields(model)
+    task = fields.get("task_type") or recorded.pop("task_type", None)      # a method's own task_type comes first
+    recorded.pop("task_type", None)
+    config = {"peft_type": conv.peft_type, "inference_mode": True, "base_model_name_or_path": None,
+              "revision": None, **fields, **aux_fields, **recorded, "task_type": task}
     if any(t.device.type == "meta" for t in tensors.values()):
         raise CheckpointError("the adapter lives on the meta device (no values); materialise the model first.")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

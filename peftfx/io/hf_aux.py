@@ -161,4 +161,6 @@ def model_fields(model: PeftModel) -> dict[str, Any]:
     name = getattr(getattr(source, "config", None), "_name_or_path", None) or None
     if name:
         out["base_model_name_or_path"] = name
+    if cls is not None:
+        out["task_type"] = task_type_of(cls.__name__)
     return out
