@@ -20,7 +20,7 @@ from ..methods._hf import CONVERTERS, PREFIX, Imported
 from ..model import PeftModel
 from ..trace import trace
 from .folder import read_tensors, write_folder
-from .hf_aux import AUX_METHODS, combine, model_fields, read_aux, write_aux
+from .hf_aux import AUX_METHODS, combine, heads_saved, model_fields, read_aux, write_aux
 from .state import load_state, require_adapters
 
 __all__ = [
@@ -187,6 +187,8 @@ def save_hf_adapter(model: PeftModel, path: str | os.PathLike) -> str:
     recorded = model_fields(model)
     task = fields.get("task_type") or recorded.pop("task_type", None)      # a method's own task_type comes first
     recorded.pop("task_type", None)
+    if not heads_saved(task, aux_fields.get("modules_to_save") or []):
+        task = None      # HF's SEQ_CLS/TOKEN_CLS/QA wrappers would expect the head's trained copy in the file
     config = {"peft_type": conv.peft_type, "inference_mode": True, "base_model_name_or_path": None,
               "revision": None, **fields, **aux_fields, **recorded, "task_type": task}
     if any(t.device.type == "meta" for t in tensors.values()):

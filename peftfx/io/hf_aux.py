@@ -20,7 +20,7 @@ from .._errors import CheckpointError
 from ..methods._hf import PREFIX, Imported
 from ..model import AdapterRecord, PeftModel
 
-__all__ = ["AUX_METHODS", "combine", "model_fields", "read_aux", "task_type_of", "write_aux"]
+__all__ = ["AUX_METHODS", "combine", "heads_saved", "model_fields", "read_aux", "task_type_of", "write_aux"]
 
 AUX_METHODS = ("modules_to_save", "trainable_tokens")
 _DELTA = "token_adapter.trainable_tokens_delta"
@@ -128,6 +128,18 @@ def write_aux(model: PeftModel, records: list[AdapterRecord]) -> tuple[dict[str,
         else:
             fields["trainable_token_indices"] = tokens
     return fields, tensors
+
+
+#: task types whose HF PEFT wrapper adds these head names to modules_to_save (and then needs them in the file)
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def heads_saved(task: str | None, names: list[str]) -> bool:
+    """Whether an HF folder may say ``task``: HF PEFT's wrapper for a classification / QA task loads the head's copy
+    from the file, so the head must be among the saved modules."""
+    heads = _TASK_HEADS.get(task or "")
+    return heads is None or any(n in heads for n in names)
 
 
 def task_type_of(class_name: str) -> str | None:
