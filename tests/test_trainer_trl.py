@@ -91,3 +91,78 @@ def test_adapter_checkpoints_refuses_a_plain_model():
 
     with pytest.raises(peftfx.PeftfxError, match="peftfx.apply"):
         adapter_checkpoints(Trainer(model=_base(), args=_args("/tmp/peftfx-unused", 1), train_dataset=_rows(4)))
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+def _tokenizer():
+    """A tiny offline tokenizer: a ``tokenizers`` WordLevel vocabulary, whitespace-split."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "fast", "slow", "red", "blue"]
+    tk = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}},
+                                    unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
+                                        bos_token_id=None))
+
+
+def _twins(base, tok):
+    """(peftfx model, HF PEFT model) with the same LoRA weights (HF's, B perturbed, copied into peftfx)."""
+    from peft import LoraConfig, get_peft_model
+
+    enc = tok(["the cat sat on the mat", "a dog ran"], padding=True, return_tensors="pt")
+    pm = peftfx.apply(copy.deepcopy(base), LoRA(rank=4, alpha=8, targets=select.name("q_proj", "v_proj")),
+                      {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                       "labels": enc["input_ids"]})
+    hf = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(4)
+    theirs = dict(hf.named_parameters())
+    with torch.no_grad():
+        for n, p in sorted(pm.named_parameters()):
+            if ".lora.lora_" in n:
+                site, which = n.rsplit(".lora.", 1)
+                src = theirs[f"base_model.model.{site}.{which}.default.weight"]
+                if which == "lora_B":
+                    src.copy_(torch.randn(src.shape, generator=g) * 0.2)
+                p.copy_(src)
+    return pm, hf
+
+
+def _sft_losses(model, tok, out):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    ds = Dataset.from_list([{"text": t} for t in ["the cat sat on the mat", "a dog ran fast", "the red cat ran",
+                                                   "a blue dog sat slow"]])
+    args = SFTConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                     use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trl_sft_trainer_losses_equal_hf_peft(tmp_path):
+    """TRL's SFTTrainer projects ``model.base_model``'s hidden states through the LM head (its fused head): on a
+    peftfx model that backbone is the adapted graph's (peftfx.integrations.backbone)."""
+    pytest.importorskip("trl")
+    tok, base = _tokenizer(), _tiny_llama()
+    pm, hf = _twins(base, tok)
+    start = _lora(pm)
+    ours, theirs = _sft_losses(pm, tok, tmp_path / "a"), _sft_losses(hf, tok, tmp_path / "b")
+    assert len(ours) == len(theirs) == 3
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < TOL
+    end, hf_state = _lora(pm), dict(hf.named_parameters())
+    assert max((end[k] - start[k]).abs().max().item() for k in end) > 1e-3          # it trained
+    for k, v in end.items():                                                        # to HF PEFT's weights
+        site, which = k.rsplit(".lora.", 1)
+        assert (v - hf_state[f"base_model.model.{site}.{which}.default.weight"]).abs().max().item() < TOL
