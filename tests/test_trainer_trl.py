@@ -115,8 +115,9 @@ def _tiny_llama():
                                         bos_token_id=None))
 
 
-def _twins(base, tok):
-    """(peftfx model, HF PEFT model) with the same LoRA weights (HF's, B perturbed, copied into peftfx)."""
+def _twins(base, tok, perturb=True):
+    """(peftfx model, HF PEFT model) with the same LoRA weights (HF's, B perturbed unless ``perturb=False``,
+    copied into peftfx)."""
     from peft import LoraConfig, get_peft_model
 
     enc = tok(["the cat sat on the mat", "a dog ran"], padding=True, return_tensors="pt")
@@ -131,7 +132,7 @@ def _twins(base, tok):
             if ".lora.lora_" in n:
                 site, which = n.rsplit(".lora.", 1)
                 src = theirs[f"base_model.model.{site}.{which}.default.weight"]
-                if which == "lora_B":
+                if which == "lora_B" and perturb:
                     src.copy_(torch.randn(src.shape, generator=g) * 0.2)
                 p.copy_(src)
     return pm, hf
@@ -166,3 +167,35 @@ def test_trl_sft_trainer_losses_equal_hf_peft(tmp_path):
     for k, v in end.items():                                                        # to HF PEFT's weights
         site, which = k.rsplit(".lora.", 1)
         assert (v - hf_state[f"base_model.model.{site}.{which}.default.weight"]).abs().max().item() < TOL
+
+
+def _dpo_losses(model, ref, tok, out):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    ds = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in [
+        ("the cat", "sat on the mat", "ran fast"), ("a dog", "ran fast", "sat slow"), ("the red cat", "sat", "ran"),
+        ("a blue dog", "ran on the mat", "sat on a cat")]])
+    args = DPOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                     use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_trl_dpo_trainer_with_disable_adapter_reference_equals_hf_peft(tmp_path):
+    """DPO's reference is the base model: HF PEFT (``ref_model=None``; TRL freezes a copy of the untrained adapter,
+    B = 0, i.e. the base) against peftfx's ``reference_model`` (the same model under ``disable_adapter()``). The
+    first loss is log 2 (policy = reference), later ones move, all equal within 1e-4."""
+    pytest.importorskip("trl")
+    from peftfx.integrations.trl import reference_model
+
+    tok, base = _tokenizer(), _tiny_llama()
+    pm, hf = _twins(base, tok, perturb=False)
+    ours = _dpo_losses(pm, reference_model(pm), tok, tmp_path / "a")
+    theirs = _dpo_losses(hf, None, tok, tmp_path / "b")
+    assert len(ours) == len(theirs) == 3
+    assert abs(ours[0] - 0.6931472) < 1e-5 and abs(ours[-1] - ours[0]) > 1e-4
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < TOL

@@ -4,7 +4,8 @@ Hugging Face models expose their backbone as ``model.base_model`` (``LlamaForCau
 (``SFTTrainer``, ``DPOTrainer`` through ``trl.trainer.utils.add_fused_lm_head``) call it and then project the
 hidden states through ``model.get_output_embeddings()`` in chunks, never materialising the logits. A peftfx model's
 graph runs the whole model as one traced program, so ``peft.base_model`` is a :class:`Backbone`: for each call it
-takes the graph of the call's mode and signature (:func:`peftfx.variants.variant_for`, the adapters included),
+takes the graph of the call's mode and signature (the adapters included; inside ``disable_adapter()`` the base
+model's),
 forks it with the output replaced by the input of the head's weight matmul (the matmul whose weight is the
 original module's ``get_output_embeddings().weight``), drops what only fed the head, and runs that; it returns a
 ``BaseModelOutputWithPast(last_hidden_state=…)``. The fork is cached per graph and rebuilt when the graph changes.
@@ -18,8 +19,7 @@ from typing import Any
 from torch import fx
 
 from .._errors import PeftfxError
-from ..model import PeftModel, adapter_of, output_chain
-from ..variants import variant_for
+from ..model import PeftModel, adapter_of, call_key, output_chain
 
 __all__ = ["Backbone", "backbone"]
 
@@ -43,7 +43,10 @@ class Backbone:
         kwargs.pop("output_router_logits", None)
         kwargs.pop("return_dict", None)
         bound = variants.bind(args, kwargs)
-        gm = variant_for(pm, bound, pm.training)
+        key = call_key(bound, pm.training, variants.dynamic)
+        if variants.disabled:                  # inside disable_adapter(): the base model's graph
+            key += ("base",)
+        gm = variants.graph_for(pm, key, bound)
         fork = _backbone_graph(gm, pm)
         return BaseModelOutputWithPast(last_hidden_state=fork._graph_forward(**bound))
 
