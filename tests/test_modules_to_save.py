@@ -207,3 +207,23 @@ def test_trainable_tokens_bad_indices_are_errors():
         TrainableTokens(token_indices=(1, 1))
     with pytest.raises(peftfx.PeftfxError):
         peftfx.apply(M.llama(), TrainableTokens(token_indices=(500,)), {"input_ids": M.ids()})
+
+
+def test_hf_trainable_tokens_config_folders_both_ways(tmp_path):
+    """HF's standalone ``TrainableTokensConfig`` (peft_type TRAINABLE_TOKENS; a tied head's rows stored twice)."""
+    from peft import PeftModel, TrainableTokensConfig, get_peft_model
+
+    ids = _token_ids()
+    hf = get_peft_model(M.gpt2(), TrainableTokensConfig(token_indices=TOKENS))
+    _perturb(hf, torch.Generator().manual_seed(4))
+    hf.eval().save_pretrained(str(tmp_path / "hf"))
+    ref = _out(hf, ids)
+    assert (ref - _out(M.gpt2(), ids)).abs().max() > 1e-2
+    pm = peftfx.load_adapter(M.gpt2(), tmp_path / "hf", {"input_ids": ids}).eval()
+    assert peftfx.trainable_parameters(pm)[0] == hf.get_nb_trainable_parameters()[0] == len(TOKENS) * 64
+    assert (_out(pm, ids) - ref).abs().max() < TOL
+    peftfx.save_adapter(pm, tmp_path / "back", format="hf")
+    config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "TRAINABLE_TOKENS" and config["token_indices"] == TOKENS
+    back = PeftModel.from_pretrained(M.gpt2(), str(tmp_path / "back")).eval()
+    assert (_out(back, ids) - ref).abs().max() < TOL

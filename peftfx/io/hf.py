@@ -169,6 +169,8 @@ def save_hf_adapter(model: PeftModel, path: str | os.PathLike) -> str:
     require_adapters(model)
     records = [r for r in model.peft_info.adapters.values() if r.method not in AUX_METHODS]
     aux_records = [r for r in model.peft_info.adapters.values() if r.method in AUX_METHODS]
+    if not records and all(r.method == "trainable_tokens" for r in aux_records):
+        records, aux_records = aux_records, []          # trainable tokens alone: HF's TRAINABLE_TOKENS
     if not records:
         raise CheckpointError("this model has only modules_to_save / trainable-token adapters; an HF PEFT folder "
                               "records them beside a method (LoRA …). Save in the peftfx format instead.")
