@@ -199,3 +199,21 @@ def test_trl_dpo_trainer_with_disable_adapter_reference_equals_hf_peft(tmp_path)
     assert len(ours) == len(theirs) == 3
     assert abs(ours[0] - 0.6931472) < 1e-5 and abs(ours[-1] - ours[0]) > 1e-4
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < TOL
+
+
+def test_base_model_is_the_adapted_backbone():
+    """``peft.base_model(**batch).last_hidden_state`` projected through the LM head gives the adapted model's logits
+    (not the base's); inside disable_adapter() the base's; an adapter on the head itself is refused."""
+    base, rows = _base(), _rows()
+    pm = _apply(base, rows).eval()
+    ids = torch.stack([r["input_ids"] for r in rows[:3]])
+    with torch.no_grad():
+        logits = pm(input_ids=ids).logits
+        hidden = pm.base_model(input_ids=ids).last_hidden_state
+        assert (hidden @ pm.get_output_embeddings().weight.T - logits).abs().max() < 1e-5
+        with pm.disable_adapter():
+            ref = pm.base_model(input_ids=ids).last_hidden_state @ base.lm_head.weight.T
+        assert (ref - base(input_ids=ids).logits).abs().max() < 1e-5 and (ref - logits).abs().max() > 1e-3
+    head = peftfx.apply(_base(), LoRA(rank=2, targets=select.name("lm_head")), {"input_ids": ids})
+    with pytest.raises(peftfx.PeftfxError, match="output head carries an adapter"):
+        head.base_model(input_ids=ids)
