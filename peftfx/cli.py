@@ -41,8 +41,9 @@ def _fail(message: str) -> PeftfxError:
     return PeftfxError(message)
 
 
-def load_model(spec: str) -> Loaded:
-    """A local Hugging Face folder or ``package.module:factory`` → :class:`Loaded`."""
+def load_model(spec: str, recorded: dict | None = None) -> Loaded:
+    """A local Hugging Face folder or ``package.module:factory`` → :class:`Loaded`. ``recorded``: what an adapter
+    folder says about its model (:func:`recorded_model`); a folder is then loaded as that class / task."""
     try:
         import transformers
 
@@ -50,22 +51,58 @@ def load_model(spec: str) -> Loaded:
     except ImportError:  # pragma: no cover - a plain torch factory does not need transformers
         pass
     if os.path.isdir(spec):
-        return _load_folder(spec)
+        return _load_folder(spec, recorded or {})
     if ":" in spec and not os.path.exists(spec):
         return _load_factory(spec)
     raise _fail(f"model {spec!r} is neither a folder (with config.json) nor package.module:factory.")
 
 
-def _load_folder(folder: str) -> Loaded:
+#: HF PEFT task_type → the transformers Auto class that loads that head
+_TASK_AUTO = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+              "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
+              "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "FEATURE_EXTRACTION": "AutoModel"}
+
+
+def recorded_model(adapters: list[str]) -> dict:
+    """The model class and task the first adapter folder recorded (``auto_mapping.base_model_class``,
+    ``task_type``; both formats), or {} when it recorded none (older folders)."""
+    for folder in adapters[:1]:
+        try:
+            with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(config, dict):
+            return {}
+        mapping = config.get("auto_mapping") if isinstance(config.get("auto_mapping"), dict) else {}
+        return {k: v for k, v in (("class", mapping.get("base_model_class")), ("task", config.get("task_type")))
+                if isinstance(v, str) and v}
+    return {}
+
+
+def _model_class(config, recorded: dict):
+    """The class to load a folder with: the adapter's recorded class, else its task's Auto class, else the
+    folder's own ``architectures[0]``, else ``AutoModel``."""
+    import transformers
+
+    name = recorded.get("class")
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None and recorded.get("task") in _TASK_AUTO:
+        cls = getattr(transformers, _TASK_AUTO[recorded["task"]])
+    if cls is None:
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+    return cls or transformers.AutoModel
+
+
+def _load_folder(folder: str, recorded: dict | None = None) -> Loaded:
     import transformers
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise _fail(f"{folder} has no config.json; give a Hugging Face model folder or package.module:factory.")
     transformers.logging.set_verbosity_error()
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    cls = cls or transformers.AutoModel
+    cls = _model_class(config, recorded or {})
     try:
         model = cls.from_pretrained(folder, local_files_only=True).eval()
     except OSError as e:
@@ -180,7 +217,7 @@ def cmd_merge_export(args) -> int:
     if os.path.isdir(args.output) or not args.output.endswith(".onnx"):
         raise _fail(f"--output must be a file path ending with .onnx, got {args.output!r}.")
     st = _Stages(args.json)
-    loaded = st.run("load model", load_model, args.model)
+    loaded = st.run("load model", load_model, args.model, recorded_model(args.adapter))
     ex = example_inputs(loaded, args.batch, args.seq, ids_only=args.kv_cache)
     models = [st.run(f"load adapter {os.path.basename(os.path.normpath(a))}", load_adapter, loaded.model, a, ex)
               for a in args.adapter]
@@ -190,10 +227,13 @@ def cmd_merge_export(args) -> int:
             if lay != layouts[0]:
                 raise _fail(f"adapter {a} has other sites or shapes than {args.adapter[0]}; one ONNX model serves "
                             "only adapters trained with the same rules on the same model.")
-    meta = {"peftfx.source": loaded.folder} if loaded.folder else {}
+    carry = loaded.folder is not None or loaded.tokenizer is not None
+    meta = {"peftfx.tokenizer": "."} if carry and loaded.tokenizer is not None else {}
     report = st.run("merge, export, verify", export_onnx, models[0], args.output, ex, dtype=args.dtype,
                     opset=args.opset, kv_cache=args.kv_cache, source=loaded.model, adapter_inputs=args.adapter_inputs,
                     device=args.device, metadata=meta)
+    if carry:
+        st.run("write tokenizer and config", _write_beside, loaded, args.output)
     files = []
     if args.adapter_inputs:
         out_dir = os.path.dirname(os.path.abspath(args.output))
@@ -203,6 +243,28 @@ def cmd_merge_export(args) -> int:
                                 model=args.output))
     _summary(report, st, files, args.json)
     return 0
+
+
+def _write_beside(loaded: Loaded, onnx_path: str) -> list[str]:
+    """The model's config and tokenizer beside the exported file (``run --text`` finds them there; nothing records
+    an absolute path): written into a private folder there, then each file renamed into place."""
+    import shutil
+    import tempfile
+
+    out_dir = os.path.dirname(os.path.abspath(onnx_path))
+    tmp = tempfile.mkdtemp(prefix=".peftfx-files-", dir=out_dir)
+    try:
+        config = getattr(loaded.model, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(tmp)
+        if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):
+            loaded.tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp))
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return names
 
 
 def _summary(report, st: _Stages, files: list[str], as_json: bool) -> None:
@@ -232,14 +294,26 @@ def _parse_ids(texts: list[str]):
 
 
 def _tokenizer(args, rt):
-    folder = args.tokenizer or rt.metadata.get("peftfx.source")
+    """``--tokenizer DIR``, else the tokenizer exported beside the model (``peftfx.tokenizer`` is a path relative
+    to the model's folder; older exports recorded ``peftfx.source``). Needed for ``--text`` only: with ``--ids``
+    a missing or unreadable tokenizer is no error (``--generate`` then decodes no text)."""
+    recorded = rt.metadata.get("peftfx.tokenizer")
+    folder = args.tokenizer or (os.path.join(os.path.dirname(os.path.abspath(args.onnx)), recorded) if recorded
+                                else rt.metadata.get("peftfx.source"))
     if not folder:
+        return None
+    if not os.path.isdir(folder):
+        if args.text and args.tokenizer:
+            raise _fail(f"tokenizer folder {folder!r} not found; pass --tokenizer DIR.")
         return None
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(folder):
-        raise _fail(f"tokenizer folder {folder!r} not found; pass --tokenizer DIR.")
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        if args.text:
+            raise _fail(f"cannot load the tokenizer from {folder}: {_one_line(e)[:200]}; pass --tokenizer DIR.") from None
+        return None
 
 
 def cmd_run(args) -> int:
@@ -248,7 +322,7 @@ def cmd_run(args) -> int:
     from .export import Runtime
 
     rt = Runtime(args.onnx, device=args.device)
-    tok = _tokenizer(args, rt)
+    tok = _tokenizer(args, rt) if args.text or args.generate else None     # --ids alone needs no tokenizer
     if args.text:
         if tok is None:
             raise _fail("--text needs a tokenizer: pass --tokenizer DIR (a Hugging Face folder) or use --ids.")

@@ -15,6 +15,7 @@ from torch import nn
 
 from ._errors import PeftfxError
 from .apply import merge
+from .integrations.backbone import backbone
 from .io.checkpoint import save_adapter
 from .model import PeftModel, register_service, require_peft
 from .variants import not_replayable
@@ -87,3 +88,4 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
 
 register_service("save_pretrained", save_pretrained)
 register_service("generate", generate)
+register_service("base_model", backbone)

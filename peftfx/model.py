@@ -113,6 +113,12 @@ class PeftModel(fx.GraphModule):
                               "runs the original module's graph without adapters.")
         return variants.disable(self)
 
+    @property
+    def base_model(self) -> Any:
+        """The backbone (hidden states before the output head) run by the adapted graphs, as Hugging Face's
+        ``base_model``: :class:`peftfx.integrations.backbone.Backbone` (TRL's fused LM head calls it)."""
+        return _service("base_model")(self)
+
     def save_pretrained(self, save_directory, **kwargs: Any) -> str:
         """Write the adapter (a Hugging Face PEFT folder by default): :func:`peftfx.dropin.save_pretrained`."""
         return _service("save_pretrained")(self, save_directory, **kwargs)
@@ -235,7 +241,8 @@ def _service(name: str) -> Any:
 _FROM_SOURCE = frozenset({"config", "generation_config", "name_or_path", "main_input_name", "can_generate",
                           "base_model_prefix", "_no_split_modules", "warnings_issued", "model_tags",
                           "_supports_cache_class", "_is_stateful", "hf_device_map", "is_parallelizable",
-                          "model_parallel", "supports_gradient_checkpointing", "is_gradient_checkpointing"})
+                          "model_parallel", "supports_gradient_checkpointing", "is_gradient_checkpointing",
+                          "add_model_tags", "get_input_embeddings", "get_output_embeddings"})
 
 
 def _dispatch_forward(self: "PeftModel", *args: Any, **kwargs: Any) -> Any:

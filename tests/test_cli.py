@@ -189,3 +189,76 @@ def test_hf_folder_as_model(work, capsys):
     keys = [s["key"] for s in json.loads(out)["sites"]]
     assert code == 0, err
     assert "encoder.layer.5.attention.self.query" in keys and len([k for k in keys if k.startswith("encoder.")]) == 36
+
+
+# ------------------------------------------------------------------------------ recorded class/task, tokenizer
+def _hf_causal_folder(path):
+    """A tiny Llama causal-LM folder with an offline WordLevel tokenizer (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = "the a cat dog sat on mat ran fast slow red blue".split()
+    tk = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}},
+                                    unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def test_merge_export_loads_the_recorded_head_class_and_carries_the_tokenizer(tmp_path, capsys):
+    """The base folder says LlamaForCausalLM; the adapter was trained on LlamaForSequenceClassification (with its
+    score head in modules_to_save) and records that class: merge-export loads the classifier, the export folder
+    gets the config and tokenizer (no absolute path anywhere), ``run --ids`` needs no tokenizer, ``--text`` uses the
+    exported one; adapter folders are written 0755/0644 under umask 022."""
+    from transformers import LlamaForSequenceClassification
+
+    base_dir, adapter_dir, out_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "export"
+    tok = _hf_causal_folder(base_dir)
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification.from_pretrained(str(base_dir), num_labels=2)
+    enc = tok(["the cat sat on the mat", "a dog ran"], padding=True, return_tensors="pt")
+    pm = peftfx.apply(model, LoRA(rank=4, targets=select.role("attn.q"), modules_to_save=["score"]),
+                      {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    old = os.umask(0o022)
+    try:
+        pm.save_pretrained(str(adapter_dir))
+    finally:
+        os.umask(old)
+    assert oct(os.stat(adapter_dir).st_mode & 0o777) == "0o755"
+    assert {oct(os.stat(adapter_dir / f).st_mode & 0o777) for f in os.listdir(adapter_dir)} == {"0o644"}
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert recorded["auto_mapping"]["base_model_class"] == "LlamaForSequenceClassification"
+    assert recorded["task_type"] == "SEQ_CLS" and str(tmp_path) in recorded["base_model_name_or_path"]
+    onnx_path = out_dir / "model.onnx"
+    code, out, err = _run(capsys, "merge-export", base_dir, "--adapter", adapter_dir, "-o", onnx_path)
+    assert code == 0, err
+    files = set(os.listdir(out_dir))
+    assert {"model.onnx", "config.json", "tokenizer.json"} <= files and not any(f.startswith(".") for f in files)
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    texts = [str(onnx_path.parent / f) for f in files if f.endswith(".json")]
+    assert not any(str(tmp_path) in v for v in meta.values())
+    assert not any(str(tmp_path) in open(f).read() for f in texts)
+    x = enc["input_ids"][1:, :3]
+    pm.eval()
+    with torch.no_grad():
+        want = pm(input_ids=x, attention_mask=torch.ones_like(x)).logits[0]
+    os.rename(base_dir, tmp_path / "gone")              # the base folder (and its tokenizer) is gone: --ids still runs
+    code, out, err = _run(capsys, "run", onnx_path, "--ids", ",".join(map(str, x[0].tolist())))
+    res = json.loads(out)["logits"]
+    assert code == 0, err
+    assert res["shape"] == [1, 2] and res["argmax"] == [int(want.argmax())]
+    assert abs(res["prob"][0] - float(want.softmax(-1).max())) < 1e-4
+    code, out, err = _run(capsys, "run", onnx_path, "--text", "a dog ran")   # the exported tokenizer
+    assert code == 0, err
+    assert json.loads(out)["logits"]["argmax"] == [int(want.argmax())]

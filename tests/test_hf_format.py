@@ -169,7 +169,6 @@ def test_peftfx_adapter_saves_as_hf_with_mixed_ranks_and_scalings(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Adapter 'default'")
 @pytest.mark.parametrize("field,value,kw", [
-    ("modules_to_save", "classifier", {"task_type": "SEQ_CLS"}),
     ("bias", "all", {"bias": "all"}),
     ("lora_bias", "True", {"lora_bias": True}),
 ])

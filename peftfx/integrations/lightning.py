@@ -17,7 +17,8 @@ A model that already is a peftfx model is left alone, so a resumed or repeated f
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .._errors import PeftfxError
 

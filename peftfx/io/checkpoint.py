@@ -11,13 +11,13 @@ from torch import nn
 from .._errors import CheckpointError
 from ..apply import apply_to_graph
 from ..model import PeftModel
-from ..multi import add_adapter, adapter_names, adapter_view, is_multi
+from ..multi import adapter_names, adapter_view, add_adapter, is_multi
 from ..trace import trace
-from .hf import is_hf_adapter, load_hf_adapter, save_hf_adapter
+from .hf import is_hf_adapter, load_hf_adapter, load_hf_into, save_hf_adapter
 from .peftfx_format import adapter_rules, read_adapter, write_adapter
 from .state import load_state
 
-__all__ = ["save_adapter", "load_adapter"]
+__all__ = ["load_adapter", "load_adapter_weights", "save_adapter"]
 
 
 def save_adapter(model: PeftModel, path: str | os.PathLike, *, format: str = "peftfx",
@@ -51,3 +51,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, example_inputs: Any 
     rules = adapter_rules(config, path)
     pm = trace(model, example_inputs, dynamic=dynamic)
     return apply_to_graph(pm, rules, fill=lambda pm_, plan, modules: load_state(modules, tensors, os.fspath(path)))
+
+
+def load_adapter_weights(model: PeftModel, path: str | os.PathLike) -> PeftModel:
+    """Copy the tensors of adapter folder ``path`` (peftfx or Hugging Face PEFT format) into the adapters ``model``
+    already has — the same rules, sites and shapes — without tracing again (resuming training from an adapter-only
+    checkpoint). A folder that does not fit is a :class:`CheckpointError` and ``model`` is unchanged."""
+    if not isinstance(model, PeftModel) or not model.peft_info.adapters:
+        raise CheckpointError("load_adapter_weights needs a model returned by peftfx.apply() with adapters.")
+    if is_multi(model):
+        raise CheckpointError("load_adapter_weights: this model has named adapters; load each with "
+                              "peftfx.load_adapter(model, path, adapter=name).")
+    if is_hf_adapter(path):
+        load_hf_into(model, path)
+        return model
+    _, tensors = read_adapter(path)
+    load_state(model.adapter_modules(), tensors, os.fspath(path))
+    return model

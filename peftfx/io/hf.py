@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import types
 from typing import Any
 
 import torch
@@ -19,10 +20,18 @@ from ..methods._hf import CONVERTERS, PREFIX, Imported
 from ..model import PeftModel
 from ..trace import trace
 from .folder import read_tensors, write_folder
+from .hf_aux import AUX_METHODS, combine, heads_saved, model_fields, read_aux, write_aux
 from .state import load_state, require_adapters
 
-__all__ = ["is_hf_adapter", "read_hf_folder", "load_hf_adapter", "save_hf_adapter", "CONFIG_NAME", "WEIGHTS_NAME",
-           "PREFIX"]
+__all__ = [
+    "CONFIG_NAME",
+    "PREFIX",
+    "WEIGHTS_NAME",
+    "is_hf_adapter",
+    "load_hf_adapter",
+    "read_hf_folder",
+    "save_hf_adapter",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +108,28 @@ def load_hf_adapter(model: nn.Module, path: str | os.PathLike, example_inputs: A
     return apply_to_graph(pm, imported.rules, fill=load)
 
 
+def load_hf_into(pm: PeftModel, path: str | os.PathLike) -> None:
+    """Copy the tensors of the HF PEFT folder ``path`` into the adapters ``pm`` already has (a Trainer resuming
+    from an adapter-only checkpoint). Every adapter parameter must be in the file with its shape, and nothing else;
+    else a :class:`CheckpointError` and ``pm`` is unchanged."""
+    config, tensors = read_hf_folder(path)
+    imported = _import(config, tensors, os.path.join(os.fspath(path), CONFIG_NAME))
+    modules = pm.adapter_modules()
+
+    state = _match_tensors(pm, types.SimpleNamespace(declines=()), modules, imported, tensors, os.fspath(path))
+    load_state(modules, state, os.fspath(path))
+
+
 def _import(config: dict[str, Any], tensors: dict[str, torch.Tensor], cfg_path: str) -> Imported:
-    """The converter's rules for ``config``. Its values pass the same validation as any rule (types, ranges,
-    finiteness: ``lora_alpha: NaN`` is refused); a bad value is a :class:`CheckpointError` naming the file."""
+    """The converter's rules for ``config``, plus the rules of its ``modules_to_save`` and
+    ``trainable_token_indices`` (:mod:`peftfx.io.hf_aux`, for every peft_type). Its values pass the same validation
+    as any rule (types, ranges, finiteness: ``lora_alpha: NaN`` is refused); a bad value is a
+    :class:`CheckpointError` naming the file."""
     conv = _converter(config.get("peft_type"))
     try:
-        return conv.read(config, tensors)
+        config, aux = read_aux(config, tensors)
+        imported = conv.read(config, {k: v for k, v in tensors.items() if k not in aux.consumed})
+        return combine(imported, aux)
     except CheckpointError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     except (RuleError, TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
@@ -142,7 +167,13 @@ def _match_tensors(pm: PeftModel, plan, modules, imported: Imported, tensors, so
 def save_hf_adapter(model: PeftModel, path: str | os.PathLike) -> str:
     """Write ``model``'s adapter as an HF PEFT folder that ``peft.PeftModel.from_pretrained`` loads."""
     require_adapters(model)
-    records = list(model.peft_info.adapters.values())
+    records = [r for r in model.peft_info.adapters.values() if r.method not in AUX_METHODS]
+    aux_records = [r for r in model.peft_info.adapters.values() if r.method in AUX_METHODS]
+    if not records and all(r.method == "trainable_tokens" for r in aux_records):
+        records, aux_records = aux_records, []          # trainable tokens alone: HF's TRAINABLE_TOKENS
+    if not records:
+        raise CheckpointError("this model has only modules_to_save / trainable-token adapters; an HF PEFT folder "
+                              "records them beside a method (LoRA …). Save in the peftfx format instead.")
     methods = sorted({r.method for r in records})
     convs = {c for c in CONVERTERS.values() for m in methods if m in c.methods}
     missing = [m for m in methods if not any(m in c.methods for c in CONVERTERS.values())]
@@ -153,8 +184,15 @@ def save_hf_adapter(model: PeftModel, path: str | os.PathLike) -> str:
             + (f" (no HF form for {missing})" if missing else "") + ". Save in the peftfx format instead.")
     conv = convs.pop()
     fields, tensors = conv.write(model, records)
-    config = {"peft_type": conv.peft_type, "task_type": None, "inference_mode": True,
-              "base_model_name_or_path": None, "revision": None, **fields}
+    aux_fields, aux_tensors = write_aux(model, aux_records)
+    tensors.update(aux_tensors)
+    recorded = model_fields(model)
+    task = fields.get("task_type") or recorded.pop("task_type", None)      # a method's own task_type comes first
+    recorded.pop("task_type", None)
+    if not heads_saved(task, aux_fields.get("modules_to_save") or []):
+        task = None      # HF's SEQ_CLS/TOKEN_CLS/QA wrappers would expect the head's trained copy in the file
+    config = {"peft_type": conv.peft_type, "inference_mode": True, "base_model_name_or_path": None,
+              "revision": None, **fields, **aux_fields, **recorded, "task_type": task}
     if any(t.device.type == "meta" for t in tensors.values()):
         raise CheckpointError("the adapter lives on the meta device (no values); materialise the model first.")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -13,6 +13,7 @@ from .._version import __version__
 from ..methods import rules_from_data
 from ..model import PeftModel
 from .folder import read_tensors, write_folder
+from .hf_aux import model_fields
 from .state import adapter_state, require_adapters
 
 __all__ = ["write_adapter", "read_adapter", "adapter_rules", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT"]
@@ -36,6 +37,7 @@ def write_adapter(model: PeftModel, path: str | os.PathLike, adapter: str | None
                      for r in info.adapters.values()],
         "inputs": info.input_names,
         **({"adapter_name": adapter} if adapter else {}),
+        **model_fields(model),          # auto_mapping (the model class), base_model_name_or_path, task_type
     }
     return write_folder(path, {WEIGHTS_NAME: state}, {CONFIG_NAME: config}, {"format": FORMAT})
 

@@ -114,13 +114,10 @@ def module_path(record: AdapterRecord) -> str:
 
 
 HINTS = {
-    "modules_to_save": "HF PEFT trains and saves full copies of these modules (e.g. a classification head); "
-                       "peftfx has no such method",
     "bias": "HF PEFT trains the base biases too; peftfx keeps every base parameter frozen",
     "lora_bias": "a bias on LoRA's B is not supported",
     "layer_replication": "peftfx does not replicate layers",
     "target_parameters": "LoRA on bare nn.Parameter targets (MoE experts) is not supported",
-    "trainable_token_indices": "trainable token rows are not supported",
     "use_qalora": "QA-LoRA pools the input; not supported",
     "megatron_config": "Megatron parallel layers are not supported",
 }

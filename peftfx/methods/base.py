@@ -36,7 +36,7 @@ from ..rules import Selector, selector_from_dict
 from ..rules import quote as _quote
 
 __all__ = ["MethodConfig", "GraphMethod", "AdapterModule", "register_method", "METHODS", "rule_from_dict",
-           "rules_from_data", "MAX_SIZE"]
+           "rules_from_data", "expand_aux", "MAX_SIZE"]
 
 #: the largest rank / bottleneck / token count / hidden size a config accepts. A LoRA of rank r on a d×d weight
 #: holds 2·r·d values, so rank 2**31 would ask for hundreds of GiB; sizes above this bound are typos.
@@ -66,6 +66,13 @@ _KIND_NOUNS = {"linear": "linear weights", "linear_t": "linear weights", "embedd
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
     """Base of every method config; ``targets`` is the selector (None = the method's default roles)."""
+
+    #: options of every rule (HF PEFT's config fields of the same names): when rules are read
+    #: (:func:`rules_from_data`) a rule carrying them is split into itself plus a
+    #: :class:`~peftfx.methods.modules_to_save.ModulesToSave` / :class:`~peftfx.methods.trainable_tokens.TrainableTokens`
+    #: rule; keyword-only, left out of ``to_dict`` when unset
+    modules_to_save: tuple[str, ...] | None = dataclasses.field(default=None, kw_only=True)
+    trainable_token_indices: tuple[int, ...] | None = dataclasses.field(default=None, kw_only=True)
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
@@ -101,6 +108,8 @@ class MethodConfig:
         out: dict[str, Any] = {"method": self.name}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name in _AUX_FIELDS and v is None:
+                continue
             if f.name == "targets":
                 v = None if v is None else v.to_dict()
             elif isinstance(v, tuple):
@@ -358,4 +367,24 @@ def rules_from_data(data: Any) -> list[MethodConfig]:
         data = [data]
     if not isinstance(data, (list, tuple)) or not data:
         raise RuleError(f"expected one rule or a non-empty list of rules, got {_quote(data)}")
-    return [rule_from_dict(d) for d in data]
+    return expand_aux([rule_from_dict(d) for d in data])
+
+
+_AUX_FIELDS = ("modules_to_save", "trainable_token_indices")
+
+
+def expand_aux(rules: list[MethodConfig]) -> list[MethodConfig]:
+    """Each rule with ``modules_to_save`` / ``trainable_token_indices`` becomes itself without them, followed by a
+    ``modules_to_save`` / ``trainable_tokens`` rule (registered methods, looked up by name)."""
+    out: list[MethodConfig] = []
+    for r in rules:
+        mts, tti = r.modules_to_save, r.trainable_token_indices
+        if not mts and not tti:
+            out.append(r)
+            continue
+        out.append(dataclasses.replace(r, modules_to_save=None, trainable_token_indices=None))
+        if mts:
+            out.append(METHODS["modules_to_save"](names=tuple(mts)))
+        if tti:
+            out.append(METHODS["trainable_tokens"](token_indices=tuple(tti)))
+    return out

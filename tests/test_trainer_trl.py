@@ -1,0 +1,219 @@
+"""Hugging Face ``Trainer`` writes adapter-only checkpoints of a peftfx model and resumes from them
+(:func:`peftfx.integrations.hf_trainer.adapter_checkpoints`); TRL's ``SFTTrainer`` trains a peftfx model with the
+losses of the same run on HF PEFT. Tiny Llama (hidden 32, 2 layers), offline."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import peftfx
+from peftfx import LoRA, select
+from peftfx.integrations.hf_trainer import adapter_checkpoints
+from tests import models as M
+
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+
+TOL = 1e-4
+RULE = LoRA(rank=4, alpha=8, targets=select.role("attn.q", "attn.v"))
+
+
+def _base():
+    return M.llama(layers=2, hidden=32, inter=64, heads=4, kv_heads=2, vocab=64, seed=0)
+
+
+def _rows(n=16, seq=8):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 64, (n, seq), generator=g)
+    return [{"input_ids": ids[i], "labels": ids[i]} for i in range(n)]
+
+
+def _args(out, steps, **kw):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+                             lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, use_cpu=True, report_to=[],
+                             logging_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                             remove_unused_columns=False, **kw)
+
+
+def _lora(pm):
+    return {k: v.detach().clone() for k, v in pm.state_dict().items() if ".lora." in k}
+
+
+def _apply(base, rows):
+    pm = peftfx.apply(copy.deepcopy(base), RULE, {"input_ids": torch.stack([r["input_ids"] for r in rows[:2]]),
+                                                 "labels": torch.stack([r["labels"] for r in rows[:2]])})
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in sorted(pm.named_parameters()):
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return pm
+
+
+def test_trainer_writes_adapter_only_checkpoints_and_resumes_exactly(tmp_path):
+    from transformers import Trainer
+
+    base, rows = _base(), _rows()
+    # uninterrupted: 4 steps, a checkpoint every 2
+    full = _apply(base, rows)
+    adapter_checkpoints(Trainer(model=full, args=_args(tmp_path / "run", 4, save_strategy="steps", save_steps=2),
+                                train_dataset=rows)).train()
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    files = set(os.listdir(ckpt))
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin"}
+    size = (ckpt / "adapter_model.safetensors").stat().st_size
+    base_size = sum(p.numel() * 4 for p in base.parameters())
+    assert size < 20_000 < base_size                     # the adapter: kB; the base would be ~0.1 MB+ here
+    # a fresh model (as in a new process) resumes from step 2 and must end where the uninterrupted run ended
+    again = _apply(base, rows)                           # same start; the checkpoint must overwrite the adapter
+    with torch.no_grad():
+        for n, p in again.named_parameters():
+            if ".lora." in n:
+                p.zero_()
+    t2 = adapter_checkpoints(Trainer(model=again, args=_args(tmp_path / "resumed", 4, save_strategy="no"),
+                                     train_dataset=rows))
+    t2.train(resume_from_checkpoint=str(ckpt))
+    a, b = _lora(full), _lora(again)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert max((a[k] - _lora(_apply(base, rows))[k]).abs().max().item() for k in a) > 1e-3   # it trained
+    t2.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_adapter_checkpoints_refuses_a_plain_model():
+    from transformers import Trainer
+
+    with pytest.raises(peftfx.PeftfxError, match="peftfx.apply"):
+        adapter_checkpoints(Trainer(model=_base(), args=_args("/tmp/peftfx-unused", 1), train_dataset=_rows(4)))
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+def _tokenizer():
+    """A tiny offline tokenizer: a ``tokenizers`` WordLevel vocabulary, whitespace-split."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "fast", "slow", "red", "blue"]
+    tk = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}},
+                                    unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
+                                        bos_token_id=None))
+
+
+def _twins(base, tok, perturb=True):
+    """(peftfx model, HF PEFT model) with the same LoRA weights (HF's, B perturbed unless ``perturb=False``,
+    copied into peftfx)."""
+    from peft import LoraConfig, get_peft_model
+
+    enc = tok(["the cat sat on the mat", "a dog ran"], padding=True, return_tensors="pt")
+    pm = peftfx.apply(copy.deepcopy(base), LoRA(rank=4, alpha=8, targets=select.name("q_proj", "v_proj")),
+                      {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                       "labels": enc["input_ids"]})
+    hf = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(4)
+    theirs = dict(hf.named_parameters())
+    with torch.no_grad():
+        for n, p in sorted(pm.named_parameters()):
+            if ".lora.lora_" in n:
+                site, which = n.rsplit(".lora.", 1)
+                src = theirs[f"base_model.model.{site}.{which}.default.weight"]
+                if which == "lora_B" and perturb:
+                    src.copy_(torch.randn(src.shape, generator=g) * 0.2)
+                p.copy_(src)
+    return pm, hf
+
+
+def _sft_losses(model, tok, out):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    ds = Dataset.from_list([{"text": t} for t in ["the cat sat on the mat", "a dog ran fast", "the red cat ran",
+                                                   "a blue dog sat slow"]])
+    args = SFTConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                     use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trl_sft_trainer_losses_equal_hf_peft(tmp_path):
+    """TRL's SFTTrainer projects ``model.base_model``'s hidden states through the LM head (its fused head): on a
+    peftfx model that backbone is the adapted graph's (peftfx.integrations.backbone)."""
+    pytest.importorskip("trl")
+    tok, base = _tokenizer(), _tiny_llama()
+    pm, hf = _twins(base, tok)
+    start = _lora(pm)
+    ours, theirs = _sft_losses(pm, tok, tmp_path / "a"), _sft_losses(hf, tok, tmp_path / "b")
+    assert len(ours) == len(theirs) == 3
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < TOL
+    end, hf_state = _lora(pm), dict(hf.named_parameters())
+    assert max((end[k] - start[k]).abs().max().item() for k in end) > 1e-3          # it trained
+    for k, v in end.items():                                                        # to HF PEFT's weights
+        site, which = k.rsplit(".lora.", 1)
+        assert (v - hf_state[f"base_model.model.{site}.{which}.default.weight"]).abs().max().item() < TOL
+
+
+def _dpo_losses(model, ref, tok, out):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    ds = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in [
+        ("the cat", "sat on the mat", "ran fast"), ("a dog", "ran fast", "sat slow"), ("the red cat", "sat", "ran"),
+        ("a blue dog", "ran on the mat", "sat on a cat")]])
+    args = DPOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                     use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_trl_dpo_trainer_with_disable_adapter_reference_equals_hf_peft(tmp_path):
+    """DPO's reference is the base model: HF PEFT (``ref_model=None``; TRL freezes a copy of the untrained adapter,
+    B = 0, i.e. the base) against peftfx's ``reference_model`` (the same model under ``disable_adapter()``). The
+    first loss is log 2 (policy = reference), later ones move, all equal within 1e-4."""
+    pytest.importorskip("trl")
+    from peftfx.integrations.trl import reference_model
+
+    tok, base = _tokenizer(), _tiny_llama()
+    pm, hf = _twins(base, tok, perturb=False)
+    ours = _dpo_losses(pm, reference_model(pm), tok, tmp_path / "a")
+    theirs = _dpo_losses(hf, None, tok, tmp_path / "b")
+    assert len(ours) == len(theirs) == 3
+    assert abs(ours[0] - 0.6931472) < 1e-5 and abs(ours[-1] - ours[0]) > 1e-4
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < TOL
+
+
+def test_base_model_is_the_adapted_backbone():
+    """``peft.base_model(**batch).last_hidden_state`` projected through the LM head gives the adapted model's logits
+    (not the base's); inside disable_adapter() the base's; an adapter on the head itself is refused."""
+    base, rows = _base(), _rows()
+    pm = _apply(base, rows).eval()
+    ids = torch.stack([r["input_ids"] for r in rows[:3]])
+    with torch.no_grad():
+        logits = pm(input_ids=ids).logits
+        hidden = pm.base_model(input_ids=ids).last_hidden_state
+        assert (hidden @ pm.get_output_embeddings().weight.T - logits).abs().max() < 1e-5
+        with pm.disable_adapter():
+            ref = pm.base_model(input_ids=ids).last_hidden_state @ base.lm_head.weight.T
+        assert (ref - base(input_ids=ids).logits).abs().max() < 1e-5 and (ref - logits).abs().max() > 1e-3
+    head = peftfx.apply(_base(), LoRA(rank=2, targets=select.name("lm_head")), {"input_ids": ids})
+    with pytest.raises(peftfx.PeftfxError, match="output head carries an adapter"):
+        head.base_model(input_ids=ids)
