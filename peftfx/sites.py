@@ -29,7 +29,7 @@ import torch
 from torch import fx
 
 __all__ = ["Site", "ConvSpec", "find_sites", "canonical_weight", "site_input", "set_site_input", "conv_spec",
-           "WEIGHT_INDEX", "KINDS", "Unadaptable", "unadaptable_modules"]
+           "WEIGHT_INDEX", "KINDS", "Unadaptable", "unadaptable_modules", "slice_ranges"]
 
 aten = torch.ops.aten
 
@@ -66,7 +66,9 @@ class Site:
     weight_shape: tuple[int, ...]
     bias: str | None = None
     roles: set[str] = field(default_factory=set)
-    slices: dict[str, tuple[int, int]] = field(default_factory=dict)   # role → output rows (fused QKV)
+    # role → output rows of a fused projection (QKV, gate/up): (start, end), or a tuple of ranges when the rows are
+    # interleaved per head (see slice_ranges)
+    slices: dict[str, Any] = field(default_factory=dict)
     conv: ConvSpec | None = None           # kind "conv": stride, padding, dilation, groups
 
     @property
@@ -100,10 +102,20 @@ class Site:
         out = {"key": self.key, "path": self.path, "layer": self.layer, "module_type": self.module_type,
                "op": self.op, "kind": self.kind, "weight": self.weight, "weight_shape": list(self.weight_shape),
                "bias": self.bias,
-               "roles": sorted(self.roles), "slices": {k: list(v) for k, v in self.slices.items()}}
+               "roles": sorted(self.roles), "slices": {k: _jsonable(v) for k, v in self.slices.items()}}
         if self.conv is not None:
             out["conv"] = self.conv.describe()
         return out
+
+
+def slice_ranges(span: Any) -> list[tuple[int, int]]:
+    """A ``Site.slices`` value as its sorted row ranges: ``(s, e)`` → ``[(s, e)]``; a tuple of ranges (rows
+    interleaved per head) → the ranges."""
+    return [(int(span[0]), int(span[1]))] if isinstance(span[0], int) else [(int(s), int(e)) for s, e in span]
+
+
+def _jsonable(span: Any) -> list:
+    return list(span) if isinstance(span[0], int) else [list(r) for r in span]
 
 
 _CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
