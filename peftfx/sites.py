@@ -29,7 +29,8 @@ import torch
 from torch import fx
 
 __all__ = ["Site", "ConvSpec", "find_sites", "canonical_weight", "site_input", "set_site_input", "conv_spec",
-           "WEIGHT_INDEX", "KINDS", "Unadaptable", "unadaptable_modules", "slice_ranges"]
+           "WEIGHT_INDEX", "KINDS", "Unadaptable", "unadaptable_modules", "slice_ranges",
+           "site_calls"]
 
 aten = torch.ops.aten
 
@@ -70,6 +71,12 @@ class Site:
     # interleaved per head (see slice_ranges)
     slices: dict[str, Any] = field(default_factory=dict)
     conv: ConvSpec | None = None           # kind "conv": stride, padding, dilation, groups
+    calls: tuple[fx.Node, ...] = ()        # further calls of a module called several times (one adapter for all)
+
+    @property
+    def nodes(self) -> tuple[fx.Node, ...]:
+        """Every node that runs this site's weight: ``node`` and then ``calls``."""
+        return (self.node, *self.calls)
 
     @property
     def in_features(self) -> int:
@@ -105,6 +112,8 @@ class Site:
                "roles": sorted(self.roles), "slices": {k: _jsonable(v) for k, v in self.slices.items()}}
         if self.conv is not None:
             out["conv"] = self.conv.describe()
+        if self.calls:
+            out["calls"] = 1 + len(self.calls)
         return out
 
 
@@ -223,7 +232,9 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str, Any, Any] | Non
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every weight matmul in graph order, each with a unique ``key``."""
+    """Every weight matmul in graph order, each with a unique ``key``. A module called several times (ALBERT's
+    shared layer) is one site per weight: its first call is ``node``, the others ``calls`` (Hugging Face PEFT's
+    semantics: one adapter per module, applied at every call)."""
     found: list[tuple[fx.Node, str, str, str, tuple, Any]] = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -235,12 +246,16 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         found.append((node, op, kind, wname, tuple(w.shape), bias))
     ran = {_path_of(n) for n in gm.graph.nodes if n.op == "call_function"}
     paths = [_site_path(node, wname, ran) for node, _, _, wname, _, _ in found]
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for i, ((_, op, _, wname, _, _), path) in enumerate(zip(found, paths)):
+        groups.setdefault((wname, op, path), []).append(i)
     by_path: dict[str, int] = {}
-    for p in paths:
+    for _, _, p in groups:
         by_path[p] = by_path.get(p, 0) + 1
     sites: list[Site] = []
     seen: dict[str, int] = {}
-    for (node, op, kind, wname, shape, bias), path in zip(found, paths):
+    for (wname, _, path), idx in groups.items():
+        node, op, kind, _, shape, bias = found[idx[0]]
         info = node.meta.get("peftfx", {})
         key = path if by_path[path] == 1 else (f"{path}.{wname.rsplit('.', 1)[-1]}" if path else wname)
         n = seen.get(key, 0)
@@ -250,8 +265,26 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         bias_name = bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
         sites.append(Site(node=node, key=key, path=path, layer=info.get("layer"),
                           module_type=info.get("module_type", ""), op=op, kind=kind, weight=wname,
-                          weight_shape=shape, bias=bias_name, conv=conv_spec(node) if kind == "conv" else None))
+                          weight_shape=shape, bias=bias_name, conv=conv_spec(node) if kind == "conv" else None,
+                          calls=tuple(found[i][0] for i in idx[1:])))
     return sites
+
+
+def site_calls(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """Every call of the site whose (first) call is ``node``: the nodes running the same op on the same weight
+    from the same module (one node unless the module is called several times), in graph order."""
+    m = _match(gm, node) if node.op == "call_function" else None
+    if m is None:
+        return [node]
+    ran = {_path_of(n) for n in gm.graph.nodes if n.op == "call_function"}
+    want = (m[0], m[2][0], _site_path(node, m[2][0], ran))
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target == node.target:
+            o = _match(gm, n)
+            if o is not None and (o[0], o[2][0], _site_path(n, o[2][0], ran)) == want:
+                out.append(n)
+    return out
 
 
 def _path_of(node: fx.Node) -> str:
@@ -292,7 +325,7 @@ _TRANSPOSED = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 
 def unadaptable_modules(gm: fx.GraphModule, sites: list[Site]) -> list[Unadaptable]:
     """Every module (by path) that reads a parameter in the graph but holds no site, with the reason in words."""
-    have, site_nodes = {s.path for s in sites}, {s.node for s in sites}
+    have, site_nodes = {s.path for s in sites}, {n for s in sites for n in s.nodes}
     ops: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node in site_nodes or \

@@ -40,7 +40,7 @@ def detect_attention(ctx: RoleContext) -> None:
             for s in hits.get(role, ()):
                 if sum(s in h for h in hits.values()) > 1:
                     s.roles.add("attn.qkv")
-                    span = slice_of(operand, s.node)
+                    span = next((sp for n in s.nodes if (sp := slice_of(operand, n)) is not None), None)
                     if span is not None:
                         s.slices[role] = span
         for n in reach(ctx.dataflow, out, ctx.stop, True, ctx.blocked):

@@ -46,8 +46,11 @@ def detect_mlp(ctx: RoleContext) -> None:
     free = [s for s in ctx.sites if s.kind not in _NOT_MLP and not (s.roles & _ATTN_ROLES)]
     producers: dict[Site, list[tuple[Site, bool]]] = {}
     for s in free:
-        for d, via_act in _reach_with_activation(g, s.node, ctx.stop, ctx.blocked):
-            producers.setdefault(by_node[d], []).append((s, via_act))
+        for node in s.nodes:
+            for d, via_act in _reach_with_activation(g, node, ctx.stop, ctx.blocked):
+                pairs = producers.setdefault(by_node[d], [])
+                if (s, via_act) not in pairs:
+                    pairs.append((s, via_act))
     for down, prods in producers.items():
         if down.kind in _NOT_MLP or down.roles & _ATTN_ROLES or not any(act for _, act in prods):
             continue
