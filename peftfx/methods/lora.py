@@ -20,9 +20,12 @@ all of q/k/v by default, or per selected slice with ``fused="split"``) and ``mha
 Hugging Face PEFT's MultiheadAttention LoRA (same pairs, counts and W + ΔW; HF applies no LoRA dropout there, since
 it merges before each forward, while ``dropout`` here acts on the projections' input as on any linear).
 
-A fused projection (GPT-2's ``c_attn``) takes one pair for the whole weight (``fused="joint"``, as HF PEFT) or,
-with ``fused="split"``, one pair per selected q/k/v slice, laid out block-wise so that the update is still one
-low-rank product B_full A_full whose rows outside the selected slices are zero.
+A fused projection (GPT-2's ``c_attn``, Phi3's ``qkv_proj`` and ``gate_up_proj``, GPT-NeoX/BLOOM's per-head
+interleaved ``query_key_value``) takes one pair for the whole weight (``fused="joint"``, as HF PEFT) or, with
+``fused="split"``, one pair per selected slice (roles ``attn.q/k/v``, ``mlp.gate/up``; ``site.slices``), laid out
+block-wise so that the update is still one low-rank product B_full A_full whose rows outside the selected slices are
+zero: slice i (rows ρ_i, a range or an index set) adds s·B_i A_i to W[ρ_i], rank·(in + |ρ_i|) parameters. When a
+selected slice's rows could not be located, the rule takes one pair for the whole projection (and logs why).
 """
 from __future__ import annotations
 

@@ -227,7 +227,7 @@ def _apply(node: fx.Node, x: torch.Tensor | None, maps: dict) -> Any:
         dim = (a[1] if len(a) > 1 else 0) % nd + 1
         start, end = (a[2] if len(a) > 2 else None), (a[3] if len(a) > 3 else None)
         step = a[4] if len(a) > 4 else 1
-        if x.shape[dim] == 1 and _real(node.args[0], dim - 1) != 1:
+        if x.shape[dim] == 1 and not _one(_real(node.args[0], dim - 1)):
             return x                           # a slice of a dimension that is not made of features
         if not all(v is None or isinstance(v, int) for v in (start, end, step)):
             return _NOT_MAPPED
@@ -243,6 +243,11 @@ def _apply(node: fx.Node, x: torch.Tensor | None, maps: dict) -> Any:
     return _NOT_MAPPED
 
 
+def _one(size: Any) -> bool:
+    """Whether a dimension is known to be 1 (a symbolic size is compared with nothing: no guard is added)."""
+    return isinstance(size, int) and size == 1
+
+
 def _real(node: fx.Node, dim: int) -> Any:
     s = _shape(node)
     return None if s is None else s[dim]
@@ -254,7 +259,7 @@ def _split(node: fx.Node, x: torch.Tensor) -> list | None:
     dim = (a[2] if len(a) > 2 else 0) if t is not aten.unbind.int else (a[1] if len(a) > 1 else 0)
     d = dim % nd + 1
     n_out = _n_pieces(node)
-    if x.shape[d] == 1 and _real(node.args[0], d - 1) != 1:
+    if x.shape[d] == 1 and not _one(_real(node.args[0], d - 1)):
         return [x] * n_out                     # split along batch/sequence: every piece reads the same rows
     if t is aten.unbind.int:
         return list(x.unbind(d))
@@ -281,7 +286,7 @@ def _cat(node: fx.Node, maps: dict) -> Any:
     rank = max(p.dim() for p in mapped)
     if any(p.dim() != rank for p in mapped):
         return _NOT_MAPPED
-    if all(p.shape[d] == 1 and _real(n, d - 1) != 1 for p, n in zip(pieces, tensors) if p is not None):
+    if all(p.shape[d] == 1 and not _one(_real(n, d - 1)) for p, n in zip(pieces, tensors) if p is not None):
         return _join(node, maps, out_shape, along=None)   # along batch/sequence (a KV cache): rows of every piece
     parts = []
     for p, n in zip(pieces, tensors):
@@ -318,7 +323,7 @@ def _join(node: fx.Node, maps: dict, out_shape: list | None, along: Any = ...) -
         if m.dim() != nd + 1:
             return _NOT_MAPPED
         for i, s in enumerate(m.shape[1:]):
-            if s != 1 and out_shape[i] != s:
+            if s != 1 and not (isinstance(out_shape[i], int) and out_shape[i] == s):
                 return _NOT_MAPPED             # a reduction or broadcast over features: positions are lost
         full.append(m)
     target = [max(m.shape[i + 1] for m in full) for i in range(nd)]
@@ -340,7 +345,7 @@ def _reshape(x: torch.Tensor, in_shape: list | None, out_shape: list | None) -> 
     if in_shape is None or out_shape is None or len(in_shape) != x.dim() - 1:
         return _NOT_MAPPED
     dims = list(x.shape[1:])
-    broadcast = [i for i, (m, r) in enumerate(zip(dims, in_shape)) if m == 1 and r != 1]
+    broadcast = [i for i, (m, r) in enumerate(zip(dims, in_shape)) if m == 1 and not _one(r)]
     feature = [i for i, m in enumerate(dims) if m > 1]
     if broadcast and feature and max(broadcast) > min(feature):
         return _NOT_MAPPED
