@@ -129,3 +129,24 @@ def test_selecting_a_shared_layer_by_layer_index_takes_the_whole_site():
     ours = peftfx.apply(copy.deepcopy(base), LoRA(rank=2, targets=select.role("mlp.*")), {"input_ids": ids})
     assert sorted(ours.peft_info.adapters) == ["encoder.albert_layer_groups.0.albert_layers.0.ffn.lora",
                                                "encoder.albert_layer_groups.0.albert_layers.0.ffn_output.lora"]
+
+
+def test_shared_adapter_gradients_sum_over_calls_like_hf_peft():
+    from peft import LoraConfig, get_peft_model
+
+    base, ids = _albert(layers=3), _ids()
+    ours = peftfx.apply(copy.deepcopy(base), LoRA(rank=4, alpha=8), {"input_ids": ids})
+    hf = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    _randomise_and_copy(hf, ours)
+    ours.train()
+    hf.train()                                   # ALBERT's dropouts are 0 by default: train mode is deterministic
+    ours(input_ids=ids).last_hidden_state.square().mean().backward()
+    hf(input_ids=ids).last_hidden_state.square().mean().backward()
+    n = 0
+    for name, mod in hf.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            ad = ours.get_submodule(name.replace("base_model.model.", "", 1) + ".lora")
+            assert (ad.lora_A.grad - mod.lora_A["default"].weight.grad).abs().max().item() < 1e-6
+            assert (ad.lora_B.grad - mod.lora_B["default"].weight.grad).abs().max().item() < 1e-6
+            n += 1
+    assert n == 2
