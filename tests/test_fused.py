@@ -209,3 +209,21 @@ def test_phi3_gate_up_slices_and_split_lora_on_up_only():
         want = ref(input_ids=ids).logits
         assert (peft(input_ids=ids).logits - want).abs().max().item() < TOL
         assert (peftfx.merge(peft)(input_ids=ids).logits - want).abs().max().item() < TOL
+
+
+def test_split_lora_on_interleaved_rows_saves_and_loads(tmp_path):
+    base, ids = _model("gpt_neox"), _ids()
+    rule = LoRA(rank=R, alpha=8, fused="split", targets=select.role("attn.q", "attn.v"))
+    peft = peftfx.apply(copy.deepcopy(base), rule, {"input_ids": ids})
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        want = peft(input_ids=ids).logits
+    peftfx.save_adapter(peft, tmp_path / "a")
+    back = peftfx.load_adapter(copy.deepcopy(base), tmp_path / "a", example_inputs={"input_ids": ids})
+    mod = back.get_submodule("gpt_neox.layers.0.attention.query_key_value.lora")
+    assert [torch.equal(_site_rows(sp), w) for sp, w in zip(mod.spans, (_interleaved(0), _interleaved(2)))] \
+        == [True, True]
+    with torch.no_grad():
+        assert (back(input_ids=ids).logits - want).abs().max().item() < TOL
