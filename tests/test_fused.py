@@ -227,3 +227,38 @@ def test_split_lora_on_interleaved_rows_saves_and_loads(tmp_path):
         == [True, True]
     with torch.no_grad():
         assert (back(input_ids=ids).logits - want).abs().max().item() < TOL
+
+
+class _Interleaved(torch.nn.Module):
+    """Hand-written attention: fused qkv laid out per head, sizes read off the projection's output, partial
+    rotary on q and k (half of each head), as GPT-NeoX does."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(H, 3 * H)
+        self.o = torch.nn.Linear(H, H)
+
+    def forward(self, x):
+        qkv = self.qkv(x)
+        b, s, _ = qkv.shape
+        q, k, v = qkv.view(b, s, HEADS, 3 * D).transpose(1, 2).chunk(3, dim=-1)
+        pos = torch.arange(s, dtype=x.dtype)[:, None] * torch.ones(D // 4)
+        cos, sin = torch.cat([pos.cos(), pos.cos()], -1), torch.cat([pos.sin(), pos.sin()], -1)
+
+        def rope(t):
+            rot, keep = t[..., : D // 2], t[..., D // 2:]
+            half = torch.cat([-rot[..., D // 4:], rot[..., : D // 4]], -1)
+            return torch.cat([rot * cos + half * sin, keep], -1)
+
+        y = torch.nn.functional.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, s, H))
+
+
+def test_rows_through_partial_rotary_with_sizes_read_off_the_projection():
+    pm = peftfx.trace(_Interleaved(), (torch.randn(2, 8, H),))
+    sites = {s.key: s for s in find_sites(pm)}
+    assign_roles(pm.graph, list(sites.values()))
+    s = sites["qkv"]
+    for role, which in (("attn.q", 0), ("attn.k", 1), ("attn.v", 2)):
+        assert torch.equal(_site_rows(s.slices[role]), _interleaved(which)), role
+    assert sites["o"].roles == {"attn.o"}

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ._graph import PRODUCTS, SOFTMAX
+from ._graph import PRODUCTS, SOFTMAX, is_tensor
 
 __all__ = ["slice_of", "rows_read", "as_slice"]
 
@@ -118,7 +118,8 @@ def _region(site: fx.Node, operand: fx.Node) -> set[fx.Node]:
         if n is operand:
             continue
         for u in n.users:
-            if u not in fwd and u.op in ("call_function", "call_module") and (u is operand or u.target not in _STOPS):
+            if u not in fwd and u.op in ("call_function", "call_module") and is_tensor(u) and \
+                    (u is operand or u.target not in _STOPS):      # sizes read off a tensor carry no rows
                 fwd.add(u)
                 todo.append(u)
     if operand not in fwd:
