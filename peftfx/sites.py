@@ -276,15 +276,27 @@ def site_calls(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     m = _match(gm, node) if node.op == "call_function" else None
     if m is None:
         return [node]
-    ran = {_path_of(n) for n in gm.graph.nodes if n.op == "call_function"}
-    want = (m[0], m[2][0], _site_path(node, m[2][0], ran))
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target == node.target:
+    same, key = [], _weight_source(node, m[0])
+    for n in gm.graph.nodes:               # the same op on the same weight (usually just ``node``)
+        if n.op == "call_function" and n.target == node.target and _weight_source(n, m[0]) == key:
             o = _match(gm, n)
-            if o is not None and (o[0], o[2][0], _site_path(n, o[2][0], ran)) == want:
-                out.append(n)
-    return out
+            if o is not None and o[0] == m[0] and o[2][0] == m[2][0]:
+                same.append(n)
+    if len(same) < 2:
+        return same or [node]
+    ran = {_path_of(n) for n in gm.graph.nodes if n.op == "call_function"}
+    want = _site_path(node, m[2][0], ran)
+    return [n for n in same if _site_path(n, m[2][0], ran) == want]
+
+
+def _weight_source(node: fx.Node, op: str) -> Any:
+    """The target of the node behind a site's weight operand (through one transpose): a cheap filter."""
+    args = node.args
+    i = WEIGHT_INDEX.get(op)
+    a = args[i] if i is not None and len(args) > i else None
+    if isinstance(a, fx.Node) and a.op == "call_function" and a.args:
+        a = a.args[0]
+    return a.target if isinstance(a, fx.Node) else None
 
 
 def _path_of(node: fx.Node) -> str:
