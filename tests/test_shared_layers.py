@@ -150,3 +150,29 @@ def test_shared_adapter_gradients_sum_over_calls_like_hf_peft():
             assert (ad.lora_B.grad - mod.lora_B["default"].weight.grad).abs().max().item() < 1e-6
             n += 1
     assert n == 2
+
+
+def test_shared_layer_houlsby_exports_to_onnx(tmp_path):
+    # a non-mergeable adapter stays in the graph at every call of the shared layer; ONNX Runtime agrees
+    import numpy as np
+    import onnxruntime as ort
+
+    base, ids = _albert(layers=2), _ids()
+    ours = peftfx.apply(copy.deepcopy(base), peftfx.Houlsby(bottleneck=8, targets=select.role("attn.o")),
+                        {"input_ids": ids})
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    calls = [n for n in ours.graph.nodes if n.op == "call_module" and "adapter" in n.meta.get("peftfx", {})]
+    assert len(calls) == 2 and len(ours.peft_info.adapters) == 1
+    ours.eval()
+    report = peftfx.export_onnx(ours, tmp_path / "m.onnx", {"input_ids": ids})
+    assert report.max_abs < 1e-4
+    x = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(2))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    feed = {i.name: x.numpy() for i in sess.get_inputs() if i.name == "input_ids"}
+    got = sess.run(None, feed)[0]
+    with torch.no_grad():
+        want = ours(input_ids=x).last_hidden_state.numpy()
+    assert np.abs(got - want).max() < 1e-4
