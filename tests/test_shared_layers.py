@@ -176,3 +176,26 @@ def test_shared_layer_houlsby_exports_to_onnx(tmp_path):
     with torch.no_grad():
         want = ours(input_ids=x).last_hidden_state.numpy()
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_named_adapters_and_mixed_batches_on_a_shared_layer():
+    base = _albert(layers=2)
+    ids = torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(4))
+    peft = peftfx.apply(copy.deepcopy(base), LoRA(rank=4, alpha=8), {"input_ids": ids})
+    peftfx.add_adapter(peft, "other", LoRA(rank=2, alpha=4, targets=select.role("attn.q", "mlp.down")))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    single = {}
+    with torch.no_grad():
+        for a in ("default", "other"):
+            peftfx.set_active(peft, a)
+            single[a] = peft(input_ids=ids).last_hidden_state
+        peftfx.set_active(peft, None)
+        single[None] = peft(input_ids=ids).last_hidden_state
+        assert (single[None] - base(input_ids=ids).last_hidden_state).abs().max().item() < TOL
+        assert (single["default"] - single["other"]).abs().max().item() > 1e-4
+        out = peftfx.forward_mixed(peft, ["other", None, "default"], input_ids=ids).last_hidden_state
+    for b, a in enumerate(["other", None, "default"]):
+        assert (out[b] - single[a][b]).abs().max().item() < TOL
