@@ -214,9 +214,8 @@ def _apply(node: fx.Node, x: torch.Tensor | None, maps: dict) -> Any:
         return x.unsqueeze(a[1] % (nd + 1) + 1)
     if t in (aten.squeeze.dim, aten.squeeze.dims):
         dims = [a[1]] if t is aten.squeeze.dim else list(a[1])
-        keep = [d % nd + 1 for d in dims if x.shape[d % nd + 1] == 1 and out_shape is not None]
-        for d in sorted(keep, reverse=True):
-            x = x.squeeze(d)
+        for d in sorted({d % nd for d in dims if _one(_real(node.args[0], d % nd))}, reverse=True):
+            x = x.squeeze(d + 1)
         return x
     if t is aten.expand.default:
         sizes = [s if isinstance(s, int) and s != -1 else 1 for s in a[1]]
@@ -224,24 +223,31 @@ def _apply(node: fx.Node, x: torch.Tensor | None, maps: dict) -> Any:
         return x.expand(x.shape[0], *[s if x.shape[i + 1] == 1 else x.shape[i + 1] for i, s in enumerate(sizes)])
     if t in _VIEW_LIKE:
         return _reshape(x, _shape(node.args[0]), out_shape)
-    if t is aten.slice.Tensor:
-        dim = (a[1] if len(a) > 1 else 0) % nd + 1
-        start, end = (a[2] if len(a) > 2 else None), (a[3] if len(a) > 3 else None)
-        step = a[4] if len(a) > 4 else 1
-        if x.shape[dim] == 1 and not _one(_real(node.args[0], dim - 1)):
-            return x                           # a slice of a dimension that is not made of features
-        if not all(v is None or isinstance(v, int) for v in (start, end, step)):
-            return _NOT_MAPPED
-        idx = [slice(None)] * x.dim()
-        idx[dim] = slice(start, end, step)
-        return x[tuple(idx)]
-    if t is aten.select.int:
-        dim = a[1] % nd + 1
-        i = a[2] if x.shape[dim] > 1 else 0
-        return x.select(dim, i) if isinstance(i, int) else _NOT_MAPPED
+    if t in (aten.slice.Tensor, aten.select.int):
+        return _index(node, x)
     if t in _SPLITS:
         return _split(node, x)
     return _NOT_MAPPED
+
+
+def _index(node: fx.Node, x: torch.Tensor) -> Any:
+    """``slice(x, dim, start, end, step)`` / ``select(x, dim, i)`` on the map; along a dimension that is not made
+    of features (size 1 in the map) every element keeps its rows."""
+    a, nd = node.args, x.dim() - 1
+    dim = (a[1] if len(a) > 1 else 0) % nd + 1
+    along_features = not (x.shape[dim] == 1 and not _one(_real(node.args[0], dim - 1)))
+    if node.target is aten.select.int:
+        i = a[2] if along_features else 0
+        return x.select(dim, i) if isinstance(i, int) else _NOT_MAPPED
+    if not along_features:
+        return x
+    start, end = (a[2] if len(a) > 2 else None), (a[3] if len(a) > 3 else None)
+    step = a[4] if len(a) > 4 else 1
+    if not all(v is None or isinstance(v, int) for v in (start, end, step)):
+        return _NOT_MAPPED
+    idx = [slice(None)] * x.dim()
+    idx[dim] = slice(start, end, step)
+    return x[tuple(idx)]
 
 
 def _one(size: Any) -> bool:
