@@ -37,7 +37,8 @@ import torch
 from torch import fx
 
 __all__ = ["Site", "ConvSpec", "find_sites", "canonical_weight", "site_input", "set_site_input", "conv_spec",
-           "WEIGHT_INDEX", "KINDS", "Unadaptable", "unadaptable_modules", "ExpertSpec"]
+           "WEIGHT_INDEX", "KINDS", "Unadaptable", "unadaptable_modules", "ExpertSpec", "slice_ranges",
+           "site_calls"]
 
 aten = torch.ops.aten
 
@@ -91,9 +92,17 @@ class Site:
     weight_shape: tuple[int, ...]
     bias: str | None = None
     roles: set[str] = field(default_factory=set)
-    slices: dict[str, tuple[int, int]] = field(default_factory=dict)   # role → output rows (fused QKV)
+    # role → output rows of a fused projection (QKV, gate/up): (start, end), or a tuple of ranges when the rows are
+    # interleaved per head (see slice_ranges)
+    slices: dict[str, Any] = field(default_factory=dict)
     conv: ConvSpec | None = None           # kind "conv": stride, padding, dilation, groups
     experts: ExpertSpec | None = None      # kind "experts": expert count, orientation
+    calls: tuple[fx.Node, ...] = ()        # further calls of a module called several times (one adapter for all)
+
+    @property
+    def nodes(self) -> tuple[fx.Node, ...]:
+        """Every node that runs this site's weight: ``node`` and then ``calls``."""
+        return (self.node, *self.calls)
 
     @property
     def in_features(self) -> int:
@@ -131,12 +140,24 @@ class Site:
         out = {"key": self.key, "path": self.path, "layer": self.layer, "module_type": self.module_type,
                "op": self.op, "kind": self.kind, "weight": self.weight, "weight_shape": list(self.weight_shape),
                "bias": self.bias,
-               "roles": sorted(self.roles), "slices": {k: list(v) for k, v in self.slices.items()}}
+               "roles": sorted(self.roles), "slices": {k: _jsonable(v) for k, v in self.slices.items()}}
         if self.conv is not None:
             out["conv"] = self.conv.describe()
         if self.experts is not None:
             out["experts"] = self.experts.describe()
+        if self.calls:
+            out["calls"] = 1 + len(self.calls)
         return out
+
+
+def slice_ranges(span: Any) -> list[tuple[int, int]]:
+    """A ``Site.slices`` value as its sorted row ranges: ``(s, e)`` → ``[(s, e)]``; a tuple of ranges (rows
+    interleaved per head) → the ranges."""
+    return [(int(span[0]), int(span[1]))] if isinstance(span[0], int) else [(int(s), int(e)) for s, e in span]
+
+
+def _jsonable(span: Any) -> list:
+    return list(span) if isinstance(span[0], int) else [list(r) for r in span]
 
 
 _CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
@@ -247,7 +268,9 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str, Any, Any] | Non
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every weight matmul in graph order, each with a unique ``key``."""
+    """Every weight matmul in graph order, each with a unique ``key``. A module called several times (ALBERT's
+    shared layer) is one site per weight: its first call is ``node``, the others ``calls`` (Hugging Face PEFT's
+    semantics: one adapter per module, applied at every call)."""
     found: list[tuple[fx.Node, str, str, str, tuple, Any]] = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -259,12 +282,16 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         found.append((node, op, kind, wname, tuple(w.shape), bias))
     ran = {_path_of(n) for n in gm.graph.nodes if n.op == "call_function"}
     paths = [_site_path(node, wname, ran) for node, _, _, wname, _, _ in found]
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for i, ((_, op, _, wname, _, _), path) in enumerate(zip(found, paths)):
+        groups.setdefault((wname, op, path), []).append(i)
     by_path: dict[str, int] = {}
-    for p in paths:
+    for _, _, p in groups:
         by_path[p] = by_path.get(p, 0) + 1
     sites: list[Site] = []
     seen: dict[str, int] = {}
-    for (node, op, kind, wname, shape, bias), path in zip(found, paths):
+    for (wname, _, path), idx in groups.items():
+        node, op, kind, _, shape, bias = found[idx[0]]
         info = node.meta.get("peftfx", {})
         key = path if by_path[path] == 1 else (f"{path}.{wname.rsplit('.', 1)[-1]}" if path else wname)
         n = seen.get(key, 0)
@@ -274,7 +301,8 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         bias_name = bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
         sites.append(Site(node=node, key=key, path=path, layer=info.get("layer"),
                           module_type=info.get("module_type", ""), op=op, kind=kind, weight=wname,
-                          weight_shape=shape, bias=bias_name, conv=conv_spec(node) if kind == "conv" else None))
+                          weight_shape=shape, bias=bias_name, conv=conv_spec(node) if kind == "conv" else None,
+                          calls=tuple(found[i][0] for i in idx[1:])))
     return _with_experts(gm, sites)
 
 
@@ -369,6 +397,35 @@ def _expert_sites(gm: fx.GraphModule) -> list[Site]:
     return found
 
 
+def site_calls(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """Every call of the site whose (first) call is ``node``: the nodes running the same op on the same weight
+    from the same module (one node unless the module is called several times), in graph order."""
+    m = _match(gm, node) if node.op == "call_function" else None
+    if m is None:
+        return [node]
+    same, key = [], _weight_source(node, m[0])
+    for n in gm.graph.nodes:               # the same op on the same weight (usually just ``node``)
+        if n.op == "call_function" and n.target == node.target and _weight_source(n, m[0]) == key:
+            o = _match(gm, n)
+            if o is not None and o[0] == m[0] and o[2][0] == m[2][0]:
+                same.append(n)
+    if len(same) < 2:
+        return same or [node]
+    ran = {_path_of(n) for n in gm.graph.nodes if n.op == "call_function"}
+    want = _site_path(node, m[2][0], ran)
+    return [n for n in same if _site_path(n, m[2][0], ran) == want]
+
+
+def _weight_source(node: fx.Node, op: str) -> Any:
+    """The target of the node behind a site's weight operand (through one transpose): a cheap filter."""
+    args = node.args
+    i = WEIGHT_INDEX.get(op)
+    a = args[i] if i is not None and len(args) > i else None
+    if isinstance(a, fx.Node) and a.op == "call_function" and a.args:
+        a = a.args[0]
+    return a.target if isinstance(a, fx.Node) else None
+
+
 def _path_of(node: fx.Node) -> str:
     return node.meta.get("peftfx", {}).get("path", "")
 
@@ -407,7 +464,7 @@ _TRANSPOSED = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 
 def unadaptable_modules(gm: fx.GraphModule, sites: list[Site]) -> list[Unadaptable]:
     """Every module (by path) that reads a parameter in the graph but holds no site, with the reason in words."""
-    have, site_nodes = {s.path for s in sites}, {s.node for s in sites}
+    have, site_nodes = {s.path for s in sites}, {n for s in sites for n in s.nodes}
     ops: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node in site_nodes or \

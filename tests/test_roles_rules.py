@@ -87,6 +87,37 @@ def test_roles_beyond_the_named_architectures(arch, qkv, o, up, down):
     assert roles["lm_head"] == ["head"]
 
 
+def _parallel_block(arch):
+    import transformers as T
+
+    torch.manual_seed(0)
+    if arch == "cohere":
+        return T.CohereForCausalLM(T.CohereConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=4,
+                                                  intermediate_size=128)), "model.layers.{}.mlp"
+    if arch == "gptj":
+        return T.GPTJForCausalLM(T.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                              n_inner=128)), "transformer.h.{}.mlp"
+    return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=128,
+                                                use_parallel_residual=True)), "gpt_neox.layers.{}.mlp"
+
+
+@pytest.mark.parametrize("arch,mlp", [("cohere", {"gate_proj": ["mlp.gate"], "up_proj": ["mlp.up"],
+                                                  "down_proj": ["mlp.down"]}),
+                                      ("gptj", {"fc_in": ["mlp.up"], "fc_out": ["mlp.down"]}),
+                                      ("gpt_neox", {"dense_h_to_4h": ["mlp.up"], "dense_4h_to_h": ["mlp.down"]})])
+def test_parallel_residual_blocks_get_mlp_roles(arch, mlp):
+    """x + attn(ln(x)) + mlp(ln(x)): the MLP output is added to ``x + attn``, whose term x feeds the MLP input."""
+    model, path = _parallel_block(arch)
+    roles, _ = _roles(model, {"input_ids": M.ids()})
+    for i in (0, 1):
+        for name, want in mlp.items():
+            assert roles[f"{path.format(i)}.{name}"] == want, (i, name)
+    peft = peftfx.apply(model, peftfx.IA3(), {"input_ids": M.ids()})     # IA3's default now covers the MLP too
+    assert sum("mlp.down" in rec.site["roles"] for rec in peft.peft_info.adapters.values()) == 2
+
+
 def test_roles_hand_written_eager_attention():
     roles, sites = _roles(M.TinyTransformer(), {"ids": M.ids(vocab=100)})
     assert roles["blocks.0.qkv"] == ["attn.k", "attn.q", "attn.qkv", "attn.v"]

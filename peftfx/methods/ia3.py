@@ -11,8 +11,9 @@ by the site's roles — a site with role ``mlp.down`` is scaled at its input, ev
 ``feedforward=`` (a selector) overrides that choice: the sites it matches are scaled at the input, all others
 at the output — Hugging Face PEFT's ``feedforward_modules``. Embeddings are declined.
 
-On a fused QKV projection (GPT-2's ``c_attn``) selected by role, only the rows of the selected q/k/v slices
-are scaled (``ia3_l`` holds just those rows; the scale is one elsewhere). A fused site selected as a whole —
+On a fused QKV projection (GPT-2's ``c_attn``, Phi3's ``qkv_proj``, GPT-NeoX/BLOOM's per-head interleaved
+``query_key_value``) selected by role, only the rows of the selected q/k/v slices are scaled (``ia3_l`` holds just
+those rows, in ascending row order; the scale is one elsewhere). A fused site selected as a whole —
 by name, type or role ``attn.qkv`` — is scaled on all its outputs, as Hugging Face PEFT does for ``c_attn``.
 
 On a convolution (``nn.Conv1d/2d/3d``) ``l`` scales channels, as in Hugging Face PEFT: output channels
@@ -39,6 +40,7 @@ from torch import nn
 
 from .._errors import PassError, RuleError, SiteError
 from ..rules import Selector, select, selector_from_dict
+from ..sites import slice_ranges
 from .base import AdapterModule, MethodConfig, register_method
 from .experts import ia3_experts
 
@@ -115,7 +117,7 @@ def _spans(site, roles: set[str]) -> list[tuple[int, int]]:
             f"belong to {'it' if len(missing) == 1 else 'them'} could not be located in the graph (slices found: "
             f"{sorted(site.slices) or 'none'}). Select the whole projection instead, e.g. "
             f"targets=select.name('{site.key}'), to scale all of its outputs.")
-    return sorted(site.slices[r] for r in chosen)
+    return sorted(r for role in chosen for r in slice_ranges(site.slices[role]))
 
 
 class IA3Output(AdapterModule):

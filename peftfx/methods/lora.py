@@ -20,12 +20,15 @@ all of q/k/v by default, or per selected slice with ``fused="split"``) and ``mha
 Hugging Face PEFT's MultiheadAttention LoRA (same pairs, counts and W + ΔW; HF applies no LoRA dropout there, since
 it merges before each forward, while ``dropout`` here acts on the projections' input as on any linear).
 
+A fused projection (GPT-2's ``c_attn``, Phi3's ``qkv_proj`` and ``gate_up_proj``, GPT-NeoX/BLOOM's per-head
+interleaved ``query_key_value``) takes one pair for the whole weight (``fused="joint"``, as HF PEFT) or, with
+``fused="split"``, one pair per selected slice (roles ``attn.q/k/v``, ``mlp.gate/up``; ``site.slices``), laid out
+block-wise so that the update is still one low-rank product B_full A_full whose rows outside the selected slices are
+zero: slice i (rows ρ_i, a range or an index set) adds s·B_i A_i to W[ρ_i], rank·(in + |ρ_i|) parameters. When a
+selected slice's rows could not be located, the rule takes one pair for the whole projection (and logs why).
+
 Mixture-of-experts weights (site kind ``experts``, 3-D ``[E, out, in]``) take one pair per expert in Hugging Face
 PEFT's ``target_parameters`` form (see :mod:`.experts`).
-
-A fused projection (GPT-2's ``c_attn``) takes one pair for the whole weight (``fused="joint"``, as HF PEFT) or,
-with ``fused="split"``, one pair per selected q/k/v slice, laid out block-wise so that the update is still one
-low-rank product B_full A_full whose rows outside the selected slices are zero.
 """
 from __future__ import annotations
 
@@ -40,12 +43,16 @@ from torch import nn
 
 from .._errors import RuleError
 from ..rules import Selector, select
+from ..sites import slice_ranges
 from .base import AdapterModule, MethodConfig, register_method
 from .experts import decline_experts_lora, lora_experts
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LoRA", "LoRALinear", "LoRAEmbedding", "LoRAConv"]
+
+#: roles that may own a slice of a fused projection (``Site.slices``)
+_SLICED = ("attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up")
 
 
 @register_method
@@ -95,14 +102,15 @@ class LoRA(MethodConfig):
                             self.scaling, self.dropout, self.init, **kw)
         if site.kind == "embedding":
             return LoRAEmbedding(site.in_features, site.out_features, self.rank, self.scaling, **kw)
-        spans = [site.slices[r] for r in ("attn.q", "attn.k", "attn.v") if r in roles and r in site.slices]
-        if self.fused == "split" and "attn.qkv" in site.roles and spans:
-            spans = sorted(spans)
-        else:
-            if self.fused == "split" and "attn.qkv" in site.roles:
-                log.warning("LoRA fused='split': the q/k/v rows of %s could not be located (interleaved per "
-                            "head?); it takes one pair for the whole projection", site.key)
-            spans = [(0, site.out_features)]
+        spans = [(0, site.out_features)]
+        if self.fused == "split" and (site.slices or "attn.qkv" in site.roles):
+            chosen = [r for r in _SLICED if r in roles and r in site.roles]
+            missing = [r for r in chosen if r not in site.slices]
+            if chosen and not missing:
+                spans = sorted((site.slices[r] for r in chosen), key=lambda sp: slice_ranges(sp)[0])
+            elif chosen:
+                log.warning("LoRA fused='split': the rows of %s in %s could not be located; it takes one pair for "
+                            "the whole projection", ", ".join(missing), site.key)
         return LoRALinear(site.in_features, site.out_features, self.rank, self.scaling, self.dropout,
                           self.init, spans, **kw)
 
@@ -133,26 +141,27 @@ class LoRALinear(AdapterModule):
         n = len(spans)
         self.scaling = scaling
         self.out_features = out_features
-        self.spans = [tuple(s) for s in spans]
+        # one slice each: (start, end), or a tuple of ranges (rows interleaved per head)
+        self.spans = [tuple(s) if isinstance(s[0], int) else tuple(tuple(r) for r in s) for s in spans]
+        rows = [torch.cat([torch.arange(a, b) for a, b in slice_ranges(sp)]) for sp in self.spans]
         self.lora_A = nn.Parameter(torch.empty(rank * n, in_features, device=device, dtype=dtype))
-        rows = sum(e - s for s, e in self.spans)
-        self.lora_B = nn.Parameter(torch.zeros(rows, rank, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(sum(len(r) for r in rows), rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         init_lora_A(self.lora_A, init, rank)
+        # rows and columns of B_full that the rows of lora_B fill (slice i: its rows × columns i·r…(i+1)·r)
+        self._whole = self.spans == [(0, out_features)]
+        self._fill = None if self._whole else (torch.cat(rows), torch.cat([torch.full((len(r),), i) for i, r
+                                                                           in enumerate(rows)]))
 
     def full_B(self) -> torch.Tensor:
         """B as ``[out, rank·n]``: slice i's rows hold B_i in columns i·r…(i+1)·r, zeros elsewhere."""
-        if self.spans == [(0, self.out_features)]:
+        if self._whole:
             return self.lora_B
         r = self.lora_B.shape[1]
+        rows, which = (t.to(self.lora_B.device) for t in self._fill)
+        cols = which[:, None] * r + torch.arange(r, device=rows.device)[None, :]
         full = self.lora_B.new_zeros(self.out_features, r * len(self.spans))
-        row = 0
-        for i, (s, e) in enumerate(self.spans):
-            full = full.index_put((torch.arange(s, e, device=full.device)[:, None],
-                                   torch.arange(i * r, (i + 1) * r, device=full.device)[None, :]),
-                                  self.lora_B[row: row + e - s])
-            row += e - s
-        return full
+        return full.index_put((rows[:, None], cols), self.lora_B)
 
     def delta(self) -> torch.Tensor:
         return (self.full_B() @ self.lora_A) * self.scaling

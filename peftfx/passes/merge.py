@@ -28,8 +28,8 @@ from .._util import set_submodule
 from ..sites import canonical_weight
 from .base import PassResult, fail, graph_pass
 from .checks import adapters_called_once, merged_adapters_have_no_node
-from ..model import adapter_nodes
-from .splice import splice_one
+from ..sites import site_calls
+from .splice import adapter_calls, splice_one
 
 __all__ = ["merge_pass", "unmerge_pass"]
 
@@ -64,7 +64,8 @@ def _untie_if_shared(gm, rec, site_node) -> None:
     readers = [n for n in gm.graph.nodes
                if n.op == "get_attr" and _is_param(gm, n.target) and gm.get_parameter(n.target) is w]
     users = {u for r in readers for u in r.users}
-    own = {site_node} | {u for u in users if u.op == "call_function" and site_node in u.users}
+    calls = set(site_calls(gm, site_node)) | {site_node}      # every call of a module called several times
+    own = calls | {u for u in users if u.op == "call_function" and calls & set(u.users)}
     # a reads_weight adapter (DoRA) of this same site reads the weight too: that is not a tie
     adapters = gm.peft_info.adapters
     own |= {u for u in users if u.op == "call_module"
@@ -183,7 +184,6 @@ def _dry_run(gm, order: list[str]) -> None:
 @graph_pass("merge", functional=True, ensures=[merged_adapters_have_no_node])
 def merge_pass(gm, inplace: bool = False, safe: bool = True) -> PassResult:
     out = gm if inplace else gm.fork()
-    nodes = adapter_nodes(out.graph)
     by_name = {n.name: n for n in out.graph.nodes}
     owned: set[str] = set()
     order = _merge_order(out)
@@ -191,8 +191,8 @@ def merge_pass(gm, inplace: bool = False, safe: bool = True) -> PassResult:
         _dry_run(out, order)
     for name in order:
         rec, module = out.peft_info.adapters[name], out.get_submodule(name)
-        node = nodes.get(name)
-        if node is None:
+        calls = adapter_calls(out.graph, name)
+        if not calls:
             raise fail("merge", f"adapter {name} has no node in the graph")
         _untie_if_shared(out, rec, by_name[rec.node])
         w = _own_weight(out, rec.site["weight"], inplace, owned)
@@ -202,8 +202,9 @@ def merge_pass(gm, inplace: bool = False, safe: bool = True) -> PassResult:
         if safe and not inplace and not (_finite(w) and _finite(b)):
             raise _refuse(rec, rec.site["weight"])      # the fork (and its private weights) is dropped
         # input adapter: the site (and adapters that ignore x) read the raw input; output: the site's output
-        node.replace_all_uses_with(node.args[0] if module.position == "input" else node.args[1])
-        out.graph.erase_node(node)
+        for node in calls:      # one node per call of the site; the weight is merged once
+            node.replace_all_uses_with(node.args[0] if module.position == "input" else node.args[1])
+            out.graph.erase_node(node)
         rec.merged = True
     return PassResult(out, bool(order))
 

@@ -14,6 +14,7 @@ from torch import fx
 from .._util import delete_submodule
 from ..model import adapter_nodes
 from .base import PassResult, fail, graph_pass
+from .splice import adapter_calls
 
 __all__ = ["remove_adapters_pass"]
 
@@ -24,12 +25,14 @@ def remove_adapters_pass(gm: fx.GraphModule, names: Iterable[str] | None = None,
     nodes = adapter_nodes(gm.graph)
     names = list(nodes) if names is None else list(names)
     for name in names:
-        node = nodes.get(name)
-        if node is None:
+        calls = adapter_calls(gm.graph, name)      # one per call of a site whose module is called several times
+        if not calls:
             raise fail("remove_adapters", f"adapter {name} has no node in this graph")
         module = gm.get_submodule(name)
-        node.replace_all_uses_with(node.args[0] if getattr(module, "position", "output") == "input" else node.args[1])
-        gm.graph.erase_node(node)
+        for node in calls:
+            node.replace_all_uses_with(node.args[0] if getattr(module, "position", "output") == "input"
+                                       else node.args[1])
+            gm.graph.erase_node(node)
         if not keep_modules:
             delete_submodule(gm, name)
             gm.peft_info.adapters.pop(name, None)

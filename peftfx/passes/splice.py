@@ -5,7 +5,9 @@ calling it is inserted next to the site — after it for "output" adapters (``y'
 user of ``y`` now reads ``y'``), before it for "input" adapters (the site reads ``m(x)`` instead of ``x``).
 Adapters on the same site chain in the order given (an output adapter re-spliced after unmerge goes back
 to its place in ``peft_info.adapters`` order), and every output adapter reads the input the weight reads
-(the output of the site's input adapters). The base nodes are not changed otherwise.
+(the output of the site's input adapters). A module called several times (ALBERT's shared layer) is one site:
+its adapter module is called at every call of the weight (one module, one set of parameters, several nodes).
+The base nodes are not changed otherwise.
 """
 from __future__ import annotations
 
@@ -15,16 +17,31 @@ from torch import fx, nn
 
 from .._util import find_submodule
 from ..model import adapter_of, output_chain
-from ..sites import WEIGHT_INDEX, set_site_input, site_input
+from ..sites import WEIGHT_INDEX, set_site_input, site_calls, site_input
 from .base import PassResult, fail, graph_pass
 from .checks import adapters_called_once
 
-__all__ = ["splice_pass", "splice_one"]
+__all__ = ["splice_pass", "splice_one", "adapter_calls"]
 
 
 def splice_one(gm: fx.GraphModule, site_node: fx.Node, op: str, name: str, module: nn.Module) -> fx.Node:
+    """Splice ``module`` (registered as ``name``) at ``site_node`` and at every other call of the same site (a
+    module called several times: :func:`peftfx.sites.site_calls`); returns the node at ``site_node``."""
     if find_submodule(gm, name) is None:
         gm.add_submodule(name, module)
+    calls = site_calls(gm, site_node)
+    if site_node not in calls:
+        calls = [site_node]
+    new = [_splice_at(gm, n, op, name, module) for n in calls]
+    return new[calls.index(site_node)]
+
+
+def adapter_calls(graph: fx.Graph, name: str) -> list[fx.Node]:
+    """Every node that calls the adapter ``name`` (one per call of its site)."""
+    return [n for n in graph.nodes if adapter_of(n) == name]
+
+
+def _splice_at(gm: fx.GraphModule, site_node: fx.Node, op: str, name: str, module: nn.Module) -> fx.Node:
     graph = gm.graph
     if getattr(module, "position", "output") == "input":
         x = site_input(site_node, op)

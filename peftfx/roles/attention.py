@@ -5,7 +5,9 @@ How: an attention op is ``scaled_dot_product_attention`` or the eager pattern ma
 first weight matmul gives q/k/v; walking forward from its output to the first weight matmul gives o. Walks never
 cross an attention op, nor a weight op that is not a site, and skip embedding tables and sites of another layer.
 A site reached from two or more of q/k/v is a fused projection: it carries each of those roles plus ``attn.qkv``,
-and ``site.slices`` the output rows of each slice (:func:`peftfx.roles.slices.slice_of`).
+and ``site.slices`` the output rows of each slice — a range, or an index set where q/k/v are interleaved per head —
+tracked forward from the site through views, rotary and splits (:func:`peftfx.roles.slices.slice_of`). A site with
+several calls (a shared layer) is found from any of them.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def detect_attention(ctx: RoleContext) -> None:
             for s in hits.get(role, ()):
                 if sum(s in h for h in hits.values()) > 1:
                     s.roles.add("attn.qkv")
-                    span = slice_of(operand, s.node)
+                    span = next((sp for n in s.nodes if (sp := slice_of(operand, n)) is not None), None)
                     if span is not None:
                         s.slices[role] = span
         for n in reach(ctx.dataflow, out, ctx.stop, True, ctx.blocked):

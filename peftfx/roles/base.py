@@ -35,14 +35,15 @@ __all__ = ["Detector", "DetectorError", "RoleContext", "DETECTORS", "ROLES", "re
 
 class RoleContext:
     """What the detectors of one :func:`assign_roles` call share: the fx graph, its sites, ``by_node``
-    (site node → site), ``stop`` (the site nodes: walks end at the first site they meet), and, computed once on
+    (site node → site, for every call of a shared site), ``stop`` (the site nodes: walks end at the first site they meet), and, computed once on
     first use, ``dataflow`` (the networkx tensor data-flow graph), ``attention`` (every attention op as
     (node, q, k, v, output)) and ``blocked`` (nodes no walk crosses)."""
 
     def __init__(self, graph: fx.Graph, sites: Iterable[Site]):
         self.graph = graph
         self.sites: list[Site] = list(sites)
-        self.by_node: dict[fx.Node, Site] = {s.node: s for s in self.sites}
+        # every call of a site (a module called several times is one site with several nodes)
+        self.by_node: dict[fx.Node, Site] = {n: s for s in self.sites for n in s.nodes}
         self.stop: set[fx.Node] = set(self.by_node)
 
     @cached_property
