@@ -117,7 +117,7 @@ HINTS = {
     "bias": "HF PEFT trains the base biases too; peftfx keeps every base parameter frozen",
     "lora_bias": "a bias on LoRA's B is not supported",
     "layer_replication": "peftfx does not replicate layers",
-    "target_parameters": "LoRA on bare nn.Parameter targets (MoE experts) is not supported",
+    "target_parameters": "bare nn.Parameter targets (MoE experts) are supported for LoRA only",
     "use_qalora": "QA-LoRA pools the input; not supported",
     "megatron_config": "Megatron parallel layers are not supported",
 }
