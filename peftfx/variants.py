@@ -142,7 +142,9 @@ class Variants:
         out.update((k, v) for k, v in given.items() if k not in out and v is not None and k not in self._order)
         return out
 
-    def call(self, home: PeftModel, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def call(self, home: PeftModel, args: tuple, kwargs: dict[str, Any], *, cached: bool = False) -> Any:
+        """Run the graph for this call. ``cached``: a generation step whose KV cache already holds the virtual
+        tokens of prompt tuning / p-tuning (they are not put before the sequence again; :mod:`peftfx.dropin`)."""
         kwargs = self.bind(args, kwargs)
         # Hugging Face's return_dict only shapes the output (ModelOutput or its to_tuple()): done here, so it needs
         # no graph of its own (torch.export also rejects a bool among a forward's **kwargs).
@@ -150,6 +152,8 @@ class Variants:
         key = call_key(kwargs, home.training, self.dynamic)
         if self.disabled:
             key += ("base",)
+        elif cached:
+            key += ("cached",)
         gm = self.graph_for(home, key, kwargs)
         out = home._graph_forward(**kwargs) if gm is home else gm(**kwargs)
         if return_dict is False and hasattr(out, "to_tuple"):
@@ -178,18 +182,28 @@ class Variants:
             raise PeftfxError(f"no graph for inputs {[p[0] for p in key[1]]} in {'train' if key[0] else 'eval'} mode "
                               "yet, and one cannot be traced while torch is tracing this model; call the model once "
                               "eagerly with such inputs first.")
-        gm = self._build(home, kwargs, key[0], base=key[-1] == "base")
+        gm = self._build(home, kwargs, key[0], base="base" in key[2:], cached="cached" in key[2:])
         gm.__dict__["_peftfx_stamp"] = home.__dict__.get("_peftfx_version")
         self.graphs[key] = gm
         return gm
 
     # ------------------------------------------------------------------------------------------ build
-    def _build(self, home: PeftModel, kwargs: dict[str, Any], training: bool, base: bool = False) -> PeftModel:
+    def _build(self, home: PeftModel, kwargs: dict[str, Any], training: bool, base: bool = False,
+               cached: bool = False) -> PeftModel:
         """Trace the original module in mode ``training`` with ``kwargs`` and replay ``home``'s adapters on it
-        (``base``: none; the base model's graph)."""
+        (``base``: none; the base model's graph; ``cached``: without the virtual tokens of prompt tuning and
+        p-tuning, which a generation step finds in its KV cache)."""
+        from torch.utils import _pytree as pytree
+
+        def own(v):            # inference tensors cannot be traced; a cache object is traced on a copy
+            if isinstance(v, torch.Tensor):
+                return v.clone() if v.is_inference() else v
+            if type(v) in pytree.SUPPORTED_NODES and type(v) not in (list, tuple, dict):
+                return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, v)
+            return v
+
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
-            example = {k: (v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v)
-                       for k, v in kwargs.items()}
+            example = {k: own(v) for k, v in kwargs.items()}
             patched = self.source.__dict__.pop("forward", None)     # generate() routes forward here; trace the model's
             try:
                 pm = trace(self.source, example, dynamic=self.dynamic, training=training)
@@ -199,7 +213,7 @@ class Variants:
             self.traces += 1
             _rebind(pm, home, self.source)
             if not base:
-                _replay(pm, home, [k for k in kwargs], training)
+                _replay(pm, home, [k for k in kwargs], training, cached)
         pm.train(training)
         log.info("traced a %s-mode graph for inputs %s", "train" if training else "eval", list(kwargs))
         return pm
@@ -264,12 +278,15 @@ def _rebind(pm: PeftModel, home: PeftModel, source: nn.Module) -> None:
             setattr(mod, leaf, theirs)
 
 
-def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool) -> None:
-    """Splice ``home``'s adapter modules into the fresh graph ``pm`` at the sites its rules select there."""
+def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool, cached: bool = False) -> None:
+    """Splice ``home``'s adapter modules into the fresh graph ``pm`` at the sites its rules select there
+    (``cached``: virtual-token rules that put tokens before the sequence are left out; their tokens are in the
+    KV cache the graph reads)."""
     info = home.peft_info
     where = f"the {'train' if training else 'eval'}-mode graph for inputs {inputs}"
+    rules = [_InCache(r) if cached and in_cache(r) else r for r in info.rules]
     try:
-        p = plan(pm, info.rules, allow_empty=True)
+        p = plan(pm, rules, allow_empty=True)
     except PeftfxError as e:
         raise PeftfxError(f"the model's rules do not plan on {where}: {e}") from e
     live = {r.rule_index for r in info.adapters.values()}       # a rule whose adapter was deleted takes no sites
@@ -296,6 +313,8 @@ def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool) -
     edits = []
     for i, edit in p.graph_edits.items():
         rule = p.rules[i]
+        if isinstance(rule, _InCache):
+            continue
         with torch.random.fork_rng(devices=[]):
             names = list(rule.build_graph(pm, edit))      # the names; the freshly built modules are dropped
         mine = [n for n, r in info.adapters.items() if r.rule_index == i and r.site.get("kind") == "virtual"]
@@ -307,3 +326,24 @@ def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool) -
     pm.peft_info.multi = info.multi
     pm.peft_info.base_node_count = len(pm.graph.nodes)
     PassManager([splice_pass.bind(items), rewrite_pass.bind(edits)])(pm)
+
+
+def in_cache(rule: Any) -> bool:
+    """Whether ``rule`` puts virtual tokens before the sequence (prompt tuning, p-tuning): in generation they enter
+    the KV cache at the prefill step and later steps find them there."""
+    from .methods._virtual import EmbeddingTokensMethod
+
+    return isinstance(rule, EmbeddingTokensMethod)
+
+
+class _InCache:
+    """Stands in for a virtual-token rule in a decode-step plan: graph-level, takes nothing, edits nothing."""
+
+    graph_level = True
+    virtual_tokens = False
+
+    def __init__(self, rule: Any):
+        self.rule, self.name = rule, rule.name
+
+    def prepare(self, pm: PeftModel, plan: Any, index: int) -> None:
+        return None
