@@ -21,7 +21,7 @@ from .io.checkpoint import save_adapter
 from .model import PeftModel, register_service, require_peft
 from .variants import in_cache, not_replayable
 
-__all__ = ["merge_and_unload", "save_pretrained", "generate"]
+__all__ = ["generate", "merge_and_unload", "save_pretrained"]
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +97,20 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
 
 def _step(pm: PeftModel, variants: Any, *args: Any, **kw: Any) -> Any:
     """One forward of the generation loop, as Hugging Face PEFT runs it for the model's methods."""
+    virtual = 0 if variants.disabled else sum(getattr(r, "num_virtual_tokens", 0) for r in pm.peft_info.rules
+                                              if in_cache(r))
+    if virtual:      # as HF PEFT: no position_ids for prompt tuning / p-tuning; positions count the virtual tokens
+        kw.pop("position_ids", None)
     name = "cache" if "cache" in kw else "past_key_values"
     cache = kw.get(name)
     if not kw.get("use_cache") or cache is None:
         kw.pop("use_cache", None)
         kw.pop(name, None)
         return variants.call(pm, args, kw)
-    virtual = 0 if variants.disabled else sum(getattr(r, "num_virtual_tokens", 0) for r in pm.peft_info.rules
-                                              if in_cache(r))
     filled = cache.get_seq_length() > 0
-    if virtual:
-        kw.pop("position_ids", None)          # HF PEFT drops them for prompt tuning: positions count the prompt
-        mask = kw.get("attention_mask")
-        if filled and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], virtual), mask], 1)
+    mask = kw.get("attention_mask")
+    if virtual and filled and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], virtual), mask], 1)   # the cached tokens
     return variants.call(pm, args, kw, cached=bool(virtual) and filled)
 
 

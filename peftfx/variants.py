@@ -27,7 +27,8 @@ import contextlib
 import copy
 import inspect
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ from .passes.splice import splice_pass
 from .plan import plan
 from .trace import hf_extra_inputs, trace
 
-__all__ = ["Variants", "enable_variants", "variant_for", "disable_adapter"]
+__all__ = ["Variants", "disable_adapter", "enable_variants", "variant_for"]
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,11 @@ class Variants:
         finally:
             self.disabled -= 1
 
-    def fresh(self, source: nn.Module | None = None) -> "Variants":
+    def fresh(self, source: nn.Module | None = None) -> Variants:
         """An empty registry for a copy of the model (a fork or deepcopy)."""
         return Variants(self.source if source is None else source, self.home_key, self.dynamic)
 
-    def __deepcopy__(self, memo: dict) -> "Variants":
+    def __deepcopy__(self, memo: dict) -> Variants:
         return self.fresh(copy.deepcopy(self.source, memo))
 
     # ------------------------------------------------------------------------------------------ calls
@@ -206,7 +207,8 @@ class Variants:
             example = {k: own(v) for k, v in kwargs.items()}
             patched = self.source.__dict__.pop("forward", None)     # generate() routes forward here; trace the model's
             try:
-                pm = trace(self.source, example, dynamic=self.dynamic, training=training)
+                with _prefill_check(self.source, example):
+                    pm = trace(self.source, example, dynamic=self.dynamic, training=training)
             finally:
                 if patched is not None:
                     self.source.__dict__["forward"] = patched
@@ -347,3 +349,27 @@ class _InCache:
 
     def prepare(self, pm: PeftModel, plan: Any, index: int) -> None:
         return None
+
+
+@contextlib.contextmanager
+def _prefill_check(source: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
+    """While tracing a prefill call (a KV cache holding nothing), tell torch.export that the 2-D attention mask is
+    as long as the token ids (it covers past + new tokens, and there is no past). Without it the mask gets a size
+    symbol of its own, and prompt tuning could not find it to widen it with the virtual tokens."""
+    cache = next((v for v in kwargs.values() if callable(getattr(v, "get_seq_length", None))), None)
+    ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    if cache is None or cache.get_seq_length() != 0 or not isinstance(ids, torch.Tensor) \
+            or not isinstance(mask, torch.Tensor) or ids.dim() != 2 or mask.dim() != 2:
+        yield
+        return
+
+    def check(module, args, kw):
+        i, m = kw.get("input_ids"), kw.get("attention_mask")
+        if isinstance(i, torch.Tensor) and isinstance(m, torch.Tensor):
+            torch._check(m.shape[1] == i.shape[1])
+
+    handle = source.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
