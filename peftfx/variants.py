@@ -156,6 +156,8 @@ class Variants:
         elif cached:
             key += ("cached",)
         gm = self.graph_for(home, key, kwargs)
+        if gm is not home:                       # flags traced into the graph from the config (_config_flags)
+            kwargs = {k: v for k, v in kwargs.items() if not (self._strict and k in _CONFIG_FLAGS)}
         out = home._graph_forward(**kwargs) if gm is home else gm(**kwargs)
         if return_dict is False and hasattr(out, "to_tuple"):
             out = out.to_tuple()
@@ -205,9 +207,10 @@ class Variants:
 
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
             example = {k: own(v) for k, v in kwargs.items()}
+            flags = {k: example.pop(k) for k in _CONFIG_FLAGS if self._strict and k in example}
             patched = self.source.__dict__.pop("forward", None)     # generate() routes forward here; trace the model's
             try:
-                with _prefill_check(self.source, example):
+                with _prefill_check(self.source, example), _config_flags(self.source, flags):
                     pm = trace(self.source, example, dynamic=self.dynamic, training=training)
             finally:
                 if patched is not None:
@@ -349,6 +352,36 @@ class _InCache:
 
     def prepare(self, pm: PeftModel, plan: Any, index: int) -> None:
         return None
+
+
+#: Hugging Face output switches that torch.export cannot take as inputs (bools among a forward's ``**kwargs``): a
+#: call with one traces a graph of its own with the switch set on the model's config instead, which transformers
+#: reads when the keyword is absent; the call then runs that graph without the keyword.
+_CONFIG_FLAGS = ("output_hidden_states", "output_attentions")
+
+
+@contextlib.contextmanager
+def _config_flags(source: nn.Module, flags: dict[str, Any]) -> Iterator[None]:
+    config = getattr(source, "config", None)
+    if not flags:
+        yield
+        return
+    if config is None:
+        raise PeftfxError(f"{sorted(flags)}: {type(source).__name__} has no config to carry these switches into "
+                          "a trace; call the model without them.")
+    old = {k: getattr(config, k, None) for k in flags}
+    try:
+        for k, v in flags.items():
+            try:
+                setattr(config, k, bool(v))
+            except ValueError as e:      # e.g. output_attentions with SDPA attention
+                raise PeftfxError(f"{k}={v!r}: {type(source).__name__} cannot return this ({e}). Load the model "
+                                  "with attn_implementation='eager' for attention weights, or call without "
+                                  f"{k}.") from None
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(config, k, v)
 
 
 @contextlib.contextmanager
