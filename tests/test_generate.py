@@ -280,3 +280,13 @@ def test_text_generation_pipeline_equals_hf_peft(kind):
             want.append([{"generated_text": t + tok.decode(new)}])
     assert got == want
     assert all(g[0]["generated_text"] != t for g, t in zip(got, texts))       # something was generated
+
+
+def test_generate_inside_disable_adapter_is_the_base_models_generate():
+    base = M.llama()
+    _, ours = _virtual_pair("prompt", base)
+    ids, mask = _prompts()
+    with ours.disable_adapter():
+        off = _generate(ours, ids, mask)
+    assert torch.equal(off, _generate(base, ids, mask))              # no virtual tokens, no widened mask
+    assert not torch.equal(_generate(ours, ids, mask), off)          # and back on after the block
