@@ -17,6 +17,7 @@ import argparse
 import copy
 import os
 import sys
+import time
 
 import torch
 
@@ -79,18 +80,23 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
     hf, ours = build()
+    print(f"built in {time.perf_counter() - t0:.1f}s", flush=True)
     results, table = {"threads": args.threads, "new_tokens": args.new}, [("case", "peftfx s", "HF PEFT s",
                                                                           "peftfx tok/s", "HF PEFT tok/s",
                                                                           "peftfx/HF speed")]
     for batch in (1, 8):
         ids, mask = prompts(batch, 32)
         a, b = gen(ours, ids, mask, args.new)(), gen(hf, ids, mask, args.new)()
+        print(f"batch {batch}: first generate done ({time.perf_counter() - t0:.0f}s, {ours.peft_variants.traces} "
+              "traces)", flush=True)
         assert torch.equal(a, b), f"batch {batch}: peftfx and HF PEFT generated different tokens"
         t = interleaved({"peftfx": gen(ours, ids, mask, args.new), "hf": gen(hf, ids, mask, args.new)},
                         repeats=args.repeats, warmup=1)
         tps = {k: batch * args.new / v for k, v in t.items()}
         results[f"batch{batch}"] = {"seconds": t, "tokens_per_s": tps, "same_tokens": True}
+        print(f"batch {batch}: {t} ({time.perf_counter() - t0:.0f}s)", flush=True)
         table.append((f"batch {batch}, prompt 32, {args.new} new", f"{t['peftfx']:.3f}", f"{t['hf']:.3f}",
                       f"{tps['peftfx']:.0f}", f"{tps['hf']:.0f}", f"{tps['peftfx'] / tps['hf']:.2f}"))
     table.append(("prompt length (batch 1)", "ms/token cached", "ms/token no cache", "HF PEFT ms/token", "", ""))
@@ -101,6 +107,7 @@ def main() -> None:
             fns[f"{name}_full"] = gen(model, ids, mask, args.new, **kw)
             fns[f"{name}_one"] = gen(model, ids, mask, 1, **kw)
         t = interleaved(fns, repeats=args.repeats, warmup=1)
+        print(f"prompt {length}: {t} ({time.perf_counter() - t0:.0f}s)", flush=True)
         per = {k: (t[f"{k}_full"] - t[f"{k}_one"]) / (args.new - 1) for k in ("cached", "nocache", "hf")}
         results[f"prompt{length}"] = {"seconds": t, "per_token_s": per}
         table.append((f"prompt {length}", f"{per['cached'] * 1e3:.2f}", f"{per['nocache'] * 1e3:.2f}",
