@@ -1,7 +1,7 @@
 """Generation speed: peftfx ``generate`` (adapted graphs, KV cache) against Hugging Face PEFT ``generate`` on the
 same weights, and time per new token against prompt length (flat with a cache, growing without one).
 
-    python bench/bench_generate.py [--repeats 5] [--threads 2] [--new 32] [--lengths 16 64 256]
+    python bench/bench_generate.py [--repeats 5] [--threads 1] [--new 16] [--lengths 16 64 256]
 
 Model: a small Llama (4 layers, hidden 256, 4 heads / 2 kv heads, vocab 4096, random weights), LoRA rank 8 on
 q and v with random B (so the adapter changes the tokens). Greedy decoding of ``--new`` tokens, EOS disabled so
@@ -75,8 +75,8 @@ def gen(model, ids, mask, new, **kw):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
