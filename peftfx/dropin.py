@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._errors import PeftfxError
@@ -18,9 +20,9 @@ from .apply import merge
 from .integrations.backbone import backbone
 from .io.checkpoint import save_adapter
 from .model import PeftModel, register_service, require_peft
-from .variants import not_replayable
+from .variants import in_cache, not_replayable
 
-__all__ = ["merge_and_unload", "save_pretrained", "generate"]
+__all__ = ["generate", "merge_and_unload", "save_pretrained"]
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +67,65 @@ def save_pretrained(pm: PeftModel, save_directory: str | os.PathLike, *, format:
 def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
     """Hugging Face ``generate`` (greedy, sampling, beam search: the original module's GenerationMixin and
     generation config) with every forward run by ``pm``'s adapted graphs, so every method generates as trained.
-    No KV cache yet: each step runs the whole sequence (``use_cache=False``); the tokens are the cached path's."""
+
+    With a KV cache (the default, ``use_cache=True``): the mixin's ``DynamicCache`` is a graph input and output
+    (a pytree, so ``torch.export`` traces it), so the prefill (empty cache) and the decode step (one new token,
+    a cache of any length) are two graphs, each traced once. Virtual-token methods follow Hugging Face PEFT:
+    prompt tuning / p-tuning put their N tokens before the prompt at the prefill step only (the cache then holds
+    them; later steps get the attention mask with N leading ones, positions from the cache length, no
+    ``position_ids``); prefix tuning keeps its key/value prefixes in the attention ops of every step (the cache
+    holds the real tokens; positions are the mixin's, shifted by N in the graph). ``use_cache=False`` runs the
+    whole sequence at every step."""
     require_peft(pm, "generate")
     origin = pm.__dict__.get("_peftfx_origin")
     source = None if origin is None else origin[0]
-    if source is None or not callable(getattr(source, "generate", None)):
+    variants = pm.peft_variants
+    if source is None or variants is None or not callable(getattr(source, "generate", None)):
         raise PeftfxError("generate() needs a model returned by peftfx.apply() from a Hugging Face model with "
                           "generate() (a GenerationMixin).")
-    if kwargs.pop("use_cache", False):
-        log.info("generate: use_cache=True is not supported yet; decoding without a KV cache")
-
-    def forward(*a: Any, **kw: Any) -> Any:
-        kw.pop("use_cache", None)
-        return pm(*a, **kw)
-
+    use_cache = kwargs.pop("use_cache", None)
+    use_cache = getattr(source.generation_config, "use_cache", True) if use_cache is None else bool(use_cache)
+    if use_cache:
+        _register_cache_pytrees()
+    step = functools.partial(_step, pm, variants)
+    forward = functools.wraps(source.forward)(step)    # the mixin reads forward's signature (position_ids …)
     source.__dict__["forward"] = forward          # the mixin calls self(...): route it to the adapted graphs
     try:
-        return source.generate(*args, use_cache=False, **kwargs)
+        return source.generate(*args, use_cache=use_cache, **kwargs)
     finally:
         source.__dict__.pop("forward", None)
+
+
+def _step(pm: PeftModel, variants: Any, *args: Any, **kw: Any) -> Any:
+    """One forward of the generation loop, as Hugging Face PEFT runs it for the model's methods."""
+    virtual = 0 if variants.disabled else sum(getattr(r, "num_virtual_tokens", 0) for r in pm.peft_info.rules
+                                              if in_cache(r))
+    if virtual:      # as HF PEFT: no position_ids for prompt tuning / p-tuning; positions count the virtual tokens
+        kw.pop("position_ids", None)
+    name = "cache" if "cache" in kw else "past_key_values"
+    cache = kw.get(name)
+    if not kw.get("use_cache") or cache is None:
+        kw.pop("use_cache", None)
+        kw.pop(name, None)
+        return variants.call(pm, args, kw)
+    filled = cache.get_seq_length() > 0
+    mask = kw.get("attention_mask")
+    if virtual and filled and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], virtual), mask], 1)   # the cached tokens
+    return variants.call(pm, args, kw, cached=bool(virtual) and filled)
+
+
+def _register_cache_pytrees() -> None:
+    """Make transformers' ``DynamicCache`` a pytree node (flattened to its key and value tensors), so a cache is
+    an ordinary graph input and output for ``torch.export`` (transformers' own registration, idempotent)."""
+    try:
+        from transformers.integrations.executorch import (
+            register_dynamic_cache_export_support,
+        )
+    except ImportError as e:       # pragma: no cover - transformers without export support
+        raise PeftfxError("generate() with a KV cache needs transformers ≥ 5 (its DynamicCache export support); "
+                          "pass use_cache=False to decode without a cache.") from e
+    register_dynamic_cache_export_support()
 
 
 register_service("save_pretrained", save_pretrained)

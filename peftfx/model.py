@@ -343,10 +343,14 @@ def call_key(kwargs: dict[str, Any], training: bool, dynamic: bool = True) -> tu
 
 
 def _structure(v: Any) -> Any:
-    """A hashable summary of a non-tensor input: its pytree structure where torch knows one (a cache object)."""
+    """A hashable summary of a non-tensor input: its pytree structure where torch knows one (a cache object),
+    with each tensor leaf's rank, dtype and size-1 non-batch dimensions (as for a tensor input: an empty cache, a
+    filled one and one holding a single position are three graphs)."""
     from torch.utils import _pytree as pytree
 
     try:
-        return str(pytree.tree_flatten(v)[1])
+        leaves, spec = pytree.tree_flatten(v)
     except Exception:  # not a pytree: one graph per type
         return None
+    return (str(spec), tuple((t.dim(), t.dtype, tuple(d == 1 for d in t.shape[1:]))
+                             for t in leaves if isinstance(t, torch.Tensor)))

@@ -95,10 +95,13 @@ def _dynamic_shapes(kwargs: dict[str, Any], dynamic: bool, model: nn.Module | No
     auto = torch.export.Dim.AUTO
     spec: dict[str, Any] = {}
     for name, v in kwargs.items():
-        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        if not isinstance(v, torch.Tensor) and _tree_node(v):
+            spec[name] = _tree_shapes(v)      # a registered container (a KV cache): every leaf dim AUTO
+        elif not isinstance(v, torch.Tensor) or v.dim() == 0:
             spec[name] = None
         elif v.dim() == 2 or (v.dim() == 3 and v.is_floating_point()):
-            spec[name] = {0: auto, 1: auto}   # (batch, sequence[, hidden])
+            # (batch, sequence[, hidden]); a sequence of 1 (a decode step) stays static, as torch.export would
+            spec[name] = {0: auto, 1: auto} if v.shape[1] != 1 else {0: auto}
         else:
             spec[name] = {0: auto}            # (batch, …) e.g. pixel values
     if model is not None:                     # inputs that go to forward(**kwargs) nest under that name
@@ -110,13 +113,46 @@ def _dynamic_shapes(kwargs: dict[str, Any], dynamic: bool, model: nn.Module | No
     return spec
 
 
+def _tree_node(v: Any) -> bool:
+    """Whether ``v`` is a container torch's pytree registry knows (a Hugging Face cache once registered)."""
+    from torch.utils import _pytree as pytree
+
+    return type(v) not in (list, tuple, dict) and type(v) in pytree.SUPPORTED_NODES
+
+
+def _tree_shapes(v: Any) -> Any:
+    """``dynamic_shapes`` for a registered container: one entry per child of its flatten, recursed; every
+    dimension of a tensor leaf ``Dim.AUTO`` (torch.export keeps static what the model fixes, e.g. heads)."""
+    from torch.utils import _pytree as pytree
+
+    if isinstance(v, torch.Tensor):      # size-1 dims stay static (the call key tells such inputs apart)
+        return {i: torch.export.Dim.AUTO for i in range(v.dim()) if i == 0 or v.shape[i] != 1} or None
+    if isinstance(v, (list, tuple)):
+        return type(v)(_tree_shapes(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _tree_shapes(x) for k, x in v.items()}
+    node = pytree.SUPPORTED_NODES.get(type(v))
+    if node is None:
+        return None
+    return [_tree_shapes(c) for c in node.flatten_fn(v)[0]]
+
+
 def _widen_batch(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A batch-1 example makes torch.export specialise the batch dimension to 1; trace with 2 rows."""
-    tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    """A batch-1 example makes torch.export specialise the batch dimension to 1; trace with 2 rows (tensors
+    inside a registered container, such as a KV cache, too)."""
+    from torch.utils import _pytree as pytree
+
+    def leaves(v):
+        return pytree.tree_leaves(v) if _tree_node(v) else [v]
+
+    tensors = [t for v in kwargs.values() for t in leaves(v) if isinstance(t, torch.Tensor) and t.dim() > 0]
     if tensors and all(t.shape[0] == 1 for t in tensors):
         log.info("example inputs have batch 1; tracing with the row repeated so the batch stays dynamic")
-        return {k: (v.repeat(2, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-                for k, v in kwargs.items()}
+
+        def rep(v):
+            return v.repeat(2, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+
+        return {k: (pytree.tree_map(rep, v) if _tree_node(v) else rep(v)) for k, v in kwargs.items()}
     return kwargs
 
 
@@ -208,7 +244,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
         model.train(was_training)
     pm = PeftModel(unlifted, unlifted.graph, class_name=type(model).__name__)
     pm.peft_info.input_names = list(kwargs)
-    pm.peft_info.constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    pm.peft_info.constants = {k: v for k, v in kwargs.items()
+                              if not isinstance(v, torch.Tensor) and not _tree_node(v)}
     pm.peft_info.device = _first_device(model)
     pm.__dict__["_peftfx_origin"] = (model, call_key(kwargs, training, dynamic), dynamic)
     _annotate(pm)

@@ -76,11 +76,18 @@ def _config_key(model: nn.Module) -> Any:
 
 
 def _input_key(kwargs: dict[str, Any], dynamic: bool) -> list:
+    from torch.utils import _pytree as pytree
+
     out = []
     for name, v in kwargs.items():
         if isinstance(v, torch.Tensor):
             shape = [v.dim()] if dynamic else list(v.shape)
             out.append([name, "tensor", str(v.dtype), v.device.type, shape])
+        elif type(v) in pytree.SUPPORTED_NODES and type(v) not in (list, tuple, dict):
+            leaves, spec = pytree.tree_flatten(v)       # a container input (a KV cache): its structure and leaves
+            out.append([name, "tree", str(spec), [[str(t.dtype), t.dim() if dynamic else list(t.shape),
+                                                   [d == 1 for d in t.shape[1:]]]
+                                                  for t in leaves if isinstance(t, torch.Tensor)]])
         else:
             out.append([name, "value", repr(v)])
     return out

@@ -27,7 +27,8 @@ import contextlib
 import copy
 import inspect
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ from .passes.splice import splice_pass
 from .plan import plan
 from .trace import hf_extra_inputs, trace
 
-__all__ = ["Variants", "enable_variants", "variant_for", "disable_adapter"]
+__all__ = ["Variants", "disable_adapter", "enable_variants", "variant_for"]
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,11 @@ class Variants:
         finally:
             self.disabled -= 1
 
-    def fresh(self, source: nn.Module | None = None) -> "Variants":
+    def fresh(self, source: nn.Module | None = None) -> Variants:
         """An empty registry for a copy of the model (a fork or deepcopy)."""
         return Variants(self.source if source is None else source, self.home_key, self.dynamic)
 
-    def __deepcopy__(self, memo: dict) -> "Variants":
+    def __deepcopy__(self, memo: dict) -> Variants:
         return self.fresh(copy.deepcopy(self.source, memo))
 
     # ------------------------------------------------------------------------------------------ calls
@@ -142,7 +143,9 @@ class Variants:
         out.update((k, v) for k, v in given.items() if k not in out and v is not None and k not in self._order)
         return out
 
-    def call(self, home: PeftModel, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def call(self, home: PeftModel, args: tuple, kwargs: dict[str, Any], *, cached: bool = False) -> Any:
+        """Run the graph for this call. ``cached``: a generation step whose KV cache already holds the virtual
+        tokens of prompt tuning / p-tuning (they are not put before the sequence again; :mod:`peftfx.dropin`)."""
         kwargs = self.bind(args, kwargs)
         # Hugging Face's return_dict only shapes the output (ModelOutput or its to_tuple()): done here, so it needs
         # no graph of its own (torch.export also rejects a bool among a forward's **kwargs).
@@ -150,7 +153,11 @@ class Variants:
         key = call_key(kwargs, home.training, self.dynamic)
         if self.disabled:
             key += ("base",)
+        elif cached:
+            key += ("cached",)
         gm = self.graph_for(home, key, kwargs)
+        if gm is not home:                       # flags traced into the graph from the config (_config_flags)
+            kwargs = {k: v for k, v in kwargs.items() if not (self._strict and k in _CONFIG_FLAGS)}
         out = home._graph_forward(**kwargs) if gm is home else gm(**kwargs)
         if return_dict is False and hasattr(out, "to_tuple"):
             out = out.to_tuple()
@@ -178,28 +185,40 @@ class Variants:
             raise PeftfxError(f"no graph for inputs {[p[0] for p in key[1]]} in {'train' if key[0] else 'eval'} mode "
                               "yet, and one cannot be traced while torch is tracing this model; call the model once "
                               "eagerly with such inputs first.")
-        gm = self._build(home, kwargs, key[0], base=key[-1] == "base")
+        gm = self._build(home, kwargs, key[0], base="base" in key[2:], cached="cached" in key[2:])
         gm.__dict__["_peftfx_stamp"] = home.__dict__.get("_peftfx_version")
         self.graphs[key] = gm
         return gm
 
     # ------------------------------------------------------------------------------------------ build
-    def _build(self, home: PeftModel, kwargs: dict[str, Any], training: bool, base: bool = False) -> PeftModel:
+    def _build(self, home: PeftModel, kwargs: dict[str, Any], training: bool, base: bool = False,
+               cached: bool = False) -> PeftModel:
         """Trace the original module in mode ``training`` with ``kwargs`` and replay ``home``'s adapters on it
-        (``base``: none; the base model's graph)."""
+        (``base``: none; the base model's graph; ``cached``: without the virtual tokens of prompt tuning and
+        p-tuning, which a generation step finds in its KV cache)."""
+        from torch.utils import _pytree as pytree
+
+        def own(v):            # inference tensors cannot be traced; a cache object is traced on a copy
+            if isinstance(v, torch.Tensor):
+                return v.clone() if v.is_inference() else v
+            if type(v) in pytree.SUPPORTED_NODES and type(v) not in (list, tuple, dict):
+                return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, v)
+            return v
+
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
-            example = {k: (v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v)
-                       for k, v in kwargs.items()}
+            example = {k: own(v) for k, v in kwargs.items()}
+            flags = {k: example.pop(k) for k in _CONFIG_FLAGS if self._strict and k in example}
             patched = self.source.__dict__.pop("forward", None)     # generate() routes forward here; trace the model's
             try:
-                pm = trace(self.source, example, dynamic=self.dynamic, training=training)
+                with _prefill_check(self.source, example), _config_flags(self.source, flags):
+                    pm = trace(self.source, example, dynamic=self.dynamic, training=training)
             finally:
                 if patched is not None:
                     self.source.__dict__["forward"] = patched
             self.traces += 1
             _rebind(pm, home, self.source)
             if not base:
-                _replay(pm, home, [k for k in kwargs], training)
+                _replay(pm, home, [k for k in kwargs], training, cached)
         pm.train(training)
         log.info("traced a %s-mode graph for inputs %s", "train" if training else "eval", list(kwargs))
         return pm
@@ -264,12 +283,15 @@ def _rebind(pm: PeftModel, home: PeftModel, source: nn.Module) -> None:
             setattr(mod, leaf, theirs)
 
 
-def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool) -> None:
-    """Splice ``home``'s adapter modules into the fresh graph ``pm`` at the sites its rules select there."""
+def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool, cached: bool = False) -> None:
+    """Splice ``home``'s adapter modules into the fresh graph ``pm`` at the sites its rules select there
+    (``cached``: virtual-token rules that put tokens before the sequence are left out; their tokens are in the
+    KV cache the graph reads)."""
     info = home.peft_info
     where = f"the {'train' if training else 'eval'}-mode graph for inputs {inputs}"
+    rules = [_InCache(r) if cached and in_cache(r) else r for r in info.rules]
     try:
-        p = plan(pm, info.rules, allow_empty=True)
+        p = plan(pm, rules, allow_empty=True)
     except PeftfxError as e:
         raise PeftfxError(f"the model's rules do not plan on {where}: {e}") from e
     live = {r.rule_index for r in info.adapters.values()}       # a rule whose adapter was deleted takes no sites
@@ -296,6 +318,8 @@ def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool) -
     edits = []
     for i, edit in p.graph_edits.items():
         rule = p.rules[i]
+        if isinstance(rule, _InCache):
+            continue
         with torch.random.fork_rng(devices=[]):
             names = list(rule.build_graph(pm, edit))      # the names; the freshly built modules are dropped
         mine = [n for n, r in info.adapters.items() if r.rule_index == i and r.site.get("kind") == "virtual"]
@@ -307,3 +331,78 @@ def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool) -
     pm.peft_info.multi = info.multi
     pm.peft_info.base_node_count = len(pm.graph.nodes)
     PassManager([splice_pass.bind(items), rewrite_pass.bind(edits)])(pm)
+
+
+def in_cache(rule: Any) -> bool:
+    """Whether ``rule`` puts virtual tokens before the sequence (prompt tuning, p-tuning): in generation they enter
+    the KV cache at the prefill step and later steps find them there."""
+    from .methods._virtual import EmbeddingTokensMethod
+
+    return isinstance(rule, EmbeddingTokensMethod)
+
+
+class _InCache:
+    """Stands in for a virtual-token rule in a decode-step plan: graph-level, takes nothing, edits nothing."""
+
+    graph_level = True
+    virtual_tokens = False
+
+    def __init__(self, rule: Any):
+        self.rule, self.name = rule, rule.name
+
+    def prepare(self, pm: PeftModel, plan: Any, index: int) -> None:
+        return None
+
+
+#: Hugging Face output switches that torch.export cannot take as inputs (bools among a forward's ``**kwargs``): a
+#: call with one traces a graph of its own with the switch set on the model's config instead, which transformers
+#: reads when the keyword is absent; the call then runs that graph without the keyword.
+_CONFIG_FLAGS = ("output_hidden_states", "output_attentions")
+
+
+@contextlib.contextmanager
+def _config_flags(source: nn.Module, flags: dict[str, Any]) -> Iterator[None]:
+    config = getattr(source, "config", None)
+    if not flags:
+        yield
+        return
+    if config is None:
+        raise PeftfxError(f"{sorted(flags)}: {type(source).__name__} has no config to carry these switches into "
+                          "a trace; call the model without them.")
+    old = {k: getattr(config, k, None) for k in flags}
+    try:
+        for k, v in flags.items():
+            try:
+                setattr(config, k, bool(v))
+            except ValueError as e:      # e.g. output_attentions with SDPA attention
+                raise PeftfxError(f"{k}={v!r}: {type(source).__name__} cannot return this ({e}). Load the model "
+                                  "with attn_implementation='eager' for attention weights, or call without "
+                                  f"{k}.") from None
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(config, k, v)
+
+
+@contextlib.contextmanager
+def _prefill_check(source: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
+    """While tracing a prefill call (a KV cache holding nothing), tell torch.export that the 2-D attention mask is
+    as long as the token ids (it covers past + new tokens, and there is no past). Without it the mask gets a size
+    symbol of its own, and prompt tuning could not find it to widen it with the virtual tokens."""
+    cache = next((v for v in kwargs.values() if callable(getattr(v, "get_seq_length", None))), None)
+    ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    if cache is None or cache.get_seq_length() != 0 or not isinstance(ids, torch.Tensor) \
+            or not isinstance(mask, torch.Tensor) or ids.dim() != 2 or mask.dim() != 2:
+        yield
+        return
+
+    def check(module, args, kw):
+        i, m = kw.get("input_ids"), kw.get("attention_mask")
+        if isinstance(i, torch.Tensor) and isinstance(m, torch.Tensor):
+            torch._check(m.shape[1] == i.shape[1])
+
+    handle = source.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

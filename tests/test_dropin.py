@@ -360,3 +360,44 @@ def test_generate_matches_hf_peft_greedy_sampling_and_beams_on_left_padded_promp
         assert torch.equal(got, want), kw
     assert ours.peft_variants.traces <= 2
     assert "forward" not in ours.peft_variants.source.__dict__      # the routing is undone
+
+
+# ------------------------------------------------------------------ output_hidden_states / attentions
+def test_output_hidden_states_equals_hf_peft_and_is_its_own_graph():
+    base, hf, ours = _hf_and_ours_llama()
+    ids, mask = _padded("left")
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        got = ours(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        assert len(got.hidden_states) == len(want.hidden_states) == 3        # embeddings + 2 layers
+        for a, b in zip(got.hidden_states, want.hidden_states):
+            assert (a - b).abs().max().item() <= 1e-5
+        assert (got.logits - want.logits).abs().max().item() <= 1e-5
+        plain = ours(input_ids=ids, attention_mask=mask)                     # the switch is not left on
+        assert getattr(plain, "hidden_states", None) is None
+        n = ours.peft_variants.traces
+        ours(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        assert ours.peft_variants.traces == n                                # seen before: no new trace
+    assert base.config.output_hidden_states is False
+
+
+def test_output_attentions_with_eager_attention_and_a_clear_error_with_sdpa():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    eager = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         attn_implementation="eager")).eval()
+    ours = peftfx.apply(copy.deepcopy(eager), LoRA(rank=2), {"input_ids": M.ids(3, 10)}).eval()
+    _randomize_adapters(ours)
+    ref = peftfx.merge_and_unload(ours).eval()                  # the same function in plain transformers
+    ids, mask = _padded("left")
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, output_attentions=True)
+        got = ours(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(got.attentions) == 2 and got.attentions[0].shape == (3, 4, 9, 9)
+    for a, b in zip(got.attentions, want.attentions):
+        assert (a - b).abs().max().item() <= 1e-5
+    sdpa = peftfx.apply(M.llama(), LoRA(rank=2), {"input_ids": M.ids(3, 10)}).eval()
+    with pytest.raises(peftfx.PeftfxError, match="output_attentions.*eager"):
+        sdpa(input_ids=ids, output_attentions=True)

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..sites import set_site_input, site_input
 from .._util import tensor_val as _val
+from ..sites import set_site_input, site_input
 
-__all__ = ["plan_positions", "offset_positions", "position_sources"]
+__all__ = ["offset_positions", "plan_positions", "position_sources"]
 
 aten = torch.ops.aten
 
@@ -46,9 +46,7 @@ def position_sources(pm) -> list[fx.Node]:
     """``arange`` nodes, integer buffers holding 0, 1, 2, … along their last dim, a ``position_ids`` input."""
     found = []
     for node in pm.graph.nodes:
-        if node.op == "call_function" and node.target in _ARANGE:
-            found.append(node)
-        elif node.op == "placeholder" and node.target == "position_ids":
+        if node.op == "call_function" and node.target in _ARANGE or node.op == "placeholder" and node.target == "position_ids":
             found.append(node)
         elif node.op == "get_attr":
             t = _fetch(pm, node.target)
@@ -74,8 +72,8 @@ def plan_positions(pm, sites, blocked: set[fx.Node], qk: set[fx.Node], masks: se
             continue
         seen.add(node)
         for user in node.users:
-            if user in blocked or user not in to_qk:
-                continue
+            if user in blocked or user not in to_qk or not isinstance(_val(user), torch.Tensor):
+                continue     # a size read off the ids (their batch, for a view) is not a position
             if user in to_mask:
                 todo.append(user)
             else:

@@ -33,11 +33,22 @@ from torch import fx, nn
 from .._errors import ConflictError, SiteError
 from .._util import tensor_val as _val
 from ..model import adapter_name, chain_end
-from .base import AdapterModule, GraphMethod
 from ..rules import Selector, select
+from .base import AdapterModule, GraphMethod
 
-__all__ = ["VirtualMethod", "EmbeddingTokensMethod", "VirtualSource", "SequenceEdit", "plan_sequence", "widen_sequence",
-           "insert_source", "record_site", "widen_input", "prepend_virtual", "token_embedding"]
+__all__ = [
+    "EmbeddingTokensMethod",
+    "SequenceEdit",
+    "VirtualMethod",
+    "VirtualSource",
+    "insert_source",
+    "plan_sequence",
+    "prepend_virtual",
+    "record_site",
+    "token_embedding",
+    "widen_input",
+    "widen_sequence",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +82,24 @@ class EmbeddingTokensMethod(VirtualMethod):
     Subclasses give ``num_virtual_tokens`` and ``make_source(pm, edit, weight) → VirtualSource``; planning
     (:func:`plan_sequence`), naming, recording and the sequence-widening rewrite are shared."""
 
-    def prepare(self, pm, plan, index: int) -> "SequenceEdit":
+    def prepare(self, pm, plan, index: int) -> SequenceEdit:
         self.check_single(plan, index)
         return plan_sequence(pm, plan, self, index, self.num_virtual_tokens)
 
-    def make_source(self, pm, edit: "SequenceEdit", weight: torch.Tensor) -> nn.Module:  # pragma: no cover
+    def make_source(self, pm, edit: SequenceEdit, weight: torch.Tensor) -> nn.Module:  # pragma: no cover
         raise NotImplementedError
 
-    def build_graph(self, pm, edit: "SequenceEdit") -> dict[str, tuple[nn.Module, dict[str, Any]]]:
+    def build_graph(self, pm, edit: SequenceEdit) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
         module = self.make_source(pm, edit, pm.get_parameter(edit.site.weight))
         name = adapter_name(pm, edit.site.key, self.name)
         edit.names = [name]
         return {name: (module, record_site(edit.site.key, type(module).__name__))}
 
-    def rewrite(self, pm, edit: "SequenceEdit", modules: dict[str, nn.Module]) -> None:
+    def rewrite(self, pm, edit: SequenceEdit, modules: dict[str, nn.Module]) -> None:
         name = edit.names[0]
         widen_sequence(pm, edit, insert_source(pm, name, modules[name]))
 
-    def describe(self, edit: "SequenceEdit") -> str:
+    def describe(self, edit: SequenceEdit) -> str:
         inputs = ", ".join(f"{ph.target} ({kind})" for ph, _, kind in edit.inputs)
         return (f"graph-level: {edit.n} virtual token(s) after {edit.site.key} (role embed); sequence inputs "
                 f"widened: {inputs or 'none'}")
@@ -191,7 +202,9 @@ def plan_sequence(pm, plan, rule, index: int, n: int) -> SequenceEdit:
     inputs = [_input_kind(ph, seq, ph in feeding, index, rule.name) for ph in pm.graph.nodes
               if ph.op == "placeholder" and _seq_dims(ph, seq)]
     inputs += _loose_labels(pm, plan, {ph for ph, _, _ in inputs})
-    outputs = {i: dims[0] for i, node in enumerate(_output_values(pm.graph)) if (dims := _seq_dims(node, seq))}
+    kept = _cache_leaves(pm.graph)           # a KV cache returned holds the virtual tokens' keys: never sliced
+    outputs = {i: dims[0] for i, node in enumerate(_output_values(pm.graph))
+               if i not in kept and (dims := _seq_dims(node, seq))}
     return SequenceEdit(site=site, n=n, inputs=inputs, outputs=outputs)
 
 
@@ -199,6 +212,28 @@ def _output_values(graph: fx.Graph) -> list[fx.Node]:
     """The graph's output nodes in a fixed order (adapters spliced later replace nodes, not positions)."""
     found: list[fx.Node] = []
     fx.node.map_arg(next(o for o in graph.nodes if o.op == "output").args, found.append)
+    return found
+
+
+def _cache_leaves(graph: fx.Graph) -> set[int]:
+    """Ordinals of the output values that lie inside a cache object (a pytree node whose class name ends in
+    ``Cache``, as transformers' ``DynamicCache``) in the graph's output structure."""
+    spec = getattr(getattr(graph._codegen, "pytree_info", None), "out_spec", None)
+    found: set[int] = set()
+    if spec is None:
+        return found
+
+    def walk(sp, start: int, inside: bool) -> int:
+        inside = inside or (isinstance(sp.type, type) and sp.type.__name__.endswith("Cache"))
+        if sp.num_children == 0 and sp.num_leaves == 1:
+            if inside:
+                found.add(start)
+            return start + 1
+        for child in sp.children_specs:
+            start = walk(child, start, inside)
+        return start
+
+    walk(spec, 0, False)
     return found
 
 
