@@ -168,7 +168,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
     try:
         plan = _prepare(pm, inputs, kv_cache, source, adapter_inputs, stages)
         plan["metadata"] = {str(k): str(v) for k, v in (metadata or {}).items()} | {"peftfx.optimize": level}
-        plan["optimize"] = (level, target)
+        plan["optimize"] = (level, target, optimize is not None)      # the default falls back; an asked level raises
         tmp = os.path.join(tmpdir, os.path.basename(path))
         big = external_data if external_data is not None else _param_bytes(plan["model"]) > _TWO_GB
         report = _write(plan, tmp, fdtype, opset, big, stages)
@@ -335,7 +335,8 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
     stages["onnx"] = time.perf_counter() - t
     from .optimize import optimize_file
 
-    plan["optimized"] = optimize_file(tmp, *plan.get("optimize", ("none", "cpu")))
+    level, target, strict = plan.get("optimize", ("none", "cpu", True))
+    plan["optimized"] = optimize_file(tmp, level, target, strict=strict)
     stages["optimize"] = plan["optimized"]["seconds"]
     t = time.perf_counter()
     _postprocess(tmp, plan, dtype, opset, big)

@@ -65,8 +65,50 @@ def _io(model) -> tuple[list[str], list[str]]:
     return [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
 
 
+def _gemm_to_matmul(model) -> int:
+    """``Gemm(a, b, c)`` (alpha = beta = 1, a not transposed) → ``Add(MatMul(a, b or bᵀ), c)``: GPT-2's ``Conv1D``
+    exports as a 2-D ``Gemm`` between reshapes, which the fusions' reshape elimination leaves with a 3-D input that
+    ``Gemm`` refuses (``MatMul`` takes any rank). A constant ``b`` with ``transB=1`` is stored transposed."""
+    import numpy as np
+    import onnx_ir as ir
+
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+            continue
+        attr = {k: (v.value if hasattr(v, "value") else v) for k, v in node.attributes.items()}
+        if attr.get("alpha", 1.0) != 1.0 or attr.get("beta", 1.0) != 1.0 or attr.get("transA", 0):
+            continue
+        a, b = node.inputs[0], node.inputs[1]
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if attr.get("transB", 0):
+            if b.const_value is None:
+                continue
+            arr = np.ascontiguousarray(b.const_value.numpy().T)
+            b = ir.Value(name=f"{b.name}_transposed", const_value=ir.tensor(arr))
+            b.dtype, b.shape = ir.DataType.from_numpy(arr.dtype), ir.Shape(arr.shape)
+            model.graph.register_initializer(b)
+        matmul = ir.node("MatMul", [a, b])
+        nodes = [matmul]
+        out = matmul.outputs[0]
+        if c is not None:
+            add = ir.node("Add", [out, c])
+            nodes.append(add)
+            out = add.outputs[0]
+        out.dtype, out.shape = node.outputs[0].dtype, node.outputs[0].shape
+        model.graph.insert_before(node, nodes)
+        name, is_output = node.outputs[0].name, node.outputs[0].is_graph_output()
+        node.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+        if is_output:
+            node.outputs[0].name, out.name = f"{name}_gemm", name
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
 def _fuse(model, level: str, target: str) -> str:
     """Run the fusions of ``level`` on an onnx_ir model in place; returns which pipeline ran."""
+    _gemm_to_matmul(model)
     if level == "all":
         try:
             from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
@@ -81,54 +123,102 @@ def _fuse(model, level: str, target: str) -> str:
     return "onnxscript optimize_for_ort"
 
 
-def optimize_file(path: str, level: str, target: str = "cpu") -> dict[str, Any]:
+def optimize_file(path: str, level: str, target: str = "cpu", strict: bool = True) -> dict[str, Any]:
     """Fuse the ONNX file at ``path`` in place (``level`` ``"basic"``/``"all"``; ``"none"`` does nothing).
 
-    Returns ``{"level", "target", "pipeline", "fused": {op: count}, "seconds"}``. Raises :class:`ExportError`, with
-    the file unchanged, if a fusion step fails or the graph's inputs/outputs would change."""
+    A fused graph must keep the inputs and outputs and (for ``target="cpu"``) load in ONNX Runtime; ``"all"`` that
+    fails is retried as ``"basic"``. When no level works: ``strict`` (the level was asked for) raises
+    :class:`ExportError`; otherwise the file stays unfused and ``info["fallback"]`` says why (a warning is logged).
+    The file is replaced only by a fused file that loads. Returns ``{"level", "target", "pipeline", "fused":
+    {op: count}, "seconds", "fallback"}``."""
     if level not in LEVELS:
         raise ExportError(f"optimize must be one of {LEVELS}, got {level!r}.")
     if target not in TARGETS:
         raise ExportError(f"the optimisation target must be one of {TARGETS}, got {target!r}.")
-    info: dict[str, Any] = {"level": level, "target": target, "pipeline": None, "fused": {}, "seconds": 0.0}
+    info: dict[str, Any] = {"level": level, "target": target, "pipeline": None, "fused": {}, "seconds": 0.0,
+                            "fallback": None}
     if level == "none":
         return info
-    import onnx_ir as ir
+    import onnx
 
     t = time.perf_counter()
+    try:        # the file as torch.onnx wrote it; the fused one has ONNX Runtime's ops, which onnx's checker lacks
+        onnx.checker.check_model(path)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"onnx.checker rejected the exported model: {str(e).splitlines()[0][:300]}") from None
+    problems = []
+    for lv in ("all", "basic") if level == "all" else (level,):
+        try:
+            info["pipeline"] = _fuse_into_place(path, lv, target)
+        except _Unfusable as e:
+            problems.append(f"optimize={lv!r}: {e}")
+            continue
+        info["level"] = lv
+        if problems:
+            info["fallback"] = "; ".join(problems)
+        break
+    else:
+        msg = ("the ONNX Runtime fusions could not be applied: " + "; ".join(problems)
+               + ". Export with optimize='none'.")
+        if strict:
+            raise ExportError(msg)
+        log.warning("%s The file is written unfused.", msg)
+        info.update(level="none", fallback="; ".join(problems))
+    info["fused"] = fused_ops(path)
+    info["seconds"] = time.perf_counter() - t
+    log.info("optimize=%s (%s): %s in %.2fs", info["level"], info["pipeline"], info["fused"], info["seconds"])
+    return info
+
+
+class _Unfusable(Exception):
+    """One fusion level failed on this graph (the file is unchanged)."""
+
+
+def _fuse_into_place(path: str, level: str, target: str) -> str:
+    import onnx_ir as ir
+
     data = path + ".data"
     model = ir.load(path)
     if os.path.exists(data):
         ir.external_data.load_to_model(model)       # in memory: the file is rewritten below
     before = _io(model)
-    import onnx
-
-    try:        # the file as torch.onnx wrote it; the fused one has ONNX Runtime's ops, which onnx's checker lacks
-        onnx.checker.check_model(path)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"onnx.checker rejected the exported model: {str(e).splitlines()[0][:300]}") from None
     try:
-        info["pipeline"] = _fuse(model, level, target)
-    except Exception as e:  # a fusion library's own error: say which stage, and how to export without it
-        raise ExportError(f"the ONNX Runtime fusions (optimize={level!r}) failed on this graph: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}; "
-                          "export with optimize='none' (or 'basic').") from e
-    after = _io(model)
-    if after != before:
-        raise ExportError(f"the ONNX Runtime fusions (optimize={level!r}) changed the graph's inputs/outputs "
-                          f"({before} → {after}); export with optimize='none'.")
-    tmp = path + ".fused.onnx"
-    if os.path.exists(data):
-        ir.save(model, tmp, external_data=os.path.basename(data) + ".fused")
-        os.replace(os.path.join(os.path.dirname(path), os.path.basename(data) + ".fused"), data)
-        _relocate(tmp, os.path.basename(data))
-    else:
-        ir.save(model, tmp)
-    os.replace(tmp, path)
-    info["fused"] = fused_ops(path)
-    info["seconds"] = time.perf_counter() - t
-    log.info("optimize=%s (%s): %s in %.2fs", level, info["pipeline"], info["fused"], info["seconds"])
-    return info
+        pipeline = _fuse(model, level, target)
+    except Exception as e:  # a fusion library's own error
+        raise _Unfusable(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
+    if _io(model) != before:
+        raise _Unfusable(f"the graph's inputs/outputs changed ({before} → {_io(model)})")
+    tmp, tmp_data = path + ".fused.onnx", data + ".fused"
+    try:
+        if os.path.exists(data):
+            ir.save(model, tmp, external_data=os.path.basename(tmp_data))
+        else:
+            ir.save(model, tmp)
+        del model
+        if target == "cpu":
+            _loads(tmp)
+        if os.path.exists(data):
+            os.replace(tmp_data, data)
+            _relocate(tmp, os.path.basename(data))
+        os.replace(tmp, path)
+    finally:
+        for f in (tmp, tmp_data):
+            if os.path.exists(f):
+                os.remove(f)
+    return pipeline
+
+
+def _loads(path: str) -> None:
+    """ONNX Runtime (CPU, its own graph optimisations on, as in serving) accepts the fused file: every op has a
+    kernel and shape inference agrees."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT's Fail / InvalidGraph / RuntimeException
+        raise _Unfusable(f"ONNX Runtime cannot load the fused graph: {str(e).splitlines()[0][:200]}") from None
 
 
 def _relocate(path: str, location: str) -> None:
