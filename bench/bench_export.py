@@ -10,6 +10,8 @@ B random). Rows:
   * hf_route: HF PEFT on the same weights, ``merge_and_unload`` + ``torch.onnx.export(dynamo=True)``
   * hf_exporter_cpu: transformers' ``OnnxExporter`` with ``OnnxConfig(dynamic=True, ort_fusions="cpu")`` of that merged
     model (the best route users have today)
+  * decode (Llama): one cached decode step at past 32/128/512, ``kv_cache=True`` file fused (``optimize="all"``)
+    vs unfused; ``--models decode`` runs it alone (results/export_decode.*)
   * peftfx_none / peftfx_basic / peftfx_all: ``export_onnx(optimize=…)``, verified in ORT (verification included in
     the export time); peftfx_int8: ``dtype="int8"`` (dynamic)
 Latency: batch 1 and 8 × 128 tokens, every row interleaved (A B C …, then reversed), medians, at each thread count
@@ -195,11 +197,50 @@ def int8_agreement(m, paths, merged):
     return out
 
 
+def decode(threads, repeats):
+    """Llama decode step with the key/value cache at past 32/128/512: kv_cache export fused (optimize="all") vs
+    unfused ("none"), medians of interleaved runs."""
+    from peftfx import export_onnx
+    from peftfx.export import Runtime
+
+    m = build_llama()
+    d = tempfile.mkdtemp(prefix="peftfx-bench-decode-")
+    out = {}
+    try:
+        rts = {}
+        for level in ("none", "all"):
+            p = os.path.join(d, f"kv_{level}.onnx")
+            t0 = time.perf_counter()
+            r = export_onnx(m["pm"], p, m["ex"], kv_cache=True, source=m["base"], optimize=level)
+            out[f"export_s_{level}"] = time.perf_counter() - t0
+            out[f"fused_{level}"] = r.optimize.get("fused")
+            rts[level] = p
+        for t in threads:
+            sessions = {k: Runtime(p, device="cpu", threads=t, spin=False) for k, p in rts.items()}
+            kv = sessions["none"].kv
+            width = kv["kv_heads"] * kv["head_dim"]
+            for past in (32, 128, 512):
+                prompt = np.random.default_rng(past).integers(0, 32000, (1, past), dtype=np.int64)
+                steps = {}
+                for k, rt in sessions.items():
+                    empty = {n: np.zeros((1, 0, width), np.float32) for n in kv["inputs"]}
+                    pre = rt.run({"input_ids": prompt, **empty})
+                    steps[k] = {"input_ids": np.array([[7]], dtype=np.int64),
+                                **{i: pre[o] for i, o in zip(kv["inputs"], kv["outputs"])}}
+                med = interleaved({k: (lambda rt=rt, f=steps[k]: rt.session.run(None, f)) for k, rt in sessions.items()},
+                                  repeats=repeats * 3, warmup=3)
+                out[f"threads_{t}_past_{past}"] = {"none_ms": 1e3 * med["none"], "all_ms": 1e3 * med["all"],
+                                                   "all/none": med["all"] / med["none"]}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--models", nargs="+", default=["minilm", "llama"])
+    ap.add_argument("--models", nargs="+", default=["minilm", "llama", "decode"])
     ap.add_argument("--train-steps", type=int, default=30)
     args = ap.parse_args()
     import transformers
@@ -210,6 +251,9 @@ def main():
     try:
         for name in args.models:
             torch.set_num_threads(1)
+            if name == "decode":
+                results["decode"] = decode(args.threads, args.repeats)
+                continue
             m = build_minilm(args.train_steps) if name == "minilm" else build_llama()
             paths, secs, info, merged = exports(m, d)
             r = {"export_s": secs, "export_vs_hf_route": {k: v / secs["hf_route"] for k, v in secs.items()},
@@ -242,7 +286,13 @@ def _table(res):
             rows.append((name, "int8 held-out", f"argmax agreement with PyTorch {h['peftfx_int8']['agreement_with_pytorch']:.3f}",
                          f"n={h['n']}", f"accuracy fp32 {h['pytorch_accuracy']:.3f}",
                          f"accuracy int8 {h['peftfx_int8']['accuracy']:.3f}"))
-    write("export", res, rows)
+    for k, v in res.get("decode", {}).items():
+        if k.startswith("threads_"):
+            th, past = k.split("_")[1], k.split("_")[3]
+            rows.append(("llama", f"decode step, past {past}: all vs none", "", th,
+                         f"{v['all_ms']:.2f} vs {v['none_ms']:.2f}", f"{v['all/none']:.2f}"))
+    name = "export" if "minilm" in res or "llama" in res else "export_decode"
+    write(name, res, rows)
 
 
 if __name__ == "__main__":
