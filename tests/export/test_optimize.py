@@ -186,5 +186,9 @@ def test_cli_run_output_equals_runtime_and_bench_times_the_file(llama, tmp_path,
     res = json.loads(capsys.readouterr().out)
     assert [r["shape"] for r in res["rows"]] == ["1x8", "2x4"] and res["eager_source"] is None
     assert all(r["median_ms"]["onnxruntime"] > 0 for r in res["rows"])
+    # with a PyTorch reference (a factory here; a recorded source folder by default): ratio = ORT / eager
+    assert main(["bench", path, "--model", "tests.models:llama", "--shape", "1x8", "--repeats", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["ort/eager"] == pytest.approx(row["median_ms"]["onnxruntime"] / row["median_ms"]["pytorch_eager"])
     assert main(["bench", path, "--shape", "1by8"]) == 2
     assert "BATCHxSEQUENCE" in capsys.readouterr().err
