@@ -155,7 +155,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
     accuracy; ``dtype="bfloat16"`` needs the CUDA provider (:mod:`peftfx.export.quantize`).
     """
     path = _check_args(model, path, dtype, kv_cache, source, opset)
-    level, target, qcfg = _serving_args(dtype, optimize, device, quantization, kv_cache, adapter_inputs)
+    from .quantize import serving_args, set_dtype, to_int8
+
+    level, target, qcfg = serving_args(dtype, optimize, device, quantization, kv_cache, adapter_inputs)
     fdtype = {"int8": "float32", "bfloat16": "float16"}.get(dtype, dtype)      # the dtype the exporter writes
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -177,7 +179,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
             from .quantize import to_bfloat16
 
             to_bfloat16(tmp)
-            _set_dtype(tmp, report, dtype)
+            set_dtype(tmp, report, dtype)
         if verify:
             from ._verify import verify_export
 
@@ -186,7 +188,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
             report.checks, report.providers = verify_export(tmp, pm, plan, report.tolerance, device)
             stages["verify"] = time.perf_counter() - t
         if qcfg is not None:
-            _to_int8(tmp, pm, plan, qcfg, report, verify, stages)
+            to_int8(tmp, pm, plan, qcfg, report, verify, stages)
         _move_into_place(tmpdir, tmp, path, report)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -194,60 +196,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
     report.stages = stages
     log.info("exported %s (%.1fs): %s", path, stages["total"], report)
     return report
-
-
-def _serving_args(dtype, optimize, device, quantization, kv_cache, adapter_inputs):
-    """Checks of the serving options, before anything is traced: (optimize level, target, Int8 config or None)."""
-    from .optimize import resolve_level
-    from .quantize import as_int8
-
-    level, target = resolve_level(optimize, dtype, device)
-    if quantization is not None and dtype != "int8":
-        raise ExportError(f"quantization=… applies to dtype='int8' only (dtype is {dtype!r}).")
-    if dtype == "int8" and (kv_cache or adapter_inputs):
-        raise ExportError("dtype='int8' exports a merged model without a key/value cache; kv_cache=True and "
-                          "adapter_inputs=True are float32/float16 only (the quantizer would turn adapter inputs "
-                          "into constants).")
-    if dtype == "bfloat16":
-        from .runtime import select_providers
-
-        if "CUDAExecutionProvider" not in select_providers(None if device is None else device):
-            raise ExportError("dtype='bfloat16' runs on ONNX Runtime's CUDA provider only (its CPU provider has no "
-                              "bfloat16 matmul kernels), and none is usable here; use dtype='float16' on a GPU, "
-                              "or 'float32'/'int8' on CPU.")
-    return level, target, as_int8(quantization) if dtype == "int8" else None
-
-
-def _set_dtype(tmp: str, report: ExportReport, dtype: str, extra: dict | None = None) -> None:
-    import onnx
-
-    from .adapters import _set_meta
-
-    proto = onnx.load(tmp)
-    for k, v in ({"peftfx.dtype": dtype} | (extra or {})).items():
-        _set_meta(proto, k, v)
-    onnx.save(proto, tmp)
-    report.dtype = dtype
-    report.size_bytes = os.path.getsize(tmp)
-
-
-def _to_int8(tmp: str, pm, plan: dict, cfg, report: ExportReport, verify: bool, stages: dict) -> None:
-    """Quantize the verified float32 file to int8 in place; check (and report) its accuracy against PyTorch."""
-    from .quantize import int8_accuracy, quantize_file
-
-    t = time.perf_counter()
-    qtmp = tmp[:-len(".onnx")] + ".int8.onnx"
-    quantize_file(tmp, qtmp, cfg)
-    stages["int8"] = time.perf_counter() - t
-    report.quantization = cfg.describe() | {"float32_bytes": report.size_bytes}
-    if verify:
-        t = time.perf_counter()
-        report.quantization.update(int8_accuracy(qtmp, pm, plan, cfg))
-        stages["int8 check"] = time.perf_counter() - t
-    os.replace(qtmp, tmp)
-    if os.path.exists(tmp + ".data"):       # the quantizer wrote the weights inline
-        os.remove(tmp + ".data")
-    _set_dtype(tmp, report, "int8", {"peftfx.int8": json.dumps(cfg.describe())})
 
 
 def _trace(model: nn.Module, example_inputs: Any) -> PeftModel:

@@ -18,8 +18,10 @@ turned into bfloat16.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -29,7 +31,7 @@ import numpy as np
 
 from .._errors import ExportError
 
-__all__ = ["Int8", "int8_accuracy", "quantize_file", "to_bfloat16"]
+__all__ = ["Int8", "int8_accuracy", "quantize_file", "serving_args", "set_dtype", "to_bfloat16", "to_int8"]
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,57 @@ def int8_accuracy(path: str, pm, plan: dict, cfg: Int8) -> dict[str, Any]:
             raise ExportError(msg + " Nothing was written.")
         warnings.warn(msg, stacklevel=3)
     return result
+
+
+def serving_args(dtype, optimize, device, quantization, kv_cache, adapter_inputs):
+    """Checks of the serving options, before anything is traced: (optimize level, target, Int8 config or None)."""
+    from .optimize import resolve_level
+
+    level, target = resolve_level(optimize, dtype, device)
+    if quantization is not None and dtype != "int8":
+        raise ExportError(f"quantization=… applies to dtype='int8' only (dtype is {dtype!r}).")
+    if dtype == "int8" and (kv_cache or adapter_inputs):
+        raise ExportError("dtype='int8' exports a merged model without a key/value cache; kv_cache=True and "
+                          "adapter_inputs=True are float32/float16 only (the quantizer would turn adapter inputs "
+                          "into constants).")
+    if dtype == "bfloat16":
+        from .runtime import select_providers
+
+        if "CUDAExecutionProvider" not in select_providers(None if device is None else device):
+            raise ExportError("dtype='bfloat16' runs on ONNX Runtime's CUDA provider only (its CPU provider has no "
+                              "bfloat16 matmul kernels), and none is usable here; use dtype='float16' on a GPU, "
+                              "or 'float32'/'int8' on CPU.")
+    return level, target, as_int8(quantization) if dtype == "int8" else None
+
+
+def set_dtype(tmp: str, report, dtype: str, extra: dict | None = None) -> None:
+    import onnx
+
+    from .adapters import _set_meta
+
+    proto = onnx.load(tmp)
+    for k, v in ({"peftfx.dtype": dtype} | (extra or {})).items():
+        _set_meta(proto, k, v)
+    onnx.save(proto, tmp)
+    report.dtype = dtype
+    report.size_bytes = os.path.getsize(tmp)
+
+
+def to_int8(tmp: str, pm, plan: dict, cfg, report, verify: bool, stages: dict) -> None:
+    """Quantize the verified float32 file to int8 in place; check (and report) its accuracy against PyTorch."""
+    t = time.perf_counter()
+    qtmp = tmp[:-len(".onnx")] + ".int8.onnx"
+    quantize_file(tmp, qtmp, cfg)
+    stages["int8"] = time.perf_counter() - t
+    report.quantization = cfg.describe() | {"float32_bytes": report.size_bytes}
+    if verify:
+        t = time.perf_counter()
+        report.quantization.update(int8_accuracy(qtmp, pm, plan, cfg))
+        stages["int8 check"] = time.perf_counter() - t
+    os.replace(qtmp, tmp)
+    if os.path.exists(tmp + ".data"):       # the quantizer wrote the weights inline
+        os.remove(tmp + ".data")
+    set_dtype(tmp, report, "int8", {"peftfx.int8": json.dumps(cfg.describe())})
 
 
 def to_bfloat16(path: str) -> None:
