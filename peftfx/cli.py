@@ -2,7 +2,9 @@
 
     peftfx inspect MODEL [--rules RULES.json|yaml]        sites (and what each rule would take)
     peftfx merge-export MODEL --adapter DIR -o OUT.onnx   merge, export, verify in ONNX Runtime
-    peftfx run OUT.onnx --text "..." | --ids "1 2 3"      feed an exported model (--generate N for causal LMs)
+    peftfx run OUT.onnx --text "..." | --ids "1 2 3"      feed an exported model (--generate N for causal LMs;
+                                                          --output logits.npy; timings per stage)
+    peftfx bench OUT.onnx --shape 1x128 --shape 8x128     time the file in ONNX Runtime against PyTorch eager
     peftfx quickstart                                     LoRA-tune MiniLM offline, export, verify, compare
 
 MODEL is a local Hugging Face model folder (config.json + weights) or ``package.module:factory`` — a callable
@@ -231,7 +233,8 @@ def cmd_merge_export(args) -> int:
     meta = {"peftfx.tokenizer": "."} if carry and loaded.tokenizer is not None else {}
     report = st.run("merge, export, verify", export_onnx, models[0], args.output, ex, dtype=args.dtype,
                     opset=args.opset, kv_cache=args.kv_cache, source=loaded.model, adapter_inputs=args.adapter_inputs,
-                    device=args.device, metadata=meta)
+                    device=args.device, metadata=meta, optimize=args.optimize,
+                    quantization=_int8_options(args, ex))
     if carry:
         st.run("write tokenizer and config", _write_beside, loaded, args.output)
     files = []
@@ -265,6 +268,20 @@ def _write_beside(loaded: Loaded, onnx_path: str) -> list[str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return names
+
+
+def _int8_options(args, ex) -> dict | None:
+    """``--dtype int8``: dynamic, or static calibrated on the example inputs (``--int8 static``)."""
+    if args.dtype != "int8":
+        if args.int8 or args.int8_min_agreement is not None:
+            raise _fail("--int8 and --int8-min-agreement apply to --dtype int8 only.")
+        return None
+    out: dict[str, Any] = {}
+    if args.int8 == "static":
+        out["calibration"] = [ex]
+    if args.int8_min_agreement is not None:
+        out["min_agreement"] = args.int8_min_agreement
+    return out
 
 
 def _summary(report, st: _Stages, files: list[str], as_json: bool) -> None:
@@ -321,7 +338,15 @@ def cmd_run(args) -> int:
 
     from .export import Runtime
 
+    if args.output and not args.output.endswith((".npy", ".npz")):
+        raise _fail(f"--output must end with .npy (logits) or .npz (every output), got {args.output!r}.")
+    times: dict[str, float] = {}
+    t = time.perf_counter()
     rt = Runtime(args.onnx, device=args.device)
+    rt.vocab            # the token-range check reads the embedding sizes from the file once: part of loading
+    times["load + session"] = time.perf_counter() - t
+    times["session create"] = rt.session_seconds
+    t = time.perf_counter()
     tok = _tokenizer(args, rt) if args.text or args.generate else None     # --ids alone needs no tokenizer
     if args.text:
         if tok is None:
@@ -338,9 +363,13 @@ def cmd_run(args) -> int:
     if args.adapter:
         rt.load_adapter("cli", args.adapter)
         adapter = "cli"
+    times["inputs"] = time.perf_counter() - t
+    t = time.perf_counter()
     if args.generate:
         out = rt.generate(feeds["input_ids"], args.generate, adapter=adapter,
                           eos_token_id=getattr(tok, "eos_token_id", None) if tok is not None else None)
+        times["run"] = time.perf_counter() - t
+        outs = {"tokens": out}
         result = {"tokens": out.tolist()}
         if tok is not None:
             result["text"] = tok.batch_decode(out, skip_special_tokens=True)
@@ -350,10 +379,42 @@ def cmd_run(args) -> int:
             feeds[name] = np.zeros((feeds["input_ids"].shape[0], 0, rt.kv["kv_heads"] * rt.kv["head_dim"]),
                                    rt.input_dtype(name))
         outs = rt.run(feeds, adapter=adapter)
+        times["run"] = time.perf_counter() - t
         result = {k: _describe(v) for k, v in outs.items() if not k.startswith("present.")}
     result["providers"] = rt.providers
+    result["provider_reason"] = rt.provider_reason
+    result["timings_s"] = {k: round(v, 6) for k, v in times.items()}
+    if args.output:
+        result["output"] = _save_outputs(args.output, outs)
     print(json.dumps(result, indent=None if not args.json else 2))
+    if not args.json:
+        print("  " + "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()) + f"  ({rt.provider})",
+              file=sys.stderr)
     return 0
+
+
+def _save_outputs(path: str, outs: dict) -> str:
+    """``.npy``: ``logits`` (or ``tokens``, or the only/first output); ``.npz``: every output. Written to a temporary
+    name beside ``path`` and renamed into place."""
+    import numpy as np
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise _fail(f"--output folder {folder} does not exist.")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.peftfx-{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if path.endswith(".npz"):
+                np.savez(f, **{k: np.asarray(v) for k, v in outs.items()})
+                what = ", ".join(outs)
+            else:
+                what = next((k for k in ("logits", "tokens") if k in outs), next(iter(outs)))
+                np.save(f, np.asarray(outs[what]))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return f"{path} ({what})"
 
 
 def _describe(v) -> dict:
@@ -369,6 +430,94 @@ def _describe(v) -> dict:
     elif v.size <= 64:
         d["values"] = v.tolist()
     return d
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    try:
+        b, s = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise _fail(f"--shape takes BATCHxSEQUENCE such as 1x128, got {text!r}.") from None
+    if b < 1 or s < 1:
+        raise _fail(f"--shape sizes must be ≥ 1, got {text!r}.")
+    return b, s
+
+
+def _bench_feeds(rt, batch: int, seq: int):
+    """Random token ids in the model's vocabulary, an all-ones mask, zero token types; an empty past."""
+    import numpy as np
+
+    gen = np.random.default_rng(batch * 1000 + seq)
+    feeds: dict[str, Any] = {}
+    for name in rt.inputs:
+        if name in (rt.kv or {}).get("inputs", []):
+            feeds[name] = np.zeros((batch, 0, rt.kv["kv_heads"] * rt.kv["head_dim"]), rt.input_dtype(name))
+        elif name == "input_ids":
+            feeds[name] = gen.integers(0, rt.vocab.get(name, 100), (batch, seq), dtype=np.int64)
+        elif name in ("attention_mask", "token_type_ids", "position_ids"):
+            feeds[name] = np.ones((batch, seq), np.int64) if name == "attention_mask" else \
+                (np.zeros((batch, seq), np.int64) if name == "token_type_ids" else np.tile(np.arange(seq), (batch, 1)))
+        else:
+            raise _fail(f"peftfx bench feeds token models (input_ids, masks); {rt.path} also takes {name!r}.")
+    return feeds
+
+
+def cmd_bench(args) -> int:
+    """Median latency of the ONNX file per shape; beside it PyTorch eager of the source model when one is known."""
+    import inspect
+    import statistics
+
+    import torch
+
+    from .export import Runtime
+
+    shapes = [_parse_shape(s) for s in args.shape or ["1x128"]]
+    torch.set_num_threads(args.threads)
+    rt = Runtime(args.onnx, device=args.device, threads=args.threads, spin=False)
+    source = args.model or rt.metadata.get("peftfx.source")
+    eager = None
+    if source and not args.no_eager:
+        eager = load_model(source).model.eval()
+    rows = []
+    for b, s in shapes:
+        feeds = _bench_feeds(rt, b, s)
+        fns = {"onnxruntime": lambda feeds=feeds: rt.run(feeds)}
+        if eager is not None:
+            tf = {k: torch.from_numpy(v) for k, v in feeds.items() if k in ("input_ids", "attention_mask",
+                                                                               "token_type_ids", "position_ids")}
+            if "use_cache" in inspect.signature(eager.forward).parameters:
+                tf["use_cache"] = False          # the exported file computes no cache either
+            fns["pytorch_eager"] = lambda tf=tf: eager(**tf)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        with torch.inference_mode():
+            for f in fns.values():          # warm-up
+                f()
+            order = list(fns.items())
+            for i in range(args.repeats):   # interleaved, alternating order
+                for k, f in (order if i % 2 == 0 else order[::-1]):
+                    t = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"shape": f"{b}x{s}", "median_ms": {k: v * 1e3 for k, v in med.items()}}
+        if "pytorch_eager" in med:
+            row["ort/eager"] = med["onnxruntime"] / med["pytorch_eager"]
+        rows.append(row)
+    result = {"file": args.onnx, "provider": rt.provider, "provider_reason": rt.provider_reason,
+              "threads": args.threads, "repeats": args.repeats, "eager_source": source if eager is not None else None,
+              "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.onnx}  {rt.provider}  threads {args.threads}  median of {args.repeats} interleaved runs")
+    if eager is None:
+        print("  (no PyTorch reference: the file records no source model folder; pass --model DIR)")
+    for row in rows:
+        ms = row["median_ms"]
+        line = f"  {row['shape']:>10}  onnxruntime {ms['onnxruntime']:8.2f} ms"
+        if "pytorch_eager" in ms:
+            line += f"   pytorch eager {ms['pytorch_eager']:8.2f} ms   ratio {row['ort/eager']:.3f}"
+        print(line)
+    return 0
 
 
 def cmd_quickstart(args) -> int:
@@ -404,7 +553,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("model", help="Hugging Face model folder or package.module:factory")
     m.add_argument("--adapter", action="append", required=True, help="adapter folder (peftfx or Hugging Face PEFT)")
     m.add_argument("-o", "--output", required=True, help="output .onnx path")
-    m.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    m.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "int8"), default="float32",
+                   help="int8: quantized for CPU after float32 verification; bfloat16: CUDA only")
+    m.add_argument("--optimize", choices=("none", "basic", "all"), default=None,
+                   help="ONNX Runtime fusions (default: all; none for float16 on CPU)")
+    m.add_argument("--int8", choices=("dynamic", "static"), default=None,
+                   help="int8 mode (static: calibrated on the example inputs); default dynamic")
+    m.add_argument("--int8-min-agreement", type=float, default=None,
+                   help="least argmax agreement with PyTorch the int8 file must keep (default 0.95)")
     m.add_argument("--opset", type=_count(7), default=18)
     m.add_argument("--kv-cache", action="store_true", help="export the decode step with key/value cache I/O")
     m.add_argument("--adapter-inputs", action="store_true",
@@ -419,6 +575,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--generate", type=_count(0), default=0, help="greedy-generate N tokens (kv-cache exports)")
     r.add_argument("--adapter", help=".onnx_adapter file to activate (adapter-input exports)")
     r.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    r.add_argument("--output", help="save outputs: .npy (logits, or generated tokens) or .npz (every output)")
+    b = sub.add_parser("bench", help="time an exported file in ONNX Runtime against PyTorch eager")
+    b.add_argument("onnx", help="exported .onnx file")
+    b.add_argument("--shape", action="append", help="BATCHxSEQUENCE, e.g. 1x128 (repeatable; default 1x128)")
+    b.add_argument("--model", help="PyTorch reference (default: the source folder recorded in the file)")
+    b.add_argument("--no-eager", action="store_true", help="time the file alone")
+    b.add_argument("--threads", type=_count(1), default=1, help="threads for ONNX Runtime and PyTorch (default 1)")
+    b.add_argument("--repeats", type=_count(1), default=20)
+    b.add_argument("--device", choices=("cpu", "cuda"), default=None)
     q = sub.add_parser("quickstart", help="LoRA-tune MiniLM offline, merge, export, verify, compare latency")
     q.add_argument("--steps", type=_count(1), default=60)
     q.add_argument("--out", default="peftfx-quickstart", help="output folder")
@@ -427,7 +592,7 @@ def _parser() -> argparse.ArgumentParser:
     for sp in (i, m):
         sp.add_argument("--batch", type=_count(1), default=2, help="example batch (≥ 2 keeps the batch axis dynamic)")
         sp.add_argument("--seq", type=_count(1), default=16, help="example sequence length")
-    for sp in (i, m, r):
+    for sp in (i, m, r, b):
         sp.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -443,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)     # "torchvision is not installed" notices
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    commands = {"inspect": cmd_inspect, "merge-export": cmd_merge_export, "run": cmd_run, "quickstart": cmd_quickstart}
+    commands = {"inspect": cmd_inspect, "merge-export": cmd_merge_export, "run": cmd_run, "bench": cmd_bench,
+                "quickstart": cmd_quickstart}
     try:
         return commands[args.command](args)
     except PeftfxError as e:

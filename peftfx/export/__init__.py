@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from .adapters import adapter_inputs, write_onnx_adapter
 from .onnx import DEFAULT_OPSET, TOLERANCE, ExportReport, export_onnx
+from .quantize import Int8
 from .runtime import Runtime, gpu_present, select_providers
 
-__all__ = ["export_onnx", "ExportReport", "Runtime", "write_onnx_adapter", "adapter_inputs", "select_providers",
+__all__ = ["export_onnx", "ExportReport", "Int8", "Runtime", "write_onnx_adapter", "adapter_inputs", "select_providers",
            "gpu_present", "DEFAULT_OPSET", "TOLERANCE"]

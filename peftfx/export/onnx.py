@@ -44,7 +44,8 @@ __all__ = ["export_onnx", "ExportReport", "DEFAULT_OPSET", "TOLERANCE"]
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
-TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
+DTYPES = ("float32", "float16", "bfloat16", "int8")   # int8: verified in float32 first, then peftfx.export.quantize
 _TWO_GB = 2_000_000_000
 
 
@@ -65,6 +66,8 @@ class ExportReport:
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
     kv_cache: dict | None = None
     adapter_inputs: list[str] = field(default_factory=list)
+    optimize: dict = field(default_factory=dict)          # level, target, pipeline, fused op counts (optimize.py)
+    quantization: dict | None = None                      # int8: mode, max_abs, max_rel, argmax_agreement
 
     @property
     def max_abs(self) -> float:
@@ -88,6 +91,13 @@ class ExportReport:
         if self.checks:
             lines.append(f"  parity vs PyTorch: max abs {self.max_abs:.2e}, max rel {self.max_rel:.2e} over "
                          f"{len(self.checks)} checks (tolerance {self.tolerance:g}) on {', '.join(self.providers)}")
+        if self.optimize.get("fused"):
+            lines.append(f"  optimize={self.optimize['level']} ({self.optimize['target']}): "
+                         + ", ".join(f"{k} {v}" for k, v in self.optimize["fused"].items()))
+        if self.quantization and self.quantization.get("max_abs") is not None:
+            q = self.quantization
+            lines.append(f"  int8 ({q['mode']}) vs PyTorch: max abs {q['max_abs']:.2e}, max rel {q['max_rel']:.2e}, "
+                         f"argmax agreement {q['argmax_agreement']}")
         return "\n".join(lines)
 
 
@@ -114,8 +124,8 @@ def _inputs_of(pm: PeftModel, example_inputs: Any) -> dict[str, torch.Tensor]:
 def _check_args(model, path, dtype, kv_cache, source, opset) -> str:
     if not isinstance(model, nn.Module):
         raise ExportError(f"export_onnx takes a model (PeftModel or nn.Module), got {type(model).__name__}.")
-    if dtype not in TOLERANCE:
-        raise ExportError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
     if not isinstance(opset, int) or opset < 18:
         raise ExportError(f"opset must be an int ≥ 18 (the torch.onnx dynamo exporter's minimum), got {opset!r}.")
     if kv_cache and isinstance(model, PeftModel) and source is None:
@@ -133,7 +143,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
                 opset: int = DEFAULT_OPSET, kv_cache: bool = False, source: nn.Module | None = None,
                 adapter_inputs: bool = False, verify: bool = True, tolerance: float | None = None,
                 external_data: bool | None = None, device: str | None = None,
-                metadata: dict[str, str] | None = None) -> ExportReport:
+                metadata: dict[str, str] | None = None, optimize: str | None = None,
+                quantization: Any = None) -> ExportReport:
     """Export ``model`` (a PeftModel, or any module peftfx can trace) to a verified ONNX file at ``path``.
 
     Mergeable adapters are merged and ``peftfx.fold`` (when available) folds input-independent adapter compute
@@ -142,9 +153,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
     ``adapter_inputs=True`` keeps adapters unmerged with their parameters as named graph inputs (see
     :mod:`peftfx.export.adapters`). Raises :class:`peftfx.ExportError` — and leaves nothing at ``path`` — if any
     step or the verification fails. ``device`` picks the ONNX Runtime device for verification (default: auto);
-    ``metadata`` adds string entries to the file's metadata.
+    ``metadata`` adds string entries to the file's metadata. ``optimize`` (``"none"``/``"basic"``/``"all"``,
+    default automatic): ONNX Runtime fusions, :mod:`peftfx.export.optimize`. ``dtype="int8"`` quantizes the verified
+    float32 file (``quantization``: :class:`peftfx.export.quantize.Int8` or a dict of its fields) and checks its
+    accuracy; ``dtype="bfloat16"`` needs the CUDA provider (:mod:`peftfx.export.quantize`).
     """
     path = _check_args(model, path, dtype, kv_cache, source, opset)
+    from .quantize import serving_args, set_dtype, to_int8
+
+    level, target, qcfg = serving_args(dtype, optimize, device, quantization, kv_cache, adapter_inputs)
+    fdtype = {"int8": "float32", "bfloat16": "float16"}.get(dtype, dtype)      # the dtype the exporter writes
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     pm = model if isinstance(model, PeftModel) else _trace(model, example_inputs)
@@ -155,17 +173,26 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
     tmpdir = make_temp_dir(path, "export", ExportError, "the ONNX model")   # cleans stale ones there (peftfx._fs)
     try:
         plan = _prepare(pm, inputs, kv_cache, source, adapter_inputs, stages)
-        plan["metadata"] = {str(k): str(v) for k, v in (metadata or {}).items()}
+        plan["metadata"] = {str(k): str(v) for k, v in (metadata or {}).items()} | {"peftfx.optimize": level}
+        plan["optimize"] = (level, target, optimize is not None)      # the default falls back; an asked level raises
         tmp = os.path.join(tmpdir, os.path.basename(path))
         big = external_data if external_data is not None else _param_bytes(plan["model"]) > _TWO_GB
-        report = _write(plan, tmp, dtype, opset, big, stages)
+        report = _write(plan, tmp, fdtype, opset, big, stages)
+        report.optimize = plan["optimized"]
+        if dtype == "bfloat16":
+            from .quantize import to_bfloat16
+
+            to_bfloat16(tmp)
+            set_dtype(tmp, report, dtype)
         if verify:
             from ._verify import verify_export
 
             t = time.perf_counter()
-            report.tolerance = TOLERANCE[dtype] if tolerance is None else float(tolerance)
+            report.tolerance = TOLERANCE[report.dtype] if tolerance is None else float(tolerance)
             report.checks, report.providers = verify_export(tmp, pm, plan, report.tolerance, device)
             stages["verify"] = time.perf_counter() - t
+        if qcfg is not None:
+            to_int8(tmp, pm, plan, qcfg, report, verify, stages)
         _move_into_place(tmpdir, tmp, path, report)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -263,8 +290,15 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
         except Exception as e:  # the exporter raises its own error types; name the op when it says which
             raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e
     plan["out_names"], plan["out_keys"] = out_names, out_keys
-    _postprocess(tmp, plan, dtype, opset, big)
     stages["onnx"] = time.perf_counter() - t
+    from .optimize import optimize_file
+
+    level, target, strict = plan.get("optimize", ("none", "cpu", True))
+    plan["optimized"] = optimize_file(tmp, level, target, strict=strict)
+    stages["optimize"] = plan["optimized"]["seconds"]
+    t = time.perf_counter()
+    _postprocess(tmp, plan, dtype, opset, big)
+    stages["onnx"] += time.perf_counter() - t
     return _report(tmp, plan, dtype, opset, big)
 
 
@@ -308,6 +342,8 @@ def _postprocess(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> Non
     try:
         onnx.checker.check_model(tmp)
     except onnx.checker.ValidationError as e:
+        if plan.get("optimized", {}).get("fused") and "No Op registered for" in str(e):
+            return      # ONNX Runtime's own ops (fused file: checked before fusing, loaded and verified in ORT)
         raise ExportError(f"onnx.checker rejected the exported model: {str(e).splitlines()[0][:300]}") from None
 
 

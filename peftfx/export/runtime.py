@@ -1,7 +1,9 @@
 """Serving an exported model with ONNX Runtime: :class:`Runtime`.
 
 Provider choice: the CUDA provider only when a GPU is present and this onnxruntime build offers it, else the CPU
-provider — never asking ORT for a provider that would fail to load and print errors on a CPU-only machine. ORT's
+provider — never asking ORT for a provider that would fail to load and print errors on a CPU-only machine.
+``Runtime.provider`` is the provider used and ``Runtime.provider_reason`` why (e.g. "CUDAExecutionProvider not
+available: a GPU is visible but the onnxruntime CPU build is installed; pip … 'peftfx[gpu]'"). ORT's
 own log is kept to errors (``log_severity_level=3``). On CUDA, runs use I/O binding: inputs go to the device once,
 outputs stay there, and the key/value cache of :meth:`Runtime.generate` never leaves the GPU between steps.
 Inputs may be numpy arrays, torch tensors or lists. Before ONNX Runtime sees them they are checked against the
@@ -23,7 +25,7 @@ import numpy as np
 
 from .._errors import CheckpointError, ExportError
 
-__all__ = ["Runtime", "select_providers", "gpu_present"]
+__all__ = ["Runtime", "gpu_present", "provider_choice", "select_providers"]
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +47,39 @@ def gpu_present() -> bool:
     return os.path.isdir(gpus) and bool(os.listdir(gpus))
 
 
-def select_providers(device: str | None = None) -> list[str]:
-    """``["CUDAExecutionProvider", "CPUExecutionProvider"]`` when CUDA is usable (or ``device="cuda"``), else CPU."""
+def provider_choice(device: str | None = None) -> tuple[list[str], str]:
+    """(providers, why): ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` when CUDA is usable (or
+    ``device="cuda"``), else ``["CPUExecutionProvider"]``, with the reason in words."""
     import onnxruntime as ort
 
     if device not in (None, "cpu", "cuda"):
         raise ExportError(f"device must be 'cpu', 'cuda' or None (automatic), got {device!r}.")
     available = ort.get_available_providers()
+    cuda_build = "CUDAExecutionProvider" in available
     if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if (device == "cuda" or gpu_present()) and "CUDAExecutionProvider" in available:
-        if device == "cuda" and not gpu_present():
+        return ["CPUExecutionProvider"], "device='cpu' asked for"
+    gpu = gpu_present()
+    if (device == "cuda" or gpu) and cuda_build:
+        if device == "cuda" and not gpu:
             raise ExportError("device='cuda' asked for, but no GPU is visible on this machine; use device='cpu'.")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], \
+            ("device='cuda' asked for" if device == "cuda" else "a GPU is visible and this onnxruntime has CUDA")
     if device == "cuda":
-        raise ExportError(f"device='cuda' asked for, but this onnxruntime offers {available}; install onnxruntime-gpu.")
-    return ["CPUExecutionProvider"]
+        raise ExportError(f"device='cuda' asked for, but this onnxruntime offers {available}; install the GPU build: "
+                          "pip uninstall -y onnxruntime && pip install 'peftfx[gpu]'.")
+    if gpu:
+        why = ("CUDAExecutionProvider not available: a GPU is visible but the onnxruntime CPU build is installed; "
+               "pip uninstall -y onnxruntime && pip install 'peftfx[gpu]'")
+    elif cuda_build:
+        why = "CUDAExecutionProvider not used: the onnxruntime GPU build is installed but no GPU is visible"
+    else:
+        why = "CUDAExecutionProvider not available: onnxruntime CPU build installed and no GPU visible"
+    return ["CPUExecutionProvider"], why
+
+
+def select_providers(device: str | None = None) -> list[str]:
+    """The providers of :func:`provider_choice`, without the reason."""
+    return provider_choice(device)[0]
 
 
 class Runtime:
@@ -85,12 +104,22 @@ class Runtime:
             opts.intra_op_num_threads = int(threads)
         if not spin:     # idle ORT threads busy-wait by default, stealing cores from whatever runs between calls
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if providers:
+            why = f"providers={list(providers)} asked for"
+        else:
+            providers, why = provider_choice(device)
+        t = time.perf_counter()
         try:
-            self.session = ort.InferenceSession(path, opts, providers=providers or select_providers(device))
+            self.session = ort.InferenceSession(path, opts, providers=providers)
         except Exception as e:  # ORT raises Fail/InvalidGraph/NoSuchFile …
             raise ExportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
         self.path = path
+        self.session_seconds = time.perf_counter() - t      # session creation (graph optimisation, weights)
         self.providers: list[str] = self.session.get_providers()
+        self.provider = self.providers[0]
+        if providers[0] not in self.providers:
+            why = f"{providers[0]} failed to load in ONNX Runtime, fell back to {self.provider} ({why})"
+        self.provider_reason: str = why
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
         raw = self.session.get_modelmeta().custom_metadata_map
@@ -293,7 +322,7 @@ class Runtime:
         return np.concatenate(tokens, axis=1)
 
     def __repr__(self) -> str:
-        return f"Runtime({self.path!r}, providers={self.providers}, io_binding={self.io_binding})"
+        return f"Runtime({self.path!r}, provider={self.provider!r} ({self.provider_reason}), io_binding={self.io_binding})"
 
 
 def _converts(arr: np.ndarray, want: np.dtype) -> bool:

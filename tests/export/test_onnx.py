@@ -111,7 +111,7 @@ def test_external_data_and_a_failed_verification_that_writes_nothing(gpt2_lora, 
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(dtype="bfloat16"), "dtype must be 'float32' or 'float16'"),
+    (dict(dtype="int4"), "dtype must be one of"),
     (dict(opset=13), "opset must be an int ≥ 18"),
     (dict(kv_cache=True), "kv_cache=True needs source="),
     (dict(example_inputs=None), "needs example_inputs"),

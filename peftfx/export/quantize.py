@@ -1,0 +1,297 @@
+"""int8 and bfloat16 files for :func:`~peftfx.export.export_onnx` (``dtype="int8"`` / ``dtype="bfloat16"``).
+
+int8 (CPU): the merged model is exported, fused and verified in float32 first (tolerance 1e-4, as every export);
+that verified file is then quantized with ONNX Runtime's quantizer — ``quantize_dynamic`` (weights int8 per tensor
+or per output channel, activations quantized per call: ``DynamicQuantizeLinear`` + ``MatMulInteger``) or, given a
+calibration set, ``quantize_static`` (QDQ format, activation ranges from the calibration inputs, MinMax). The int8
+file is then run on the verification inputs (the example at batch 1, batch + 1 at one token and at twice the length)
+and compared with the PyTorch model: ``max_abs`` (max |int8 − PyTorch| over every float output), ``max_rel``
+(that over max |PyTorch|) and ``argmax_agreement`` (fraction of rows/positions whose argmax over the last axis is
+the same; logits' predicted class or next token). Past ``Int8.max_rel`` or under ``Int8.min_agreement`` the export
+raises :class:`~peftfx.ExportError` and writes nothing (``on_fail="warn"``: warns and writes). Defaults: max_rel
+0.1, min_agreement 0.95 — int8 rounds each weight to 1/254 of its row's (or tensor's) range, so logits move by a
+few percent of their scale; agreement is lowest on random, untrained models whose top logits nearly tie.
+
+bfloat16 (CUDA only; ONNX Runtime's CPU provider has no bfloat16 kernels for matmuls): the float16 conversion's
+graph (inputs and outputs kept float32, casts at the boundary) with every float16 tensor, cast and initializer
+turned into bfloat16.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .._errors import ExportError
+
+__all__ = ["Int8", "int8_accuracy", "quantize_file", "serving_args", "set_dtype", "to_bfloat16", "to_int8"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Int8:
+    """How ``dtype="int8"`` quantizes and what it accepts.
+
+    ``calibration``: a list of input dicts (numpy arrays or tensors, the graph's input names) → static int8;
+    ``None`` → dynamic. ``per_channel``: one scale per output channel of each weight (more accurate, a little
+    slower). ``min_agreement`` / ``max_rel``: accuracy the int8 file must keep against PyTorch on the verification
+    inputs. ``on_fail``: ``"raise"`` (nothing written) or ``"warn"``."""
+
+    calibration: Sequence[Mapping[str, Any]] | None = None
+    per_channel: bool = False
+    min_agreement: float = 0.95
+    max_rel: float = 0.1
+    on_fail: str = "raise"
+
+    @property
+    def mode(self) -> str:
+        return "dynamic" if self.calibration is None else "static"
+
+    def check(self) -> Int8:
+        if self.on_fail not in ("raise", "warn"):
+            raise ExportError(f"Int8.on_fail must be 'raise' or 'warn', got {self.on_fail!r}.")
+        if not 0.0 <= float(self.min_agreement) <= 1.0:
+            raise ExportError(f"Int8.min_agreement is a fraction in [0, 1], got {self.min_agreement!r}.")
+        if not float(self.max_rel) > 0:
+            raise ExportError(f"Int8.max_rel must be > 0, got {self.max_rel!r}.")
+        cal = self.calibration
+        if cal is not None and (isinstance(cal, Mapping) or not len(cal) or not all(isinstance(c, Mapping) for c in cal)):
+                raise ExportError("Int8.calibration must be a non-empty list of input dicts, e.g. "
+                                  "[{'input_ids': ids, 'attention_mask': mask}, ...].")
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["calibration"] = None if self.calibration is None else len(self.calibration)
+        d["max_rel_allowed"] = d.pop("max_rel")
+        return d | {"mode": self.mode}
+
+
+def as_int8(spec: Int8 | Mapping | None) -> Int8:
+    """``export_onnx(quantization=…)``: an :class:`Int8`, a dict of its fields, or None (defaults)."""
+    if spec is None:
+        return Int8()
+    if isinstance(spec, Int8):
+        return spec.check()
+    if isinstance(spec, Mapping):
+        unknown = set(spec) - set(Int8.__dataclass_fields__)
+        if unknown:
+            raise ExportError(f"quantization has unknown field(s) {sorted(unknown)}; fields: "
+                              f"{sorted(Int8.__dataclass_fields__)}.")
+        return Int8(**spec).check()
+    raise ExportError(f"quantization must be an Int8(...) or a dict of its fields, got {type(spec).__name__}.")
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over a list of input dicts."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], names: list[str], dtypes: dict[str, Any]):
+        self.rows = [{k: _numpy(v).astype(dtypes[k]) for k, v in r.items() if k in names} for r in rows]
+        missing = [n for n in names if n not in self.rows[0]]
+        if missing:
+            raise ExportError(f"the int8 calibration inputs lack {missing}; every row needs all of {names}.")
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.rows):
+            return None
+        self.i += 1
+        return self.rows[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_file(src: str, dst: str, cfg: Int8) -> None:
+    """Quantize the float32 ONNX file ``src`` into ``dst`` (dynamic or static int8, per ``cfg``)."""
+    import onnx
+    from onnxruntime.quantization import (
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    proto = onnx.load(src)
+    del proto.graph.value_info[:]     # fused graphs keep shapes that onnx's re-inference (run by ORT's quantizer) disputes
+    src = src[:-len(".onnx")] + ".noshapes.onnx"
+    onnx.save(proto, src)
+    del proto
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}   # outputs of ORT's fused ops have no inferred type
+    ql = logging.getLogger()          # ORT's quantizer logs "consider pre-processing" on the root logger
+    level = ql.level
+    ql.setLevel(max(level, logging.ERROR))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if cfg.calibration is None:
+                quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=cfg.per_channel, extra_options=extra)
+            else:
+                from .runtime import Runtime
+
+                rt = Runtime(src, device="cpu", spin=False)
+                names = list(rt._required)
+                reader = _Reader(cfg.calibration, names, {n: rt.input_dtype(n) for n in names})
+                quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, extra_options=extra,
+                                op_types_to_quantize=["MatMul", "Gemm"])
+    except ExportError:
+        raise
+    except Exception as e:  # ORT's quantizer raises its own types
+        raise ExportError(f"ONNX Runtime's int8 quantizer failed ({cfg.mode}): {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
+    finally:
+        ql.setLevel(level)
+        os.remove(src)
+
+
+def _cases(inputs: dict, axes: dict, limits: dict, resize) -> list[tuple[str, dict]]:
+    b = int(next(iter(inputs.values())).shape[0])
+    s = int(next((inputs[n].shape[1] for n, ax in axes.items() if ax.get(1) == "sequence"), 1))
+    shapes = [(1, s), (b + 1, 1), (b + 1, min(2 * s, limits.get("sequence", 2 * s)))]
+    return [(f"batch {bb} × seq {ss}", resize(inputs, axes, bb, ss)) for bb, ss in dict.fromkeys(shapes)]
+
+
+def int8_accuracy(path: str, pm, plan: dict, cfg: Int8) -> dict[str, Any]:
+    """Run the int8 file and the PyTorch model on the verification inputs: max abs / rel error, argmax agreement;
+    raise (or warn, per ``cfg.on_fail``) past the tolerance."""
+    import torch
+
+    from ._build import flatten_outputs, keep_modes, resize_inputs
+    from .runtime import Runtime
+
+    rt = Runtime(path, device="cpu", spin=False)
+    axes = {n: plan["axes"][n] for n in plan["names"]}
+    worst_abs, worst_rel, agree, total = 0.0, 0.0, 0, 0
+    with keep_modes(pm), torch.no_grad():
+        pm.eval()
+        for case, x in _cases(plan["inputs"], axes, plan.get("limits", {}), resize_inputs):
+            ref = dict(flatten_outputs(pm(**x)))
+            got = rt.run({k: v.detach().cpu().numpy() for k, v in x.items()})
+            for name in plan["out_names"]:
+                if name not in ref or not ref[name].is_floating_point():
+                    continue
+                r, g = ref[name].float().cpu().numpy(), np.asarray(got[name], dtype=np.float32)
+                err = float(np.abs(g - r).max()) if r.size else 0.0
+                worst_abs = max(worst_abs, err)
+                worst_rel = max(worst_rel, err / max(float(np.abs(r).max()) if r.size else 0.0, 1e-12))
+                if r.ndim >= 2 and r.shape[-1] > 1:
+                    same = r.argmax(-1) == g.argmax(-1)
+                    agree, total = agree + int(same.sum()), total + same.size
+    result = {"mode": cfg.mode, "per_channel": cfg.per_channel, "max_abs": worst_abs, "max_rel": worst_rel,
+              "argmax_agreement": agree / total if total else None, "positions": total}
+    bad = []
+    if worst_rel > cfg.max_rel:
+        bad.append(f"max rel error {worst_rel:.3g} > {cfg.max_rel:g}")
+    if total and agree / total < cfg.min_agreement:
+        bad.append(f"argmax agreement {agree / total:.3f} < {cfg.min_agreement:g}")
+    result["ok"] = not bad
+    if bad:
+        msg = (f"the int8 model ({cfg.mode}) is too far from PyTorch on the verification inputs: {'; '.join(bad)} "
+               f"(max abs {worst_abs:.3g}). Try Int8(per_channel=True), a calibration set (static int8) that "
+               "resembles real inputs, a looser Int8(max_rel=…, min_agreement=…), or dtype='float32'.")
+        if cfg.on_fail == "raise":
+            raise ExportError(msg + " Nothing was written.")
+        warnings.warn(msg, stacklevel=3)
+    return result
+
+
+def serving_args(dtype, optimize, device, quantization, kv_cache, adapter_inputs):
+    """Checks of the serving options, before anything is traced: (optimize level, target, Int8 config or None)."""
+    from .optimize import resolve_level
+
+    level, target = resolve_level(optimize, dtype, device)
+    if quantization is not None and dtype != "int8":
+        raise ExportError(f"quantization=… applies to dtype='int8' only (dtype is {dtype!r}).")
+    if dtype == "int8" and (kv_cache or adapter_inputs):
+        raise ExportError("dtype='int8' exports a merged model without a key/value cache; kv_cache=True and "
+                          "adapter_inputs=True are float32/float16 only (the quantizer would turn adapter inputs "
+                          "into constants).")
+    if dtype == "bfloat16":
+        from .runtime import select_providers
+
+        if "CUDAExecutionProvider" not in select_providers(None if device is None else device):
+            raise ExportError("dtype='bfloat16' runs on ONNX Runtime's CUDA provider only (its CPU provider has no "
+                              "bfloat16 matmul kernels), and none is usable here; use dtype='float16' on a GPU, "
+                              "or 'float32'/'int8' on CPU.")
+    return level, target, as_int8(quantization) if dtype == "int8" else None
+
+
+def set_dtype(tmp: str, report, dtype: str, extra: dict | None = None) -> None:
+    import onnx
+
+    from .adapters import _set_meta
+
+    proto = onnx.load(tmp)
+    for k, v in ({"peftfx.dtype": dtype} | (extra or {})).items():
+        _set_meta(proto, k, v)
+    onnx.save(proto, tmp)
+    report.dtype = dtype
+    report.size_bytes = os.path.getsize(tmp)
+
+
+def to_int8(tmp: str, pm, plan: dict, cfg, report, verify: bool, stages: dict) -> None:
+    """Quantize the verified float32 file to int8 in place; check (and report) its accuracy against PyTorch."""
+    t = time.perf_counter()
+    qtmp = tmp[:-len(".onnx")] + ".int8.onnx"
+    quantize_file(tmp, qtmp, cfg)
+    stages["int8"] = time.perf_counter() - t
+    report.quantization = cfg.describe() | {"float32_bytes": report.size_bytes}
+    if verify:
+        t = time.perf_counter()
+        report.quantization.update(int8_accuracy(qtmp, pm, plan, cfg))
+        stages["int8 check"] = time.perf_counter() - t
+    os.replace(qtmp, tmp)
+    if os.path.exists(tmp + ".data"):       # the quantizer wrote the weights inline
+        os.remove(tmp + ".data")
+    set_dtype(tmp, report, "int8", {"peftfx.int8": json.dumps(cfg.describe())})
+
+
+def to_bfloat16(path: str) -> None:
+    """Rewrite the float16 ONNX file at ``path`` (inputs/outputs kept float32) as bfloat16, in place."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = onnx.load(path)
+    f16, bf16 = TensorProto.FLOAT16, TensorProto.BFLOAT16
+
+    def convert_tensor(t):
+        if t.data_type != f16:
+            return
+        arr = numpy_helper.to_array(t).astype(np.float32)
+        bits = arr.view(np.uint32)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)   # round to nearest even
+        new = helper.make_tensor(t.name, bf16, arr.shape, rounded.tobytes(), raw=True)
+        t.CopyFrom(new)
+
+    def walk(graph):
+        for t in graph.initializer:
+            convert_tensor(t)
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if vi.type.tensor_type.elem_type == f16:
+                vi.type.tensor_type.elem_type = bf16
+        for node in graph.node:
+            for a in node.attribute:
+                if node.op_type == "Cast" and a.name == "to" and a.i == f16:
+                    a.i = bf16
+                elif a.type == onnx.AttributeProto.TENSOR:
+                    convert_tensor(a.t)
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+
+    walk(proto.graph)
+    tmp = path + ".bf16.onnx"
+    onnx.save(proto, tmp)
+    os.replace(tmp, path)
