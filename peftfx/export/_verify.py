@@ -14,7 +14,7 @@ import torch
 from .._errors import ExportError
 from ._build import BATCH, SEQUENCE, flatten_outputs, keep_modes, resize_inputs, strip_adapters
 
-__all__ = ["verify_export", "compare"]
+__all__ = ["verify_export", "compare", "verification_cases"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def compare(case: str, name: str, got: np.ndarray, ref: torch.Tensor, tol: float
             "ok": err <= tol * max(1.0, scale)}
 
 
-def _cases(inputs: dict, axes: dict, limits: dict) -> list[tuple[str, dict[str, int]]]:
+def verification_cases(inputs: dict, axes: dict, limits: dict) -> list[tuple[str, dict[str, int]]]:
     """(label, {axis name: size}) cases: batch 1 at the example sizes; batch > 1 with every other dynamic axis short
     (1, 2, 3 … in axis order) and long (2× the example, plus its position), each axis within the model's limits;
     with two or more such axes also the first long and the second short, so an encoder-decoder sees a source
@@ -112,7 +112,7 @@ def _verify_plain(rt, pm, plan: dict, tol: float) -> list[dict]:
     base = strip_adapters(pm) if entries else None
     names = list(zip(plan["out_names"], plan.get("out_keys", plan["out_names"])))   # ONNX name, PyTorch key
     checks = []
-    for case, sizes in _cases(inputs, axes, plan.get("limits", {})):
+    for case, sizes in verification_cases(inputs, axes, plan.get("limits", {})):
         x = resize_inputs(inputs, axes, sizes)
         ref = dict(flatten_outputs(pm(**x)))
         got = rt.run({**_numpy(x), **feeds_adapter})

@@ -157,19 +157,13 @@ def quantize_file(src: str, dst: str, cfg: Int8) -> None:
         os.remove(src)
 
 
-def _cases(inputs: dict, axes: dict, limits: dict, resize) -> list[tuple[str, dict]]:
-    b = int(next(iter(inputs.values())).shape[0])
-    s = int(next((inputs[n].shape[1] for n, ax in axes.items() if ax.get(1) == "sequence"), 1))
-    shapes = [(1, s), (b + 1, 1), (b + 1, min(2 * s, limits.get("sequence", 2 * s)))]
-    return [(f"batch {bb} × seq {ss}", resize(inputs, axes, bb, ss)) for bb, ss in dict.fromkeys(shapes)]
-
-
 def int8_accuracy(path: str, pm, plan: dict, cfg: Int8) -> dict[str, Any]:
     """Run the int8 file and the PyTorch model on the verification inputs: max abs / rel error, argmax agreement;
     raise (or warn, per ``cfg.on_fail``) past the tolerance."""
     import torch
 
     from ._build import flatten_outputs, keep_modes, resize_inputs
+    from ._verify import verification_cases
     from .runtime import Runtime
 
     rt = Runtime(path, device="cpu", spin=False)
@@ -177,13 +171,14 @@ def int8_accuracy(path: str, pm, plan: dict, cfg: Int8) -> dict[str, Any]:
     worst_abs, worst_rel, agree, total = 0.0, 0.0, 0, 0
     with keep_modes(pm), torch.no_grad():
         pm.eval()
-        for case, x in _cases(plan["inputs"], axes, plan.get("limits", {}), resize_inputs):
+        for _case, sizes in verification_cases(plan["inputs"], axes, plan.get("limits", {})):
+            x = resize_inputs(plan["inputs"], axes, sizes)
             ref = dict(flatten_outputs(pm(**x)))
             got = rt.run({k: v.detach().cpu().numpy() for k, v in x.items()})
-            for name in plan["out_names"]:
-                if name not in ref or not ref[name].is_floating_point():
+            for name, key in zip(plan["out_names"], plan.get("out_keys", plan["out_names"])):
+                if key not in ref or not ref[key].is_floating_point():
                     continue
-                r, g = ref[name].float().cpu().numpy(), np.asarray(got[name], dtype=np.float32)
+                r, g = ref[key].float().cpu().numpy(), np.asarray(got[name], dtype=np.float32)
                 err = float(np.abs(g - r).max()) if r.size else 0.0
                 worst_abs = max(worst_abs, err)
                 worst_rel = max(worst_rel, err / max(float(np.abs(r).max()) if r.size else 0.0, 1e-12))
