@@ -256,18 +256,27 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def _single_graph(work):
-    """A fork of ``work`` that runs its own graph only (no per-mode/signature variants, which are re-traced from the
-    original module and read the weights through other modules: torch.export would lift them as nameless constants)."""
+def _single_graph(work, inputs=None):
+    """A fork of ``work`` that runs one graph only: with ``inputs``, the graph it runs for them in eval mode (a model
+    traced in train mode keeps BatchNorm's batch statistics, stochastic depth and every ``if self.training:``
+    branch on their train side; the eval-mode variant has them as the original module has in eval)."""
     if getattr(work, "peft_variants", None) is None:
         return work
+    if inputs is not None:
+        from ..variants import variant_for
+
+        variant = variant_for(work, dict(inputs), training=False)
+        if variant is not work:          # a graph of its own, built for this export (merged adapters are weights)
+            variant.__dict__.pop("_peftfx_variants", None)
+            return variant
     out = work.fork()
     out.__dict__.pop("_peftfx_variants", None)
     return out
 
 
 def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict) -> ExportReport:
-    work, inputs, entries = _single_graph(plan["model"]), plan["inputs"], plan["entries"]
+    inputs, entries = plan["inputs"], plan["entries"]
+    work = _single_graph(plan["model"], None if entries else inputs)
     t = time.perf_counter()
     flat = FlatModule(work, list(inputs), [e.path for e in entries])
     args = tuple(inputs.values()) + tuple(work.get_parameter(e.path).detach() for e in entries)

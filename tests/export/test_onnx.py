@@ -206,3 +206,43 @@ def test_axes_follow_the_trace_and_names_are_unique(tmp_path):
     assert np.abs(Runtime(report.path).run({k: v.numpy() for k, v in x.items()})["out_sample"] - want).max() < F32_TOL
     with pytest.raises(ExportError, match="sample"):                       # fixed sizes are fixed in the file
         Runtime(report.path).run(sample=np.zeros((4, 6, 9), np.float32), context=x["context"].numpy())
+
+
+class _BNDropPath(nn.Module):
+    """Linear → BatchNorm → stochastic depth on a residual branch: three behaviours that differ between modes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.fc2(torch.relu(self.bn(self.fc1(x))))
+        if self.training:                     # stochastic depth: drop the branch for half the samples
+            keep = (torch.rand(x.shape[0], 1) > 0.5).to(x.dtype) / 0.5
+            h = h * keep
+        return x + h
+
+
+def test_export_of_a_train_traced_model_is_the_eval_graph(tmp_path):
+    """apply() traces in train mode; the exported file must compute the eval model (running statistics, no
+    dropped branches), and exporting must not touch BatchNorm's running statistics."""
+    torch.manual_seed(0)
+    model = _BNDropPath()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    peft = peftfx.apply(model, [LoRA(rank=2, targets=select.name("fc1", "fc2"))],
+                        example_inputs={"x": torch.randn(4, 8)})
+    for p in peft.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.2)
+    stats = (model.bn.running_mean.clone(), model.bn.running_var.clone())
+    path = str(tmp_path / "bn.onnx")
+    export_onnx(peft, path, {"x": torch.randn(3, 8)})
+    assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.running_var, stats[1])
+    x = torch.randn(5, 8)
+    peft.eval()
+    with torch.no_grad():
+        want = peft(x=x)
+    got = Runtime(path, device="cpu").run({"x": x.numpy()})
+    np.testing.assert_allclose(next(iter(got.values())), want.numpy(), atol=1e-5)
