@@ -36,8 +36,8 @@ import linecache
 import logging
 import operator
 import weakref
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
