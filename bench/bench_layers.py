@@ -9,8 +9,8 @@ Four configurations: peftfx with ``peftfx.gradient_checkpointing(peft)``, HF PEF
 ``gradient_checkpointing_enable(use_reentrant=False)``, and both without checkpointing. Each run is a fresh
 subprocess (so peak RSS is its own: ``VmHWM`` of /proc/self/status, reset with ``clear_refs`` after one warm-up
 step); runs are interleaved (A B C D, D C B A, …). Reported per configuration: median over runs of the peak RSS
-above the RSS before the timed steps (activations, gradients, optimizer state: what training adds), median step
-time, and the ratios peftfx/HF. Results: bench/results/layers.{json,md}.
+during training (one warm-up and ``--steps`` timed steps) above the RSS after setup (activations, gradients,
+optimizer state: what training adds; the trace's own peak is excluded), median step time, and the ratios. Results: bench/results/layers.{json,md}.
 """
 from __future__ import annotations
 
@@ -59,9 +59,9 @@ def step():
     loss.backward()
     opt.step()
     return loss.item()
-first = step()                                       # warm-up (allocates optimizer state)
-open("/proc/self/clear_refs", "w").write("5")        # VmHWM := current RSS
-before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")        # VmHWM := current RSS (forget the trace's peak)
+before = status("VmRSS")                             # model, adapters and (peftfx) graph in memory
+first = step()                                       # warm-up (allocates gradients and optimizer state)
 times = []
 for _ in range(STEPS):
     t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 class _Settings:
     layered: bool = False       # run the layered view (checkpointing or FSDP2 per block asked for it)
     checkpoint: bool = False    # run each block under torch.utils.checkpoint in train mode
+    home: Any = None            # weakref to the model whose blocks are FSDP2 units: other graphs run its modules
 
 
 #: settings per original module (shared by a model and the graphs of its other signatures/modes)
@@ -98,12 +99,19 @@ def gradient_checkpointing(pm: PeftModel, enable: bool = True) -> list[str]:
     return list(view.blocks)
 
 
-def layered(pm: PeftModel) -> list[LayerBlock]:
+def layered(pm: PeftModel, sharded: bool = False) -> list[LayerBlock]:
     """Make ``pm`` run its layered view (one :class:`LayerBlock` submodule call per repeated block) and return the
-    blocks in order; what FSDP2 per-block sharding needs (:func:`peftfx.integrations.fsdp.fully_shard_blocks`)."""
+    blocks in order; what FSDP2 per-block sharding needs (:func:`peftfx.integrations.fsdp.fully_shard_blocks`).
+    ``sharded``: ``pm``'s modules are about to become FSDP2 units; the graphs of ``pm``'s other call signatures and
+    modes then run ``pm``'s block and root modules (so FSDP2 gathers for them too), not modules of their own."""
     require_peft(pm, "layered")
     view = _view(pm, rebuild=True)
-    _settings(pm, create=True).layered = True
+    s = _settings(pm, create=True)
+    s.layered = True
+    if sharded:
+        s.home = weakref.ref(pm)
+        if pm.peft_variants is not None:
+            pm.peft_variants.graphs.clear()    # graphs built before run modules of their own: rebuilt on next use
     return [pm.get_submodule(b) for b in view.blocks]
 
 
@@ -239,11 +247,12 @@ class LayerBlock(nn.Module):
         self._modules = holder._modules
         self.training = holder.training
         self.__dict__["_peftfx_code"] = None
+        self.__dict__["_peftfx_codes"] = {}          # code of the same block in other graphs (FSDP2: see _borrow)
         self.__dict__["_peftfx_settings"] = None
         self.__dict__["_peftfx_mutates"] = False
 
-    def forward(self, *args: Any) -> tuple:
-        fn = self.__dict__["_peftfx_code"]
+    def forward(self, *args: Any, _graph: str | None = None) -> tuple:
+        fn = self.__dict__["_peftfx_code"] if _graph is None else self.__dict__["_peftfx_codes"].get(_graph)
         if fn is None:
             raise PeftfxError("this LayerBlock has no code: it runs only as part of its peftfx model's layered view.")
         s = self.__dict__["_peftfx_settings"]
@@ -308,13 +317,21 @@ def _build(pm: PeftModel, part: Partition, settings: _Settings) -> fx.Graph:
         if owner[n]:
             members[owner[n]].append(n)
     ios: dict[str, tuple[list[fx.Node], list[fx.Node]]] = {}
+    home = settings.home() if settings.home is not None else None
+    graph_key = None
+    if home is not None and home is not pm:   # FSDP2 units live in `home`: run its modules (see _borrow)
+        graph_key = pm.__dict__.setdefault("_peftfx_graph_key", f"g{next(_COUNTER)}")
     for b, mine in members.items():
         inside = set(mine)
         inputs = list(dict.fromkeys(a for n in mine for a in n.all_input_nodes if a not in inside))
         outputs = [n for n in mine if any(u not in inside for u in n.users)]
         ios[b] = (inputs, outputs)
-        block = _install_block(pm, b)
-        block.__dict__["_peftfx_code"] = _compile(_block_graph(b, mine, inputs, outputs))
+        block = _install_block(pm, b) if graph_key is None else _borrow(pm, home, b)
+        code = _compile(_block_graph(b, mine, inputs, outputs))
+        if graph_key is None:
+            block.__dict__["_peftfx_code"] = code
+        else:
+            block.__dict__["_peftfx_codes"][graph_key] = code
         block.__dict__["_peftfx_settings"] = settings
         mutates = any(_mutates(n) for n in mine)
         if mutates and not block.__dict__["_peftfx_mutates"]:
@@ -325,7 +342,7 @@ def _build(pm: PeftModel, part: Partition, settings: _Settings) -> fx.Graph:
     for unit in _unit_order(nodes, owner, members):
         if isinstance(unit, str):
             inputs, outputs = ios[unit]
-            call = root.call_module(unit, tuple(env[a] for a in inputs))
+            call = root.call_module(unit, tuple(env[a] for a in inputs), {"_graph": graph_key} if graph_key else None)
             call.meta["peftfx"] = {"path": unit, "block": unit}
             for i, o in enumerate(outputs):
                 env[o] = root.call_function(operator.getitem, (call, i))
@@ -334,6 +351,8 @@ def _build(pm: PeftModel, part: Partition, settings: _Settings) -> fx.Graph:
             env[unit] = root.node_copy(unit, lambda a: env[a])
     root._codegen = pm.graph._codegen
     root.lint()
+    if graph_key is not None:
+        _borrow_root(pm, home, root)
     return root
 
 
@@ -396,6 +415,40 @@ def _install_block(pm: PeftModel, path: str) -> LayerBlock:
     block = LayerBlock(holder)
     parent._modules[leaf] = block
     return block
+
+
+def _borrow(pm: PeftModel, home: PeftModel, path: str) -> LayerBlock:
+    """Another graph of a model whose blocks are FSDP2 units (``home``) calls ``home``'s block modules, so FSDP2
+    gathers their parameters for it; each block keeps this graph's code beside its own (``_graph=`` key)."""
+    try:
+        block = home.get_submodule(path)
+    except AttributeError:
+        block = None
+    if not isinstance(block, LayerBlock):
+        raise PeftfxError(f"the graph for these inputs/this mode has a block {path} that the sharded model has not; "
+                          "call the model with the inputs it was traced with.")
+    parent_path, _, leaf = path.rpartition(".")
+    (pm.get_submodule(parent_path) if parent_path else pm)._modules[leaf] = block
+    return block
+
+
+def _borrow_root(pm: PeftModel, home: PeftModel, root: fx.Graph) -> None:
+    """The root graph's own tensors read through ``home``'s modules (the root FSDP2 unit sets its gathered
+    parameters there), where ``home`` has every tensor this graph reads from that module."""
+    owners: dict[str, list[str]] = {}
+    for n in root.nodes:
+        if n.op == "get_attr" and "." in str(n.target):
+            owner, _, leaf = str(n.target).rpartition(".")
+            owners.setdefault(owner, []).append(leaf)
+    for owner, leaves in owners.items():
+        try:
+            theirs = home.get_submodule(owner)
+        except AttributeError:
+            continue
+        if theirs is pm.get_submodule(owner) or not all(hasattr(theirs, leaf) for leaf in leaves):
+            continue
+        parent_path, _, leaf = owner.rpartition(".")
+        (pm.get_submodule(parent_path) if parent_path else pm)._modules[leaf] = theirs
 
 
 # ------------------------------------------------------------------------------------------------ dispatch

@@ -245,7 +245,10 @@ def _fsdp_train(rank: int, checkpoint: bool) -> dict:
         loss.backward()
         opt.step()
     lora = {n: p.full_tensor().detach().clone() for n, p in pm.named_parameters() if ".lora." in n}
-    return {"lora": lora, "units": units, "total": total, "local": local, "seen": seen}
+    pm.eval()                                         # eval mode, other inputs: a variant graph, run on the units
+    with torch.no_grad():
+        logits = pm(input_ids=M.ids(batch=2, seq=8, seed=99)).logits
+    return {"lora": lora, "units": units, "total": total, "local": local, "seen": seen, "eval": logits}
 
 
 def test_fsdp2_per_block_two_processes(tmp_path):
@@ -263,14 +266,19 @@ def test_fsdp2_per_block_two_processes(tmp_path):
         loss.backward()
         opt.step()
     ref = {k: v for k, v in pm.state_dict().items() if ".lora." in k}
+    pm.eval()
+    with torch.no_grad():
+        ref_eval = pm(input_ids=M.ids(batch=2, seq=8, seed=99)).logits
     start = _fsdp_setup().state_dict()
     assert max((ref[k] - start[k]).abs().max().item() for k in ref) > 1e-3      # it did train
     for checkpoint in (False, True):                  # per block alone, and with activation checkpointing
         r0, r1 = (torch.load(tmp_path / f"rank{r}.pt")[checkpoint] for r in (0, 1))
         assert r0["units"] == ["model.layers.0", "model.layers.1", ""]    # one unit per block, then the root
-        assert r0["seen"] and all(gathered and others_sharded for gathered, others_sharded in r0["seen"])
+        assert len(r0["seen"]) == 2 * STEPS + 2        # 2 blocks × (3 train steps + the eval call): all via the units
+        assert all(gathered and others_sharded for gathered, others_sharded in r0["seen"])
         # per-rank parameter memory: every parameter is sharded in two (dim-0 shards of these shapes are even)
         assert r0["local"] == r1["local"] == r0["total"] // 2
         assert set(ref) == set(r0["lora"])
         assert max((ref[k] - r0["lora"][k]).abs().max().item() for k in ref) < 1e-6
         assert max((ref[k] - r1["lora"][k]).abs().max().item() for k in ref) < 1e-6
+        assert (r0["eval"] - ref_eval).abs().max().item() < 1e-5 and torch.equal(r0["eval"], r1["eval"])

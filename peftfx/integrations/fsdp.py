@@ -10,9 +10,12 @@ The model then runs its layered view (:mod:`peftfx.layers`): each block is a sub
 parameters its part of the graph reads (its base weights and its adapters), so FSDP2 gathers one block's parameters
 for that block's forward (and again for its backward) and frees them after; the root unit holds the rest
 (embeddings, final norm, head). Limits: the model's own graph (the ``apply`` signature, train mode) and its train/eval
-switch run sharded; graphs of other call signatures (:mod:`peftfx.variants`) are traced from the original module and
-do not see the shards — build the model with the inputs you train with. Passes that rewrite weights (merge, export)
-need the full parameters: gather them first (``model.unshard()`` or a full state dict).
+switch run sharded, and so do the graphs of other call signatures and of eval mode (:mod:`peftfx.variants`): they
+call the same block and root modules, so FSDP2 gathers for them too. Passes that rewrite weights (merge, export) need
+the full parameters: gather them first (a full state dict). The original module the model was traced from still
+references the base tensors it was built with, so the memory per rank falls by the shards only where those tensors
+are not held elsewhere (the usual FSDP2 recipe builds on ``meta`` and materialises after sharding; that path is not
+tested here).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def fully_shard_blocks(pm: PeftModel, **fsdp_kwargs: Any) -> list[str]:
             if hit is not None:
                 raise PeftfxError(f"{n.target} belongs to block {hit} but is also read outside it (a tied weight?), "
                                   "so that block cannot be its own FSDP unit; shard at the root: fully_shard(model).")
-    units = layered(pm)
+    units = layered(pm, sharded=True)         # other signatures/modes run these modules too
     for block in units:
         fully_shard(block, **fsdp_kwargs)
     fully_shard(pm, **fsdp_kwargs)
