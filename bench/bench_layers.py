@@ -7,10 +7,11 @@ smaller than the issue's 16 × 1024 at 4 × 512, which a shared 2-core machine c
 rank 16 (α 32, no dropout) on every attention and MLP projection, AdamW, the model's own causal-LM loss (labels).
 Four configurations: peftfx with ``peftfx.gradient_checkpointing(peft)``, HF PEFT with the base model's
 ``gradient_checkpointing_enable(use_reentrant=False)``, and both without checkpointing. Each run is a fresh
-subprocess (so peak RSS is its own: ``VmHWM`` of /proc/self/status, reset with ``clear_refs`` after one warm-up
-step); runs are interleaved (A B C D, D C B A, …). Reported per configuration: median over runs of the peak RSS
+subprocess (so peak RSS is its own: ``VmHWM`` of /proc/self/status, reset with ``clear_refs`` before training);
+runs are interleaved (A B C D, D C B A, …). Reported per configuration: median over runs of the peak RSS
 during training (one warm-up and ``--steps`` timed steps) above the RSS after setup (activations, gradients,
-optimizer state: what training adds; the trace's own peak is excluded), median step time, and the ratios. Results: bench/results/layers.{json,md}.
+optimizer state: what training adds; the trace's own peak is excluded), median step time,
+and the ratios. Results: bench/results/layers.{json,md}.
 """
 from __future__ import annotations
 
