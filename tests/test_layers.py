@@ -282,3 +282,32 @@ def test_fsdp2_per_block_two_processes(tmp_path):
         assert max((ref[k] - r0["lora"][k]).abs().max().item() for k in ref) < 1e-6
         assert max((ref[k] - r1["lora"][k]).abs().max().item() for k in ref) < 1e-6
         assert (r0["eval"] - ref_eval).abs().max().item() < 1e-5 and torch.equal(r0["eval"], r1["eval"])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_checkpointing_other_block_layouts(name):
+    """GPT-2 (transformer.h.N, fused c_attn) and T5 (encoder and decoder blocks; block 0's position bias feeds the
+    others): every block found, gradients unchanged."""
+    ids = M.ids()
+    model, ex = (M.gpt2(), {"input_ids": ids}) if name == "gpt2" else (M.t5(), {"input_ids": ids,
+                                                                                 "decoder_input_ids": ids})
+    pm = peftfx.apply(model, LoRA(rank=4, dropout=0.1, targets=peftfx.select.all()), ex)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    pm.train()
+
+    def grads():
+        pm.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        pm(**ex).logits.logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+    g0 = grads()
+    paths = peftfx.gradient_checkpointing(pm)
+    want = (["transformer.h.0", "transformer.h.1"] if name == "gpt2" else
+            ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"])
+    assert paths == want
+    g1 = grads()
+    assert max((g0[k] - g1[k]).abs().max().item() for k in g0) <= TOL
