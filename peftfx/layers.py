@@ -23,7 +23,7 @@ see the same sites as always. From it, on demand, peftfx derives an *executable*
 The view is rebuilt whenever the flat graph's code changes (a pass, an adapter added, a train/eval switch, which
 rewrites dropout arguments); the :class:`LayerBlock` modules themselves persist (an FSDP2 unit keeps its state), only
 their code is replaced. The graphs of other call signatures and modes (:mod:`peftfx.variants`) get their own view
-from the same settings: the settings are kept per original module (and per model for a ``peftfx.trace`` result).
+with the settings of the model they belong to.
 
 When the partition is impossible (no repeated block, or two blocks that feed each other), the model runs its flat
 graph, and :func:`gradient_checkpointing` raises a :class:`~peftfx.PeftfxError` saying why.
@@ -58,23 +58,30 @@ class _Settings:
     home: Any = None            # weakref to the model whose blocks are FSDP2 units: other graphs run its modules
 
 
-#: settings per original module (shared by a model and the graphs of its other signatures/modes)
-_BY_SOURCE: weakref.WeakKeyDictionary[nn.Module, _Settings] = weakref.WeakKeyDictionary()
+#: per original module, the models traced from it that hold settings (a model's other graphs find theirs here)
+_HOMES: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def _settings(pm: PeftModel, create: bool = False) -> _Settings | None:
+    """``pm``'s settings: its own, or (a graph of another signature/mode) those of the model it belongs to."""
     own = pm.__dict__.get("_peftfx_layers")
     if own is not None:
         return own
     origin = pm.__dict__.get("_peftfx_origin")
     source = origin[0] if origin is not None else None
-    found = _BY_SOURCE.get(source) if source is not None else None
-    if found is None and create:
-        found = _Settings()
-        if source is not None:
-            _BY_SOURCE[source] = found
-    if found is not None:
-        pm.__dict__["_peftfx_layers"] = found
+    if source is not None:
+        for ref in _HOMES.get(source, ()):
+            home = ref()
+            variants = home.peft_variants if home is not None else None
+            if variants is not None and any(g is pm for g in variants.graphs.values()):
+                pm.__dict__["_peftfx_layers"] = found = home.__dict__["_peftfx_layers"]
+                return found
+    if not create:
+        return None
+    pm.__dict__["_peftfx_layers"] = found = _Settings()
+    if source is not None:
+        homes = _HOMES.setdefault(source, [])
+        homes[:] = [r for r in homes if r() is not None] + [weakref.ref(pm)]
     return found
 
 

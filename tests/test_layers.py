@@ -164,6 +164,19 @@ def test_checkpointing_reaches_other_signatures():
     assert kept1 < 0.6 * kept0
 
 
+def test_two_models_of_one_module_keep_their_own_setting():
+    base = M.llama()
+    ex = {"input_ids": M.ids()}
+    a, b = (peftfx.apply(base, LoRA(rank=2), ex) for _ in range(2))
+    peftfx.gradient_checkpointing(a)
+    assert a.is_gradient_checkpointing and not b.is_gradient_checkpointing
+    b.eval()                                          # b's variant graph: not layered
+    with torch.no_grad():
+        b(**ex)
+    variant = next(iter(b.peft_variants.graphs.values()))
+    assert not any(isinstance(m, LayerBlock) for m in variant.modules())
+
+
 def test_no_blocks_is_an_error_and_changes_nothing():
     class Two(nn.Module):
         def __init__(self):
