@@ -11,7 +11,8 @@ subprocess (so peak RSS is its own: ``VmHWM`` of /proc/self/status, reset with `
 runs are interleaved (A B C D, D C B A, …). Reported per configuration: median over runs of the peak RSS
 during training (one warm-up and ``--steps`` timed steps) above the RSS after setup (activations, gradients,
 optimizer state: what training adds; the trace's own peak is excluded), median step time,
-and the ratios. Results: bench/results/layers.{json,md}.
+and the ratios. Results: bench/results/layers.{json,md}. ``--timing-only``: step time of peftfx and HF PEFT (both
+checkpointed) in one process, interleaved step by step (bench/results/layers_timing.{json,md}).
 """
 from __future__ import annotations
 
@@ -72,9 +73,7 @@ print(json.dumps({"peak_mb": status("VmHWM") - before, "step_s": statistics.medi
 
 
 def run_child(lib: str, ckpt: bool, args) -> dict:
-    cfg = {"num_hidden_layers": args.layers, "hidden_size": args.hidden,
-           "intermediate_size": int(args.hidden * 2.6875), "num_attention_heads": args.hidden // 64,
-           "num_key_value_heads": args.hidden // 64, "vocab_size": 8000, "max_position_embeddings": max(512, args.seq)}
+    cfg = _config(args)
     code = (f"ROOT={ROOT!r}\nTHREADS={args.threads}\nCFG={cfg!r}\nBATCH={args.batch}\nSEQ={args.seq}\n"
             f"STEPS={args.steps}\nLIB={lib!r}\nCKPT={ckpt}\n") + CHILD
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=ROOT)
@@ -82,6 +81,49 @@ def run_child(lib: str, ckpt: bool, args) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"{lib} ckpt={ckpt} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def timing(args) -> dict:
+    """Step time in one process, peftfx and HF PEFT (both checkpointed) interleaved step by step (machine load hits
+    both alike): medians of ``--repeats`` steps each, after one warm-up step each."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peftfx
+    from bench._common import interleaved
+    from peftfx import LoRA, select
+
+    torch.set_num_threads(args.threads)
+    cfg = LlamaConfig(**_config(args))
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    ours = peftfx.apply(LlamaForCausalLM(cfg).train(), LoRA(rank=16, alpha=32, targets=select.role("attn.*") |
+                        select.role("mlp.*")), {"input_ids": ids, "labels": ids}).train()
+    peftfx.gradient_checkpointing(ours)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).train()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
+
+    def stepper(m):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+
+        def run():
+            loss = m(input_ids=ids, labels=ids).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
+    med = interleaved({"peftfx_ckpt": stepper(ours), "hf_ckpt": stepper(hf)}, repeats=args.repeats, warmup=1)
+    return {**med, "ratio": med["peftfx_ckpt"] / med["hf_ckpt"]}
+
+
+def _config(args) -> dict:
+    return {"num_hidden_layers": args.layers, "hidden_size": args.hidden,
+            "intermediate_size": int(args.hidden * 2.6875), "num_attention_heads": args.hidden // 64,
+            "num_key_value_heads": args.hidden // 64, "vocab_size": 8000, "max_position_embeddings": max(512, args.seq)}
 
 
 def main() -> None:
@@ -93,7 +135,15 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--timing-only", action="store_true", help="only the in-process interleaved step timing")
     args = ap.parse_args()
+    if args.timing_only:
+        res = timing(args)
+        write("layers_timing", {"args": vars(args), **res},
+              [("config", "median step s"), ("peftfx_ckpt", f"{res['peftfx_ckpt']:.3f}"),
+               ("hf_ckpt", f"{res['hf_ckpt']:.3f}"), ("peftfx/hf", f"{res['ratio']:.3f}")])
+        return
     configs = [("peftfx", True), ("hf", True), ("peftfx", False), ("hf", False)]
     runs: dict[str, list[dict]] = {f"{lib}_{'ckpt' if c else 'no_ckpt'}": [] for lib, c in configs}
     for r in range(args.rounds):
