@@ -122,14 +122,20 @@ class PeftModel(fx.GraphModule):
         """Hugging Face ``generate`` on the adapted graphs: :func:`peftfx.dropin.generate`."""
         return _service("generate")(self, *args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Activation checkpointing per repeated block, as Hugging Face's method of this name:
-        :func:`peftfx.layers.gradient_checkpointing`. Checkpointing is always non-reentrant (``use_reentrant=False``,
-        RNG state preserved); other ``gradient_checkpointing_kwargs`` are an error."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1,
+                                      offload: bool = False) -> None:
+        """Activation checkpointing per repeated block, as Hugging Face's method of this name (and
+        ``activation_checkpointing_enable``, which the Trainer calls): :func:`peftfx.layers.gradient_checkpointing`.
+        Every block is checkpointed, non-reentrant (``use_reentrant=False``, RNG state preserved); other
+        ``gradient_checkpointing_kwargs``, ``every_n_layers`` ≠ 1 and ``offload`` are an error."""
         extra = {k: v for k, v in (gradient_checkpointing_kwargs or {}).items()
                  if not (k == "use_reentrant" and v is False) and not (k == "preserve_rng_state" and v is True)}
+        if every_n_layers != 1:
+            extra["every_n_layers"] = every_n_layers
+        if offload:
+            extra["offload"] = offload
         if extra:
-            raise PeftfxError(f"gradient_checkpointing_kwargs {extra} are not supported: peftfx checkpoints each "
+            raise PeftfxError(f"activation checkpointing options {extra} are not supported: peftfx checkpoints every "
                               "block with use_reentrant=False and preserve_rng_state=True (exact gradients).")
         _service("gradient_checkpointing")(self, True)
 
@@ -137,10 +143,24 @@ class PeftModel(fx.GraphModule):
         """Activation checkpointing off (:func:`peftfx.layers.gradient_checkpointing` with ``enable=False``)."""
         _service("gradient_checkpointing")(self, False)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers ≥ 5.25's name for :meth:`gradient_checkpointing_enable`."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        """transformers ≥ 5.25's name for :meth:`gradient_checkpointing_disable`."""
+        self.gradient_checkpointing_disable()
+
     @property
     def is_gradient_checkpointing(self) -> bool:
         """Whether blocks are checkpointed in train mode (Hugging Face's attribute of this name)."""
         return bool(_service("gradient_checkpointing_on")(self))
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """transformers ≥ 5.25's name for :attr:`is_gradient_checkpointing`."""
+        return self.is_gradient_checkpointing
 
     def mark_stale(self) -> None:
         """The graphs of other modes/signatures are rebuilt on their next use. Passes do this by changing the

@@ -146,6 +146,11 @@ def test_layered_view_same_outputs_state_and_passes():
     assert not pm.is_gradient_checkpointing
     with pytest.raises(PeftfxError, match="use_reentrant"):
         pm.gradient_checkpointing_enable({"use_reentrant": True})
+    with pytest.raises(PeftfxError, match="every_n_layers"):
+        pm.activation_checkpointing_enable(every_n_layers=2)
+    assert not pm.is_activation_checkpointing
+    pm.activation_checkpointing_enable(activation_checkpointing_kwargs=None, every_n_layers=1, offload=False)
+    assert pm.is_activation_checkpointing and pm.is_gradient_checkpointing     # the Trainer's call (transformers 5.25)
 
 
 def test_checkpointing_reaches_other_signatures():
