@@ -11,8 +11,8 @@ subprocess (so peak RSS is its own: ``VmHWM`` of /proc/self/status, reset with `
 runs are interleaved (A B C D, D C B A, …). Reported per configuration: median over runs of the peak RSS
 during training (one warm-up and ``--steps`` timed steps) above the RSS after setup (activations, gradients,
 optimizer state: what training adds; the trace's own peak is excluded), median step time,
-and the ratios. Results: bench/results/layers.{json,md}. ``--timing-only``: step time of peftfx and HF PEFT (both
-checkpointed) in one process, interleaved step by step (bench/results/layers_timing.{json,md}).
+and the ratios. Results: bench/results/layers.{json,md}. ``--timing-only``: step time of peftfx and HF PEFT, each with
+and without checkpointing (toggled on one model per library), in one process, interleaved step by step (bench/results/layers_timing.{json,md}).
 """
 from __future__ import annotations
 
@@ -107,17 +107,25 @@ def timing(args) -> dict:
     hf = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).train()
 
-    def stepper(m):
+    def stepper(m, ckpt: bool):
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
 
         def run():
+            if m is ours:
+                peftfx.gradient_checkpointing(ours, ckpt)
+            elif ckpt:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_disable()
             loss = m(input_ids=ids, labels=ids).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         return run
-    med = interleaved({"peftfx_ckpt": stepper(ours), "hf_ckpt": stepper(hf)}, repeats=args.repeats, warmup=1)
-    return {**med, "ratio": med["peftfx_ckpt"] / med["hf_ckpt"]}
+    med = interleaved({"peftfx_ckpt": stepper(ours, True), "hf_ckpt": stepper(hf, True),
+                       "peftfx_no_ckpt": stepper(ours, False), "hf_no_ckpt": stepper(hf, False)},
+                      repeats=args.repeats, warmup=1)
+    return {**med, "ratio": med["peftfx_ckpt"] / med["hf_ckpt"], "ratio_no_ckpt": med["peftfx_no_ckpt"] / med["hf_no_ckpt"]}
 
 
 def _config(args) -> dict:
@@ -141,8 +149,9 @@ def main() -> None:
     if args.timing_only:
         res = timing(args)
         write("layers_timing", {"args": vars(args), **res},
-              [("config", "median step s"), ("peftfx_ckpt", f"{res['peftfx_ckpt']:.3f}"),
-               ("hf_ckpt", f"{res['hf_ckpt']:.3f}"), ("peftfx/hf", f"{res['ratio']:.3f}")])
+              [("config", "median step s")] + [(k, f"{res[k]:.3f}") for k in
+                                                 ("peftfx_ckpt", "hf_ckpt", "peftfx_no_ckpt", "hf_no_ckpt")]
+              + [("peftfx/hf ckpt", f"{res['ratio']:.3f}"), ("peftfx/hf no ckpt", f"{res['ratio_no_ckpt']:.3f}")])
         return
     configs = [("peftfx", True), ("hf", True), ("peftfx", False), ("hf", False)]
     runs: dict[str, list[dict]] = {f"{lib}_{'ckpt' if c else 'no_ckpt'}": [] for lib, c in configs}
