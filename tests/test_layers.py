@@ -199,6 +199,24 @@ def test_no_blocks_is_an_error_and_changes_nothing():
     assert not any(isinstance(m, LayerBlock) for m in pm.modules())
 
 
+def test_fsdp_blocks_refuse_a_weight_read_outside_its_block():
+    pytest.importorskip("torch.distributed.fsdp")
+    from peftfx.integrations.fsdp import fully_shard_blocks
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+        def forward(self, x):
+            return self.blocks[1](self.blocks[0](x)) @ self.blocks[0].weight     # block 0's weight read by the root
+
+    pm = peftfx.apply(Tied(), LoRA(rank=2, targets=peftfx.select.all()), {"x": torch.randn(2, 8)})
+    with pytest.raises(PeftfxError, match=r"blocks\.0\.weight .* also read outside"):
+        fully_shard_blocks(pm)
+    assert not any(isinstance(m, LayerBlock) for m in pm.modules())          # nothing changed
+
+
 # ------------------------------------------------------------------------------------------------ FSDP2
 STEPS, LR = 3, 0.05
 
