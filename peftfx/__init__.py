@@ -15,6 +15,7 @@ from .apply import (InspectReport, apply, fold, inspect, merge, print_trainable,
                     unmerge)
 from .export import ExportReport, Runtime, export_onnx, write_onnx_adapter
 from .io.checkpoint import load_adapter, save_adapter
+from .layers import gradient_checkpointing
 from .methods import METHODS, MethodConfig, rules_from_data
 from .methods.dora import DoRA
 from .methods.houlsby import Adapter, Houlsby
@@ -43,4 +44,5 @@ __all__ = [
     "add_adapter", "set_active", "active_adapters", "adapter_names", "delete_adapter", "combine", "mixed_batch",
     "forward_mixed", "quantize",
     "export_onnx", "ExportReport", "Runtime", "write_onnx_adapter", "disable_adapter", "merge_and_unload",
+    "gradient_checkpointing",
 ]

@@ -73,7 +73,8 @@ class PeftModel(fx.GraphModule):
         if not self.__dict__.get("_peftfx_quiet", False):
             self.__dict__["_peftfx_version"] = self.__dict__.get("_peftfx_version", 0) + 1
         cls = type(self)
-        graph_forward = cls._graph_forward = cls.forward
+        graph_forward = cls.forward
+        cls._graph_forward = _graph_runner(graph_forward)
 
         def forward(self, *args, **kwargs):
             return _dispatch_forward(self, *args, **kwargs)
@@ -126,6 +127,46 @@ class PeftModel(fx.GraphModule):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Hugging Face ``generate`` on the adapted graphs: :func:`peftfx.dropin.generate`."""
         return _service("generate")(self, *args, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1,
+                                      offload: bool = False) -> None:
+        """Activation checkpointing per repeated block, as Hugging Face's method of this name (and
+        ``activation_checkpointing_enable``, which the Trainer calls): :func:`peftfx.layers.gradient_checkpointing`.
+        Every block is checkpointed, non-reentrant (``use_reentrant=False``, RNG state preserved); other
+        ``gradient_checkpointing_kwargs``, ``every_n_layers`` ≠ 1 and ``offload`` are an error."""
+        extra = {k: v for k, v in (gradient_checkpointing_kwargs or {}).items()
+                 if not (k == "use_reentrant" and v is False) and not (k == "preserve_rng_state" and v is True)}
+        if every_n_layers != 1:
+            extra["every_n_layers"] = every_n_layers
+        if offload:
+            extra["offload"] = offload
+        if extra:
+            raise PeftfxError(f"activation checkpointing options {extra} are not supported: peftfx checkpoints every "
+                              "block with use_reentrant=False and preserve_rng_state=True (exact gradients).")
+        _service("gradient_checkpointing")(self, True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Activation checkpointing off (:func:`peftfx.layers.gradient_checkpointing` with ``enable=False``)."""
+        _service("gradient_checkpointing")(self, False)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers ≥ 5.25's name for :meth:`gradient_checkpointing_enable`."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        """transformers ≥ 5.25's name for :meth:`gradient_checkpointing_disable`."""
+        self.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether blocks are checkpointed in train mode (Hugging Face's attribute of this name)."""
+        return bool(_service("gradient_checkpointing_on")(self))
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """transformers ≥ 5.25's name for :attr:`is_gradient_checkpointing`."""
+        return self.is_gradient_checkpointing
 
     def mark_stale(self) -> None:
         """The graphs of other modes/signatures are rebuilt on their next use. Passes do this by changing the
@@ -243,6 +284,16 @@ _FROM_SOURCE = frozenset({"config", "generation_config", "name_or_path", "main_i
                           "_supports_cache_class", "_is_stateful", "hf_device_map", "is_parallelizable",
                           "model_parallel", "supports_gradient_checkpointing", "is_gradient_checkpointing",
                           "add_model_tags", "get_input_embeddings", "get_output_embeddings"})
+
+
+def _graph_runner(flat: Any) -> Any:
+    """``_graph_forward``: this graph's code, or its layered view (one call per repeated block, for activation
+    checkpointing and FSDP2 per block) when one is on (:mod:`peftfx.layers`)."""
+    def run(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
+        layered = _SERVICES.get("layered_forward")
+        fn = layered(self) if layered is not None else None
+        return (fn or flat)(self, *args, **kwargs)
+    return run
 
 
 def _dispatch_forward(self: "PeftModel", *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,53 @@
+"""FSDP2 per block: ``fully_shard`` on each repeated block of a peftfx model, then on the root.
+
+    from peftfx.integrations.fsdp import fully_shard_blocks
+    peft = peftfx.apply(model, LoRA(rank=16), ex)
+    fully_shard_blocks(peft)                 # one FSDP unit per block (model.layers.N) and one at the root
+    peftfx.gradient_checkpointing(peft)      # optional, composes
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
+
+The model then runs its layered view (:mod:`peftfx.layers`): each block is a submodule that registers exactly the
+parameters its part of the graph reads (its base weights and its adapters), so FSDP2 gathers one block's parameters
+for that block's forward (and again for its backward) and frees them after; the root unit holds the rest
+(embeddings, final norm, head). Limits: the model's own graph (the ``apply`` signature, train mode) and its train/eval
+switch run sharded, and so do the graphs of other call signatures and of eval mode (:mod:`peftfx.variants`): they
+call the same block and root modules, so FSDP2 gathers for them too. Passes that rewrite weights (merge, export) need
+the full parameters: gather them first (a full state dict). The original module the model was traced from still
+references the base tensors it was built with, so the memory per rank falls by the shards only where those tensors
+are not held elsewhere (the usual FSDP2 recipe builds on ``meta`` and materialises after sharding; that path is not
+tested here).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .._errors import PeftfxError
+from ..layers import layered, partition
+from ..model import PeftModel, require_peft
+
+__all__ = ["fully_shard_blocks"]
+
+
+def fully_shard_blocks(pm: PeftModel, **fsdp_kwargs: Any) -> list[str]:
+    """``torch.distributed.fsdp.fully_shard`` each repeated block of ``pm`` (in order) and then ``pm`` itself, with
+    ``fsdp_kwargs`` (``mesh``, ``reshard_after_forward``, ``mp_policy`` …) for every unit. Returns the unit paths,
+    the root last as ``""``. Raises :class:`~peftfx.PeftfxError` (before sharding anything) when the graph has no
+    repeated blocks, or when a block's parameter is also read outside that block (a tied weight): such a model can
+    only be sharded at the root (``fully_shard(pm)``)."""
+    require_peft(pm, "fully_shard_blocks")
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:  # torch < 2.6
+        raise PeftfxError(f"FSDP2 (torch.distributed.fsdp.fully_shard) is not available in this torch: {e}") from e
+    part = partition(pm)
+    for n in pm.graph.nodes:
+        if n.op == "get_attr" and not part.owner[n]:
+            hit = next((b for b in part.blocks if str(n.target).startswith(b + ".")), None)
+            if hit is not None:
+                raise PeftfxError(f"{n.target} belongs to block {hit} but is also read outside it (a tied weight?), "
+                                  "so that block cannot be its own FSDP unit; shard at the root: fully_shard(model).")
+    units = layered(pm, sharded=True)         # other signatures/modes run these modules too
+    for block in units:
+        fully_shard(block, **fsdp_kwargs)
+    fully_shard(pm, **fsdp_kwargs)
+    return [*part.blocks, ""]
