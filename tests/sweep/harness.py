@@ -3,7 +3,7 @@ from a tiny config, put through the product's whole path — roles, LoRA by role
 merge, IA3's default, ONNX export verified in ONNX Runtime at a shape unlike the example.
 
 ``run(name)`` returns one row (a dict of check → outcome); ``tests/sweep/test_sweep.py`` asserts each row
-against ``EXPECTED`` (known gaps, each with its reason), and ``python -m tests.sweep.report`` writes the coverage
+against ``KNOWN`` (known gaps, each with its reason), and ``python -m tests.sweep.report`` writes the coverage
 matrix (``bench/results/sweep.md``, copied into the README). Nothing downloads: every model is random-init.
 """
 from __future__ import annotations
