@@ -52,12 +52,14 @@ def resolve_level(optimize: str | None, dtype: str, device: str | None) -> tuple
 
 
 def fused_ops(path_or_model: Any) -> dict[str, int]:
-    """Op type → count of ONNX Runtime contrib ops (domain ``com.microsoft``) in a file or ``onnx.ModelProto``."""
+    """Op type → count of ONNX Runtime contrib ops (domain ``com.microsoft``, and ORT's own ops it registers in the
+    default domain, e.g. ``SimplifiedLayerNormalization``, which ONNX does not define) in a file or ModelProto."""
     import onnx
 
     proto = onnx.load(os.fspath(path_or_model), load_external_data=False) \
         if isinstance(path_or_model, (str, os.PathLike)) else path_or_model
-    counts = collections.Counter(n.op_type for n in proto.graph.node if n.domain in FUSED_DOMAINS)
+    counts = collections.Counter(n.op_type for n in proto.graph.node if n.domain in FUSED_DOMAINS or (
+        n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)))
     return dict(sorted(counts.items()))
 
 
