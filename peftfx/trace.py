@@ -227,7 +227,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
     model.train(training)  # train: dropout is recorded in the graph; the dropout pass makes it follow the mode
     try:
         # MoE experts set to "eager" cannot be traced: batched_mm for the trace; layerdrop/SpecAugment off
-        with traceable_experts(model), _host_randomness_off(model, training):
+        with traceable_experts(model), _host_randomness_off(model, training), _no_cache_config(model, trace_kwargs):
             unlifted = cached_export(model, trace_kwargs, dynamic, lambda: torch.export.export(
                 model, (), kwargs=trace_kwargs, dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic, model),
                 strict=False).module())
@@ -255,6 +255,23 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
     log.debug("traced %s in %.2fs (%d nodes)", type(model).__name__, time.perf_counter() - t0,
               len(pm.graph.nodes))
     return pm
+
+
+@contextlib.contextmanager
+def _no_cache_config(model: nn.Module, kwargs: dict[str, Any]):
+    """A Hugging Face model whose forward takes ``use_cache`` only through ``**kwargs`` (GraniteMoe) reads it from
+    its config: while it is traced without a cache input, ``config.use_cache`` is False (restored after), so the
+    graph returns no cache object (torch.export cannot return one)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "use_cache", None) is not True or "use_cache" in kwargs \
+            or "past_key_values" in kwargs:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 @contextlib.contextmanager
