@@ -174,12 +174,24 @@ def records_of(model: PeftModel, records: list[AdapterRecord], types: tuple[str,
     out = []
     for rec in records:
         path = module_path(rec)
-        if rec.site.get("module_type") not in types:
+        if rec.site.get("module_type") not in types and not _subclass_of(model, rec.site.get("path", ""), types):
             raise CheckpointError(
                 f"adapter {rec.name} sits on a {rec.site.get('module_type')!r} module; Hugging Face PEFT{method} "
                 f"adapts {', '.join(types)} modules only. Save in the peftfx format instead.")
         out.append((rec, model.get_submodule(rec.name), path))
     return out
+
+
+def _subclass_of(model: PeftModel, path: str, types: tuple[str, ...]) -> bool:
+    """Whether the original module at ``path`` subclasses one of torch's (or transformers' ``Conv1D``) classes named
+    in ``types``, as HF PEFT's isinstance checks take it (Falcon's ``FalconLinear`` is an ``nn.Linear``)."""
+    origin = model.__dict__.get("_peftfx_origin")
+    try:
+        mod = origin[0].get_submodule(path) if origin is not None and path else None
+    except AttributeError:
+        return False
+    return mod is not None and any(c.__name__ in types and c.__module__.startswith(("torch.nn.", "transformers."))
+                                   for c in type(mod).__mro__[1:])
 
 
 def is_mha_out_proj(site: dict[str, Any]) -> bool:
