@@ -12,7 +12,13 @@ from .harness import ALL, run
 pytestmark = pytest.mark.sweep
 
 #: model → {check: why it is expected to fail}; the README's coverage matrix lists the same
-KNOWN: dict[str, dict[str, str]] = {}
+KNOWN: dict[str, dict[str, str]] = {
+    "led": {c: "torch.export: Longformer's sliding-window attention pads to the window with a data-dependent guard"
+            for c in ("roles", "lora", "ia3")},
+    "unet2d": {"onnx": "with a 0-d timestep (broadcast to the batch inside the model) the exported file fails in ONNX "
+                       "Runtime at batch 3 × context 7 though the export's own checks pass; per-sample timesteps "
+                       "export and run (tests/export/test_archs.py)"},
+}
 
 
 @pytest.mark.parametrize("name", ALL)
