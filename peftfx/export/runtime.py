@@ -160,7 +160,7 @@ class Runtime:
                    "they are integers." if arr.dtype.kind == "f" and want.kind in "iu" else ""
             raise ExportError(f"input {name!r} has dtype {arr.dtype}, but {os.path.basename(self.path)} takes "
                               f"{want}; it is not converted silently, as that would change the values.{hint}")
-        return np.ascontiguousarray(arr, dtype=want)
+        return arr.astype(want, order="C", copy=False)    # (np.ascontiguousarray would make a 0-d input 1-d)
 
     def _check(self, name: str, arr: np.ndarray) -> None:
         """Rank, fixed dimensions and token range of one input, against the model."""

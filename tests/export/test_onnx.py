@@ -246,3 +246,29 @@ def test_export_of_a_train_traced_model_is_the_eval_graph(tmp_path):
         want = peft(x=x)
     got = Runtime(path, device="cpu").run({"x": x.numpy()})
     np.testing.assert_allclose(next(iter(got.values())), want.numpy(), atol=1e-5)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, t):            # t: a 0-d tensor, broadcast to the batch inside (a diffusion timestep)
+        return self.fc(x) * t.float()[None].expand(x.shape[0])[:, None]
+
+
+def test_runtime_keeps_a_0d_input_0d(tmp_path):
+    """A 0-d input (a UNet's timestep) reaches ONNX Runtime 0-d (np.ascontiguousarray made it [1]: a broadcast then
+    failed in ORT, and the export's verification with it)."""
+    peft = peftfx.apply(_Scaled(), [LoRA(rank=2, targets=select.name("fc"))],
+                        example_inputs={"x": torch.randn(3, 8), "t": torch.tensor(2)})
+    path = str(tmp_path / "t.onnx")
+    export_onnx(peft, path, {"x": torch.randn(3, 8), "t": torch.tensor(2)})
+    rt = Runtime(path, device="cpu")
+    assert rt.inputs["t"] == []
+    x = torch.randn(5, 8)
+    peft.eval()
+    with torch.no_grad():
+        want = peft(x=x, t=torch.tensor(7))
+    np.testing.assert_allclose(next(iter(rt.run({"x": x.numpy(), "t": np.array(7)}).values())), want.numpy(),
+                               atol=1e-5)

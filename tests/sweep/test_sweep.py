@@ -15,10 +15,6 @@ pytestmark = pytest.mark.sweep
 KNOWN: dict[str, dict[str, str]] = {
     "led": {c: "torch.export: Longformer's sliding-window attention pads to the window with a data-dependent guard"
             for c in ("roles", "lora", "ia3")},
-    "unet2d": {"onnx": "with a 0-d timestep, export_onnx refuses (ExportError: ONNX Runtime's "
-                       "GatherSliceToSplitFusion fails on the timestep embedding's split at run time, so "
-                       "verification fails and nothing is written); per-sample timesteps export and match "
-                       "(tests/export/test_archs.py)"},
 }
 
 
