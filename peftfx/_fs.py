@@ -168,3 +168,21 @@ def swap_into_place(tmp: str, path: str, error: type[PeftfxError]) -> None:
         raise error(f"{path} exists and is not a folder; choose another path.")
     else:
         os.rename(tmp, path)
+
+
+def write_files_into(out_dir: str, write, prefix: str) -> list[str]:
+    """Files written by ``write(tmp)`` (which returns the folder it wrote them in, inside ``tmp``) into ``out_dir``,
+    a folder that may hold other files: written whole into a private folder there first, then each file renamed
+    into place (so no file is ever half-written). Returns the file names."""
+    import tempfile
+
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=out_dir)
+    try:
+        folder = write(tmp)
+        names = sorted(os.listdir(folder))
+        for name in names:
+            os.replace(os.path.join(folder, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return names

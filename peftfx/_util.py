@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-__all__ = ["find_submodule", "set_submodule", "delete_submodule", "is_tensor_attr", "tensor_val"]
+__all__ = ["find_submodule", "set_submodule", "delete_submodule", "is_tensor_attr", "tensor_val", "call_reading"]
 
 
 def find_submodule(root: nn.Module, name: str) -> nn.Module | None:
@@ -50,3 +50,18 @@ def tensor_val(node: Any) -> torch.Tensor | None:
     """The example value (``meta["val"]``) of a graph node when it is a tensor, else None."""
     v = node.meta.get("val") if isinstance(node, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
+
+
+def call_reading(gm: fx.GraphModule, target: Any, weight: torch.Tensor, index: int) -> fx.Node | None:
+    """The first ``call_function`` node of op ``target`` whose operand ``index`` is a ``get_attr`` of exactly the
+    tensor ``weight``, or None."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is target and len(node.args) > index:
+            src = node.args[index]
+            if getattr(src, "op", None) == "get_attr":
+                try:
+                    if gm.get_parameter(src.target) is weight:
+                        return node
+                except AttributeError:
+                    continue
+    return None

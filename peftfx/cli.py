@@ -250,24 +250,18 @@ def cmd_merge_export(args) -> int:
 
 def _write_beside(loaded: Loaded, onnx_path: str) -> list[str]:
     """The model's config and tokenizer beside the exported file (``run --text`` finds them there; nothing records
-    an absolute path): written into a private folder there, then each file renamed into place."""
-    import shutil
-    import tempfile
+    an absolute path)."""
+    from ._fs import write_files_into
 
-    out_dir = os.path.dirname(os.path.abspath(onnx_path))
-    tmp = tempfile.mkdtemp(prefix=".peftfx-files-", dir=out_dir)
-    try:
+    def write(tmp: str) -> str:
         config = getattr(loaded.model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(tmp)
         if loaded.tokenizer is not None and hasattr(loaded.tokenizer, "save_pretrained"):
             loaded.tokenizer.save_pretrained(tmp)
-        names = sorted(os.listdir(tmp))
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return names
+        return tmp
+
+    return write_files_into(os.path.dirname(os.path.abspath(onnx_path)), write, ".peftfx-files-")
 
 
 def _int8_options(args, ex) -> dict | None:

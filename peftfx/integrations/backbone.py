@@ -19,6 +19,7 @@ from typing import Any
 from torch import fx
 
 from .._errors import PeftfxError
+from .._util import call_reading
 from ..model import PeftModel, adapter_of, call_key, output_chain
 
 __all__ = ["Backbone", "backbone"]
@@ -88,14 +89,8 @@ def _backbone_graph(gm: PeftModel, home: PeftModel) -> PeftModel:
 def _head_node(gm: PeftModel, weight) -> fx.Node:
     import torch
 
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
-            w = node.args[1]
-            if getattr(w, "op", None) == "get_attr":
-                try:
-                    if gm.get_parameter(w.target) is weight:
-                        return node
-                except AttributeError:
-                    continue
+    node = call_reading(gm, torch.ops.aten.linear.default, weight, 1)
+    if node is not None:
+        return node
     raise PeftfxError("no weight matmul of this graph reads the output head's weight; base_model cannot find "
                       "where the hidden states meet the head.")

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import types
 from typing import Any
 
 from .._errors import CheckpointError, PeftfxError
+from .._fs import write_files_into
 from ..io.checkpoint import load_adapter_weights
 from ..model import PeftModel
 
@@ -50,23 +49,17 @@ def _peft_model(trainer: Any) -> PeftModel:
 
 
 def _write_adapter(model: PeftModel, output_dir: str) -> list[str]:
-    """Write the adapter files into ``output_dir`` (which may hold other files: checkpoints, optimizer state):
-    saved atomically into a private folder there, then each file renamed into place."""
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".peftfx-trainer-", dir=output_dir)
-    try:
+    """Write the adapter files into ``output_dir`` (which may hold other files: checkpoints, optimizer state)."""
+    def write(tmp: str) -> str:
         folder = os.path.join(tmp, "adapter")
         try:
             model.save_pretrained(folder)                  # the Hugging Face PEFT format
         except CheckpointError as e:
             log.info("adapter has no Hugging Face PEFT form (%s); writing the peftfx format", e)
             model.save_pretrained(folder, format="peftfx")
-        names = sorted(os.listdir(folder))
-        for name in names:
-            os.replace(os.path.join(folder, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return names
+        return folder
+
+    return write_files_into(output_dir, write, ".peftfx-trainer-")
 
 
 def adapter_checkpoints(trainer: Any) -> Any:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import RuleError
+from .._util import call_reading
 from ..rules import Selector, select
 from .base import AdapterModule, MethodConfig, register_method
 
@@ -104,16 +105,7 @@ def _embedding_of(site) -> object | None:
         w = gm.get_parameter(site.weight)
     except AttributeError:
         return None
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
-            src = node.args[0]
-            if getattr(src, "op", None) == "get_attr":
-                try:
-                    if gm.get_parameter(src.target) is w:
-                        return node
-                except AttributeError:
-                    continue
-    return None
+    return call_reading(gm, torch.ops.aten.embedding.default, w, 0)
 
 
 class TokenRows(AdapterModule):
