@@ -153,3 +153,13 @@ def next_token_losses(model, ids, steps=30, lr=0.05):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def randomise_lora(pm, std=0.3, seed=0):
+    """Seeded random LoRA B matrices (an untrained LoRA is the identity, which would make parity checks vacuous)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return pm

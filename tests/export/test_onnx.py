@@ -18,14 +18,6 @@ from tests import models as M
 F32_TOL = 1e-4
 
 
-def _randomise_lora(pm, std=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 def _ops(path):
     import onnx
 
@@ -38,7 +30,7 @@ def gpt2_lora():
     ids = M.ids(2, 8)
     pm = peftfx.apply(base, LoRA(rank=4, alpha=8, targets=select.role("attn.qkv") | select.role("mlp.up")),
                       {"input_ids": ids})
-    _randomise_lora(pm)
+    M.randomise_lora(pm)
     return base, pm, ids
 
 
@@ -155,7 +147,7 @@ def test_batch_one_example_exports_with_dynamic_axes(tmp_path):
     ids = M.ids(1, 12)
     ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     pm = peftfx.apply(base, LoRA(rank=4, targets=select.role("attn.q")), ex)
-    _randomise_lora(pm)
+    M.randomise_lora(pm)
     report = export_onnx(pm, tmp_path / "m.onnx", ex)
     assert report.max_abs < F32_TOL
     rt = Runtime(tmp_path / "m.onnx")
@@ -192,7 +184,7 @@ def test_axes_follow_the_trace_and_names_are_unique(tmp_path):
     model = _Denoiser()
     ex = {"sample": torch.randn(2, 6, 5), "context": torch.randn(2, 3, 4)}
     pm = peftfx.apply(model, LoRA(rank=2, targets=select.name("proj", "cond")), ex)
-    _randomise_lora(pm)
+    M.randomise_lora(pm)
     report = export_onnx(pm, tmp_path / "d.onnx", ex)
     assert report.inputs == {"sample": ["batch", 6, 5], "context": ["batch", "sequence", 4]}
     assert report.outputs == {"out_sample": ["batch", 6, 5]}

@@ -26,15 +26,6 @@ F32_TOL = 1e-4
 LAYERS = 2
 
 
-def _randomise_lora(pm, std=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return pm
-
-
 def _ops(path):
     import onnx
 
@@ -53,13 +44,13 @@ def _check_fresh(pm, path, feeds):
 @pytest.fixture(scope="module")
 def bert():
     ex = {"input_ids": M.ids(2, 8), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
-    return _randomise_lora(peftfx.apply(M.bert(layers=LAYERS), LoRA(rank=4, alpha=8), ex)), ex
+    return M.randomise_lora(peftfx.apply(M.bert(layers=LAYERS), LoRA(rank=4, alpha=8), ex)), ex
 
 
 @pytest.fixture(scope="module")
 def llama():
     ex = {"input_ids": M.ids(2, 8)}
-    return _randomise_lora(peftfx.apply(M.llama(layers=LAYERS), LoRA(rank=4, alpha=8), ex)), ex
+    return M.randomise_lora(peftfx.apply(M.llama(layers=LAYERS), LoRA(rank=4, alpha=8), ex)), ex
 
 
 def test_bert_basic_fuses_attention_norms_and_gelu(bert, tmp_path):
@@ -99,7 +90,7 @@ def test_llama_levels_fuse_and_match_pytorch(llama, tmp_path):
 
 def test_gpt2_conv1d_gemm_is_fused_and_adapter_inputs_survive(tmp_path):
     ids = M.ids(2, 8)
-    pm = _randomise_lora(peftfx.apply(M.gpt2(), LoRA(rank=4, alpha=8, targets=select.role("attn.qkv")),
+    pm = M.randomise_lora(peftfx.apply(M.gpt2(), LoRA(rank=4, alpha=8, targets=select.role("attn.qkv")),
                                       {"input_ids": ids}))
     # GPT-2's Conv1D exports as a 2-D Gemm; fused as is, ORT refuses the graph (rank-3 input): rewritten to MatMul
     r = export_onnx(pm, tmp_path / "g.onnx", {"input_ids": ids}, optimize="all")
