@@ -18,7 +18,7 @@ from torch import nn
 from ._errors import PeftfxError
 from .apply import merge
 from .integrations.backbone import backbone
-from .io.checkpoint import save_adapter
+from .io.pretrained import save_pretrained as _save_pretrained
 from .model import PeftModel, register_service, require_peft
 from .variants import in_cache, not_replayable
 
@@ -56,12 +56,11 @@ def merge_and_unload(pm: PeftModel) -> nn.Module:
     return out
 
 
-def save_pretrained(pm: PeftModel, save_directory: str | os.PathLike, *, format: str = "hf",
-                    adapter: str | None = None, **_: Any) -> str:
-    """Write the adapter of ``pm`` to ``save_directory``: a Hugging Face PEFT folder by default (loads with
-    ``peft.PeftModel.from_pretrained`` and :func:`peftfx.load_adapter`), ``format="peftfx"`` for methods HF PEFT
-    has no form for. Hugging Face's other keywords (``safe_serialization`` …) are accepted and ignored."""
-    return save_adapter(pm, save_directory, format=format, adapter=adapter)
+def save_pretrained(pm: PeftModel, save_directory: str | os.PathLike, **kwargs: Any) -> str:
+    """Write the adapter of ``pm`` into ``save_directory`` with Hugging Face's calling convention (a Hugging Face
+    PEFT folder by default, other files there kept; ``is_main_process``, ``state_dict``, ``format="peftfx"`` …):
+    :func:`peftfx.io.pretrained.save_pretrained`."""
+    return _save_pretrained(pm, save_directory, **kwargs)
 
 
 def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:

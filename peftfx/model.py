@@ -121,7 +121,9 @@ class PeftModel(fx.GraphModule):
         return _service("base_model")(self)
 
     def save_pretrained(self, save_directory, **kwargs: Any) -> str:
-        """Write the adapter (a Hugging Face PEFT folder by default): :func:`peftfx.dropin.save_pretrained`."""
+        """Write the adapter into ``save_directory`` as Hugging Face's ``save_pretrained`` does (a Hugging Face PEFT
+        folder by default; other files there are kept; ``is_main_process``, ``state_dict``, ``format="peftfx"``):
+        :func:`peftfx.io.pretrained.save_pretrained`."""
         return _service("save_pretrained")(self, save_directory, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

@@ -84,6 +84,69 @@ def test_trainer_writes_adapter_only_checkpoints_and_resumes_exactly(tmp_path):
     t2.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "final" / "model.safetensors").exists()
+    # the saved folder loads with peftfx and with HF PEFT, both giving the trained model's outputs
+    from peft import PeftModel as HFPeftModel
+
+    ids = torch.stack([r["input_ids"] for r in rows[:3]])
+    with torch.no_grad():
+        want = again.eval()(input_ids=ids).logits
+        ours = peftfx.load_adapter(copy.deepcopy(base), str(tmp_path / "final"), {"input_ids": ids}).eval()
+        hf = HFPeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "final")).eval()
+        assert (ours(input_ids=ids).logits - want).abs().max().item() <= 1e-5
+        assert (hf(input_ids=ids).logits - want).abs().max().item() <= 1e-5
+        assert (want - base.eval()(input_ids=ids).logits).abs().max().item() > 1e-3     # the adapter matters
+
+
+def test_trainer_without_the_call_checkpoints_the_whole_model(tmp_path):
+    """transformers 5.25 decides by class (``isinstance(model, (PreTrainedModel, peft.PeftModel))`` in
+    ``Trainer._save``): a peftfx model handed to ``Trainer`` alone is saved as its full state dict. If this fails,
+    transformers started asking the model (duck typing) and ``adapter_checkpoints`` may become unnecessary."""
+    from transformers import Trainer
+
+    base, rows = _base(), _rows()
+    pm = _apply(base, rows)
+    trainer = Trainer(model=pm, args=_args(tmp_path / "run", 1, save_strategy="no"), train_dataset=rows)
+    trainer.save_model(str(tmp_path / "out"))
+    files = set(os.listdir(tmp_path / "out"))
+    assert "model.safetensors" in files and "adapter_model.safetensors" not in files
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(pm.state_dict())          # every base weight, not the adapter alone
+
+
+def test_save_pretrained_follows_hugging_face_conventions(tmp_path):
+    """``peft.save_pretrained(dir)`` adds the adapter files to ``dir`` and keeps the rest (a Trainer output folder);
+    ``is_main_process=False`` writes nothing; a ``state_dict`` (gathered from a sharded model) supplies the values;
+    pickle and unknown keywords are refused, the folder unchanged."""
+    from peftfx.io.hf import read_hf_folder
+
+    base, rows = _base(), _rows()
+    pm = _apply(base, rows)
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "tokenizer.json").write_text("{}")
+    pm.save_pretrained(out)
+    assert {"checkpoint-2", "tokenizer.json", "adapter_model.safetensors", "adapter_config.json"} == set(
+        os.listdir(out))
+    pm.save_pretrained(tmp_path / "other", is_main_process=False)
+    assert not (tmp_path / "other").exists()
+    state = pm.state_dict()
+    key = next(k for k in state if k.endswith("q_proj.lora.lora_B"))
+    state[key] = torch.full_like(state[key], 0.25)
+    pm.save_pretrained(tmp_path / "sd", state_dict=state)
+    _, tensors = read_hf_folder(tmp_path / "sd")
+    site = key.rsplit(".lora.", 1)[0]
+    assert torch.equal(tensors[f"base_model.model.{site}.lora_B.weight"], state[key])
+    assert not torch.equal(pm.state_dict()[key], state[key])                        # the model is untouched
+    before = sorted(os.listdir(out))
+    with pytest.raises(peftfx.PeftfxError, match="safetensors only"):
+        pm.save_pretrained(out, safe_serialization=False)
+    with pytest.raises(peftfx.PeftfxError, match="unexpected keyword"):
+        pm.save_pretrained(out, shard_everything=True)
+    with pytest.raises(peftfx.PeftfxError, match="lacks adapter tensor"):
+        pm.save_pretrained(out, state_dict={k: v for k, v in state.items() if k != key})
+    assert sorted(os.listdir(out)) == before
 
 
 def test_adapter_checkpoints_refuses_a_plain_model():

@@ -5,16 +5,25 @@
     trainer.train()                                                 # checkpoint-N/ holds the adapter (kB), not the model
     trainer.train(resume_from_checkpoint=True)                      # loads the adapter back into the same model
 
-Why a call: ``Trainer`` recognises a PEFT model by ``isinstance(model, peft.PeftModel)``
-(``transformers.trainer_utils._is_peft_model``; accelerate's ``is_peft_model`` likewise), which a peftfx model is
-not and cannot honestly claim to be. For any other module ``Trainer._save`` writes ``model.state_dict()`` — the
-whole base — and ``_load_from_checkpoint`` reads it back. :func:`adapter_checkpoints` replaces exactly these two
-methods on the one trainer instance (nothing global is patched): ``_save`` writes the adapter with
-``model.save_pretrained`` (a Hugging Face PEFT folder, ``adapter_model.safetensors`` + ``adapter_config.json``, or
-the peftfx format for methods HF PEFT has no form for) plus what ``Trainer._save`` writes besides the model (the
+Why a call (transformers 5.25, read from its source): the Trainer decides by class, never by what a model can do.
+``Trainer._save`` calls ``model.save_pretrained(output_dir, state_dict=…, is_main_process=…)`` only when
+``isinstance(model, (PreTrainedModel, peft.PeftModel))`` (its local ``supported_classes``, also tried on
+``accelerator.unwrap_model(model)``); any other module gets ``safetensors.save_file(model.state_dict(),
+"model.safetensors")`` — the whole base. ``_load_from_checkpoint`` and ``_load_best_model`` load adapters only
+for ``transformers.trainer_utils._is_peft_model(model)``, i.e. ``isinstance(model, (peft.PeftModel,
+peft.PeftMixedModel))``; otherwise they read ``model.safetensors`` with ``load_state_dict(strict=False)``.
+accelerate's ``is_peft_model`` is the same ``isinstance``. Neither class can be registered (no ABC), and a peftfx
+model is neither (claiming it through ``__class__`` would send HF PEFT's own code paths into it). So
+``Trainer(model=peft)`` alone writes full-model checkpoints (they resume, but are the size of the model:
+``tests/test_trainer_trl.py`` pins this behaviour, so a transformers that starts duck-typing shows up there).
+:func:`adapter_checkpoints` replaces exactly ``_save`` and ``_load_from_checkpoint`` on the one trainer instance
+(nothing global is patched): ``_save`` calls ``model.save_pretrained(output_dir, state_dict=…)``
+(:func:`peftfx.io.pretrained.save_pretrained`: a Hugging Face PEFT folder's files, or the peftfx format's for
+methods HF PEFT has no form for, added to the folder) plus what ``Trainer._save`` writes besides the model (the
 processing class, ``training_args.bin``); ``_load_from_checkpoint`` copies a saved adapter's tensors into the
 model's adapters (:func:`peftfx.io.checkpoint.load_adapter_weights`). Optimizer, scheduler, RNG and trainer state
-are the Trainer's own files, untouched, so a resumed run continues exactly.
+are the Trainer's own files, untouched, so a resumed run continues exactly. ``trainer.save_model(dir)`` then writes
+the adapter folder, which ``peftfx.load_adapter`` and ``peft.PeftModel.from_pretrained`` load.
 """
 from __future__ import annotations
 
@@ -24,7 +33,6 @@ import types
 from typing import Any
 
 from .._errors import CheckpointError, PeftfxError
-from .._fs import write_files_into
 from ..io.checkpoint import load_adapter_weights
 from ..model import PeftModel
 
@@ -48,18 +56,13 @@ def _peft_model(trainer: Any) -> PeftModel:
     return model
 
 
-def _write_adapter(model: PeftModel, output_dir: str) -> list[str]:
-    """Write the adapter files into ``output_dir`` (which may hold other files: checkpoints, optimizer state)."""
-    def write(tmp: str) -> str:
-        folder = os.path.join(tmp, "adapter")
-        try:
-            model.save_pretrained(folder)                  # the Hugging Face PEFT format
-        except CheckpointError as e:
-            log.info("adapter has no Hugging Face PEFT form (%s); writing the peftfx format", e)
-            model.save_pretrained(folder, format="peftfx")
-        return folder
-
-    return write_files_into(output_dir, write, ".peftfx-trainer-")
+def _write_adapter(model: PeftModel, output_dir: str, state_dict: dict | None) -> None:
+    """The adapter's files into ``output_dir`` (which may hold other files: checkpoints, optimizer state)."""
+    try:
+        model.save_pretrained(output_dir, state_dict=state_dict)          # the Hugging Face PEFT format
+    except CheckpointError as e:
+        log.info("adapter has no Hugging Face PEFT form (%s); writing the peftfx format", e)
+        model.save_pretrained(output_dir, state_dict=state_dict, format="peftfx")
 
 
 def adapter_checkpoints(trainer: Any) -> Any:
@@ -74,8 +77,8 @@ def adapter_checkpoints(trainer: Any) -> Any:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        names = _write_adapter(_peft_model(self), output_dir)
-        log.info("saved adapter-only checkpoint %s to %s", names, output_dir)
+        _write_adapter(_peft_model(self), output_dir, state_dict)
+        log.info("saved an adapter-only checkpoint to %s", output_dir)
         processor = self.processing_class
         if processor is None and getattr(self.data_collator, "tokenizer", None) is not None:
             processor = self.data_collator.tokenizer
