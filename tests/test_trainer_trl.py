@@ -280,3 +280,75 @@ def test_base_model_is_the_adapted_backbone():
     head = peftfx.apply(_base(), LoRA(rank=2, targets=select.name("lm_head")), {"input_ids": ids})
     with pytest.raises(peftfx.PeftfxError, match="output head carries an adapter"):
         head.base_model(input_ids=ids)
+
+
+def _kto_losses(model, ref, tok, out):
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    ds = Dataset.from_list([{"prompt": p, "completion": c, "label": lab} for p, c, lab in [
+        ("the cat", "sat on the mat", True), ("a dog", "sat slow", False), ("the red cat", "sat", True),
+        ("a blue dog", "sat on a cat", False)]])
+    args = KTOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                     use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False)
+    trainer = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_trl_kto_trainer_with_disable_adapter_reference_equals_hf_peft(tmp_path):
+    """KTO (TRL 1.16, with its KL term from mismatched completions): reference = the base model, as for DPO. The
+    LoRA starts at B = 0, so HF PEFT's reference (TRL's frozen "ref" copy of the starting adapter) is the base too."""
+    pytest.importorskip("trl")
+    from peftfx.integrations.trl import reference_model
+
+    tok, base = _tokenizer(), _tiny_llama()
+    pm, hf = _twins(base, tok, perturb=False)
+    start = _lora(pm)
+    ours = _kto_losses(pm, reference_model(pm), tok, tmp_path / "a")
+    theirs = _kto_losses(hf, None, tok, tmp_path / "b")
+    assert len(ours) == len(theirs) == 3
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < TOL
+    assert abs(ours[-1] - ours[0]) > 1e-4                                          # the loss moved
+    end = _lora(pm)
+    assert max((end[k] - start[k]).abs().max().item() for k in end) > 1e-3          # it trained
+
+
+def _grpo_run(model, tok, out):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    def reward(completions, **_):           # a reward with spread inside each group: how often "cat" appears
+        return [float(c.split().count("cat")) + 0.1 * len(c.split()) for c in completions]
+
+    ds = Dataset.from_list([{"prompt": p} for p in ["the cat", "a dog", "the red cat", "a blue dog"]])
+    args = GRPOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=5, learning_rate=5e-2, use_cpu=True, report_to=[], logging_steps=1,
+                      save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0, bf16=False,
+                      gradient_checkpointing=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return [h["loss"] for h in logs], [h["reward"] for h in logs]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_trl_grpo_trainer_equals_hf_peft(tmp_path):
+    """GRPO (TRL 1.16, its default beta = 0: no reference model) with a tiny reward function and the model's own
+    ``generate`` (sampling; no vLLM): completions are sampled by peftfx's adapted graphs (peftfx.dropin.generate), so
+    rewards, losses and the final LoRA weights equal HF PEFT's run from the same weights and seed."""
+    pytest.importorskip("trl")
+    tok, base = _tokenizer(), _tiny_llama()
+    pm, hf = _twins(base, tok)
+    start = _lora(pm)
+    ours, theirs = _grpo_run(pm, tok, tmp_path / "a"), _grpo_run(hf, tok, tmp_path / "b")
+    assert len(ours[0]) == len(theirs[0]) == 3
+    assert ours[1] == pytest.approx(theirs[1], abs=1e-6)                       # same completions sampled
+    assert max(abs(a - b) for a, b in zip(ours[0], theirs[0])) < TOL
+    end, hf_state = _lora(pm), dict(hf.named_parameters())
+    assert max((end[k] - start[k]).abs().max().item() for k in end) > 1e-4          # it trained
+    for k, v in end.items():
+        site, which = k.rsplit(".lora.", 1)
+        assert (v - hf_state[f"base_model.model.{site}.{which}.default.weight"]).abs().max().item() < TOL

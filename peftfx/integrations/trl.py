@@ -1,16 +1,24 @@
-"""TRL (``trl`` ≥ 1.16): what its trainers need from a peftfx model.
+"""TRL (``trl`` 1.16): what its trainers need from a peftfx model.
 
-``SFTTrainer`` needs nothing more than ``peft.base_model`` (:mod:`peftfx.integrations.backbone`). ``DPOTrainer``
-(and KTO/GRPO with a KL term) score a *reference* model. For a Hugging Face PEFT model TRL passes ``ref_model=None``
-and disables the adapter; it recognises that case with ``isinstance(model, peft.PeftModel)``, which a peftfx model
-is not — with ``ref_model=None`` TRL would instead load a second copy of the base from ``config._name_or_path``. So
-pass :func:`reference_model`::
+``SFTTrainer`` needs nothing more than ``peft.base_model`` (:mod:`peftfx.integrations.backbone`). ``DPOTrainer`` and
+``KTOTrainer`` score a *reference* model; ``GRPOTrainer`` too when ``beta`` > 0. How TRL 1.16 decides (read from its
+source): every trainer asks ``accelerate.utils.is_peft_model(model)``, which is ``isinstance(model,
+peft.PeftModel)`` after unwrapping DDP/FSDP — nothing duck-typed (``disable_adapter``, ``peft_config`` are only
+touched once that test passed). For such a model and ``ref_model=None`` DPO/KTO first copy the model's adapter
+into a frozen adapter ``"ref"`` and later run the reference with ``trl.trainer.utils.use_adapter`` (the ``"ref"``
+adapter, or ``disable_adapter()``); GRPO disables the adapter. A peftfx model is not a ``peft.PeftModel``, so with
+``ref_model=None`` TRL would load a second base from ``config._name_or_path``. Pass :func:`reference_model`::
 
-    trainer = DPOTrainer(model=peft, ref_model=peftfx.integrations.trl.reference_model(peft), ...)
+    trainer = DPOTrainer(model=peft, ref_model=peftfx.integrations.trl.reference_model(peft), ...)   # KTOTrainer too
 
 It is a parameterless module whose forward runs ``peft`` inside ``disable_adapter()`` — the base model's outputs
-from the same weights, no second copy in memory, exactly TRL's PEFT path. It holds ``peft`` by reference (not as a
-submodule), so preparing it for evaluation (``.eval()``, accelerate) does not switch the trained model's mode.
+from the same weights, no second copy in memory. That is TRL's PEFT reference whenever the adapter starts as the
+identity (a fresh LoRA: B = 0; IA3: ones), which is what ``peftfx.apply`` gives; for an adapter that was already
+trained when DPO/KTO starts, TRL's reference is a frozen copy of it, which this module does not provide. It holds
+``peft`` by reference (not as a submodule), so preparing it for evaluation (``.eval()``, accelerate) does not switch
+the trained model's mode. ``GRPOTrainer`` has no ``ref_model`` argument: with its default ``beta=0.0`` it needs no
+reference and takes a peftfx model as is (completions come from ``peft.generate``); with ``beta`` > 0 it loads the
+reference from ``config._name_or_path`` for any non-``peft.PeftModel``.
 """
 from __future__ import annotations
 
