@@ -320,6 +320,87 @@ def test_fsdp2_per_block_two_processes(tmp_path):
         assert (r0["eval"] - ref_eval).abs().max().item() < 1e-5 and torch.equal(r0["eval"], r1["eval"])
 
 
+# FSDP2 on 4 ranks: per block against the root-unit variant, one spawn for both
+WORLD4, LAYERS4 = 4, 4
+
+
+def _fsdp4_setup():
+    pm = peftfx.apply(M.llama(layers=LAYERS4), LoRA(rank=4, alpha=8), {"input_ids": M.ids(), "labels": M.ids()})
+    with torch.no_grad():
+        for m in pm.adapter_modules().values():
+            torch.nn.init.normal_(m.lora_B, generator=torch.Generator().manual_seed(3), std=0.05)
+    return pm.train()
+
+
+def _fsdp4_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD4)
+    try:
+        torch.save({v: _fsdp4_train(rank, v) for v in ("blocks", "root")}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp4_train(rank: int, variant: str) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    from peftfx.integrations.fsdp import GatheredPeak, fully_shard_blocks, local_bytes
+
+    pm = _fsdp4_setup()
+    layers = list(pm.model.layers.children())
+    sizes = {"total": local_bytes(pm), "root_only": local_bytes(pm) - sum(local_bytes(b) for b in layers),
+             "block": local_bytes(layers[0])}
+    if variant == "blocks":
+        fully_shard_blocks(pm)
+    else:
+        fully_shard(pm)
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=LR)
+    with GatheredPeak(pm) as peak:
+        for step in range(STEPS):
+            loss = pm(**_fsdp_data(rank, step)).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    lora = {n: p.full_tensor().detach().clone() for n, p in pm.named_parameters() if ".lora." in n}
+    return {"lora": lora, "local": local_bytes(pm), "peak": peak.bytes, **sizes}
+
+
+def test_fsdp2_four_processes_per_block_vs_root_unit(tmp_path):
+    """4 gloo processes, a 4-block Llama with LoRA, 3 SGD steps on different data per rank, sharded per block
+    (``fully_shard_blocks``) and at the root only (``fully_shard(model)``), in one spawn. Both end with the adapter
+    weights of one process training on all four ranks' data (within 1e-6); each rank holds exactly a quarter of
+    the parameter bytes; and the most unsharded parameter bytes alive at once (``GatheredPeak``: sampled at every
+    module entry/exit and every saved tensor, forward and backward) is the whole model for the root unit but only
+    the root unit's own parameters plus at most two blocks (the one running and the one FSDP2 prefetches in
+    backward) per block — a deterministic count, not RSS."""
+    pytest.importorskip("torch.distributed.fsdp")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    mp.spawn(_fsdp4_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD4, join=True)
+    pm = _fsdp4_setup()                                # reference: one process, each step on all ranks' batches
+    start = {k: v.clone() for k, v in pm.state_dict().items() if ".lora." in k}
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=LR)
+    for step in range(STEPS):
+        loss = sum(pm(**_fsdp_data(r, step)).loss for r in range(WORLD4)) / WORLD4
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ref = {k: v for k, v in pm.state_dict().items() if ".lora." in k}
+    assert max((ref[k] - start[k]).abs().max().item() for k in ref) > 1e-3      # it did train
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD4)]
+    for res in results:
+        for variant in ("blocks", "root"):
+            got = res[variant]
+            assert set(got["lora"]) == set(ref)
+            assert max((ref[k] - got["lora"][k]).abs().max().item() for k in ref) < 1e-6, variant
+            assert got["local"] * WORLD4 == got["total"], variant          # every dim 0 here divides by 4
+        blocks, root = res["blocks"], res["root"]
+        assert root["peak"] == root["total"]                               # the root unit gathers everything
+        assert blocks["root_only"] + blocks["block"] <= blocks["peak"] <= blocks["root_only"] + 2 * blocks["block"]
+        assert blocks["peak"] < root["peak"]
+
+
 @pytest.mark.parametrize("name", ["gpt2", "t5"])
 def test_checkpointing_other_block_layouts(name):
     """GPT-2 (transformer.h.N, fused c_attn) and T5 (encoder and decoder blocks; block 0's position bias feeds the

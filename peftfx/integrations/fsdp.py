@@ -16,16 +16,25 @@ the full parameters: gather them first (a full state dict). The original module 
 references the base tensors it was built with, so the memory per rank falls by the shards only where those tensors
 are not held elsewhere (the usual FSDP2 recipe builds on ``meta`` and materialises after sharding; that path is not
 tested here).
+
+Measuring what a rank holds (:func:`local_bytes`, :func:`gathered_bytes`, :class:`GatheredPeak`): deterministic
+byte counts of parameter storage, not a process's RSS — its shards, and the unsharded parameters FSDP2 has gathered
+at a given moment (a parameter FSDP2 has gathered is registered on its module as a plain tensor, a resharded one
+as a ``DTensor``). Transient buffers (the all-gather's flat buffer, unsharded gradients before their
+reduce-scatter), activations and optimizer state are not counted.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
+
 from .._errors import PeftfxError
 from ..layers import layered, partition
 from ..model import PeftModel, require_peft
 
-__all__ = ["fully_shard_blocks"]
+__all__ = ["GatheredPeak", "fully_shard_blocks", "gathered_bytes", "local_bytes"]
 
 
 def fully_shard_blocks(pm: PeftModel, **fsdp_kwargs: Any) -> list[str]:
@@ -51,3 +60,68 @@ def fully_shard_blocks(pm: PeftModel, **fsdp_kwargs: Any) -> list[str]:
         fully_shard(block, **fsdp_kwargs)
     fully_shard(pm, **fsdp_kwargs)
     return [*part.blocks, ""]
+
+
+def _distinct_storages(tensors: Any) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen and storage.nbytes():
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def local_bytes(module: nn.Module) -> int:
+    """Bytes of parameter storage this rank holds for ``module`` at rest: its shards of sharded parameters (the
+    local tensors of ``DTensor`` parameters) plus any parameter not sharded."""
+    from torch.distributed.tensor import DTensor
+
+    return _distinct_storages(p.to_local() if isinstance(p, DTensor) else p for p in module.parameters())
+
+
+def gathered_bytes(module: nn.Module) -> int:
+    """Bytes of unsharded parameter storage FSDP2 holds for ``module`` right now: the parameters currently
+    registered as plain tensors while their FSDP2 unit is gathered (distinct storages). On a model with no FSDP2
+    units it counts every parameter."""
+    from torch.distributed.tensor import DTensor
+
+    return _distinct_storages(p for p in module.parameters() if not isinstance(p, DTensor))
+
+
+class GatheredPeak:
+    """``with GatheredPeak(model) as peak: train_step()`` → ``peak.bytes``: the most unsharded parameter bytes
+    (:func:`gathered_bytes`) alive at once. Sampled at every module's forward entry and exit (after FSDP2's own
+    hooks have gathered) and at every tensor autograd saves in forward and reads back in backward
+    (``torch.autograd.graph.saved_tensors_hooks``), so the backward's re-gathers are seen op by op."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.bytes, self._handles, self._hooks = module, 0, [], None
+
+    def sample(self) -> None:
+        self.bytes = max(self.bytes, gathered_bytes(self.module))
+
+    def __enter__(self) -> GatheredPeak:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        def hook(*_: Any) -> None:
+            self.sample()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            self.sample()
+            return t
+
+        def unpack(t: torch.Tensor) -> torch.Tensor:
+            self.sample()
+            return t
+
+        for m in self.module.modules():
+            self._handles += [m.register_forward_pre_hook(hook), m.register_forward_hook(hook)]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        self._hooks.__enter__()
+        self.sample()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(None, None, None)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
