@@ -345,16 +345,28 @@ def _fsdp4_worker(rank: int, port: int, out: str) -> None:
 def _fsdp4_train(rank: int, variant: str) -> dict:
     from torch.distributed.fsdp import fully_shard
 
-    from peftfx.integrations.fsdp import GatheredPeak, fully_shard_blocks, local_bytes
+    from peftfx.integrations.fsdp import (
+        GatheredPeak,
+        fully_shard_blocks,
+        local_bytes,
+        original_bytes,
+        release_original,
+    )
 
     pm = _fsdp4_setup()
     layers = list(pm.model.layers.children())
     sizes = {"total": local_bytes(pm), "root_only": local_bytes(pm) - sum(local_bytes(b) for b in layers),
-             "block": local_bytes(layers[0])}
+             "block": local_bytes(layers[0]),
+             "adapters": sum(p.numel() * p.element_size() for p in pm.parameters() if p.requires_grad)}
     if variant == "blocks":
-        fully_shard_blocks(pm)
+        fully_shard_blocks(pm)                        # releases the original module's full tensors itself
+        sizes["held"] = None
     else:
         fully_shard(pm)
+        sizes["held"] = original_bytes(pm)            # the traced-from module still holds the whole base
+        release_original(pm)
+    sizes["released"] = original_bytes(pm)
+    sizes["n_origin"] = len(list(pm.__dict__["_peftfx_origin"][0].parameters()))
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=LR)
     with GatheredPeak(pm) as peak:
         for step in range(STEPS):
@@ -373,7 +385,8 @@ def test_fsdp2_four_processes_per_block_vs_root_unit(tmp_path):
     the parameter bytes; and the most unsharded parameter bytes alive at once (``GatheredPeak``: sampled at every
     module entry/exit and every saved tensor, forward and backward) is the whole model for the root unit but only
     the root unit's own parameters plus at most two blocks (the one running and the one FSDP2 prefetches in
-    backward) per block — a deterministic count, not RSS."""
+    backward) per block — a deterministic count, not RSS. The module ``apply`` traced held the whole base beside the
+    shards until ``release_original`` (``fully_shard_blocks`` calls it): after it, one float per weight."""
     pytest.importorskip("torch.distributed.fsdp")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
@@ -395,7 +408,9 @@ def test_fsdp2_four_processes_per_block_vs_root_unit(tmp_path):
             assert set(got["lora"]) == set(ref)
             assert max((ref[k] - got["lora"][k]).abs().max().item() for k in ref) < 1e-6, variant
             assert got["local"] * WORLD4 == got["total"], variant          # every dim 0 here divides by 4
+            assert got["released"] <= 4 * got["n_origin"], variant        # stand-ins: one float each
         blocks, root = res["blocks"], res["root"]
+        assert root["held"] == root["total"] - root["adapters"]           # before release_original: a full copy
         assert root["peak"] == root["total"]                               # the root unit gathers everything
         assert blocks["root_only"] + blocks["block"] <= blocks["peak"] <= blocks["root_only"] + 2 * blocks["block"]
         assert blocks["peak"] < root["peak"]

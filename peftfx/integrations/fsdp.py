@@ -12,10 +12,11 @@ for that block's forward (and again for its backward) and frees them after; the 
 (embeddings, final norm, head). Limits: the model's own graph (the ``apply`` signature, train mode) and its train/eval
 switch run sharded, and so do the graphs of other call signatures and of eval mode (:mod:`peftfx.variants`): they
 call the same block and root modules, so FSDP2 gathers for them too. Passes that rewrite weights (merge, export) need
-the full parameters: gather them first (a full state dict). The original module the model was traced from still
-references the base tensors it was built with, so the memory per rank falls by the shards only where those tensors
-are not held elsewhere (the usual FSDP2 recipe builds on ``meta`` and materialises after sharding; that path is not
-tested here).
+the full parameters: gather them first (a full state dict). The module ``apply`` traced (kept for its config,
+``generate`` and the graphs of other signatures) referenced every base weight in full, so each rank held its shard on
+top of the whole model; :func:`fully_shard_blocks` therefore ends with :func:`release_original`, which replaces those
+references by storage-free stand-ins (after a plain ``fully_shard(pm)``, call it yourself). Building on ``meta`` and
+materialising after sharding is the other usual FSDP2 recipe; it is not tested here.
 
 Measuring what a rank holds (:func:`local_bytes`, :func:`gathered_bytes`, :class:`GatheredPeak`): deterministic
 byte counts of parameter storage, not a process's RSS — its shards, and the unsharded parameters FSDP2 has gathered
@@ -34,15 +35,16 @@ from .._errors import PeftfxError
 from ..layers import layered, partition
 from ..model import PeftModel, require_peft
 
-__all__ = ["GatheredPeak", "fully_shard_blocks", "gathered_bytes", "local_bytes"]
+__all__ = ["GatheredPeak", "fully_shard_blocks", "gathered_bytes", "local_bytes", "original_bytes", "release_original"]
 
 
-def fully_shard_blocks(pm: PeftModel, **fsdp_kwargs: Any) -> list[str]:
+def fully_shard_blocks(pm: PeftModel, *, release: bool = True, **fsdp_kwargs: Any) -> list[str]:
     """``torch.distributed.fsdp.fully_shard`` each repeated block of ``pm`` (in order) and then ``pm`` itself, with
     ``fsdp_kwargs`` (``mesh``, ``reshard_after_forward``, ``mp_policy`` …) for every unit. Returns the unit paths,
     the root last as ``""``. Raises :class:`~peftfx.PeftfxError` (before sharding anything) when the graph has no
     repeated blocks, or when a block's parameter is also read outside that block (a tied weight): such a model can
-    only be sharded at the root (``fully_shard(pm)``)."""
+    only be sharded at the root (``fully_shard(pm)``). ``release`` (default): then free the full base tensors the
+    original module still holds (:func:`release_original`; that module is left holding zeros)."""
     require_peft(pm, "fully_shard_blocks")
     try:
         from torch.distributed.fsdp import fully_shard
@@ -59,7 +61,54 @@ def fully_shard_blocks(pm: PeftModel, **fsdp_kwargs: Any) -> list[str]:
     for block in units:
         fully_shard(block, **fsdp_kwargs)
     fully_shard(pm, **fsdp_kwargs)
+    if release:
+        release_original(pm)
     return [*part.blocks, ""]
+
+
+def release_original(pm: PeftModel) -> int:
+    """Free the full base tensors that the module ``pm`` was traced from still holds after ``pm`` was sharded
+    (``fully_shard_blocks`` calls it; call it after a plain ``fully_shard(pm)``). Returns the bytes released.
+
+    ``peftfx.apply`` keeps the original module (for its config, ``generate`` and the graphs of other call
+    signatures), and until now it referenced every base weight in full: sharding ``pm`` gave each rank its shard *on
+    top of* the whole model. Each of the original module's parameters that ``pm`` no longer uses is replaced by a
+    stand-in of the same shape, dtype and device backed by a single zero (``torch.zeros(()).expand(shape)``; tied
+    weights stay tied). Graphs traced later from the original module (another signature, eval mode) only read
+    shapes from it, and their weights are rebound to ``pm``'s (sharded) parameters, so outputs are unchanged. The
+    original module itself then holds zeros: like FSDP2's ``fully_shard``, this changes the module handed to
+    ``peftfx.apply`` in place (get the trained weights from ``pm``: a full state dict, or the adapter folder).
+    Buffers (BatchNorm statistics, rotary tables) are kept."""
+    from torch.distributed.tensor import DTensor
+
+    require_peft(pm, "release_original")
+    origin = pm.__dict__.get("_peftfx_origin")
+    if origin is None:
+        return 0
+    live = {id(p) for p in pm.parameters()}
+    memo: dict[int, nn.Parameter] = {}
+    freed = original_bytes(pm)
+    for module in origin[0].modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or id(p) in live or isinstance(p, DTensor) or p.device.type == "meta":
+                continue
+            if id(p) not in memo:
+                stand_in = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+                memo[id(p)] = nn.Parameter(stand_in, requires_grad=p.requires_grad)
+            module._parameters[name] = memo[id(p)]
+    return freed - original_bytes(pm)
+
+
+def original_bytes(pm: PeftModel) -> int:
+    """Bytes of parameter storage the original module of ``pm`` holds apart from ``pm``'s own parameters."""
+    origin = pm.__dict__.get("_peftfx_origin")
+    if origin is None:
+        return 0
+    from torch.distributed.tensor import DTensor
+
+    mine = {(p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr() for p in pm.parameters()}
+    return _distinct_storages(p for p in origin[0].parameters()
+                              if p.device.type != "meta" and p.untyped_storage().data_ptr() not in mine)
 
 
 def _distinct_storages(tensors: Any) -> int:
