@@ -97,6 +97,29 @@ def test_trainer_writes_adapter_only_checkpoints_and_resumes_exactly(tmp_path):
         assert (want - base.eval()(input_ids=ids).logits).abs().max().item() > 1e-3     # the adapter matters
 
 
+def test_trainer_loads_the_best_adapter_at_end(tmp_path):
+    """``load_best_model_at_end=True``: the model ends with the adapter of ``state.best_model_checkpoint`` (the stock
+    ``_load_best_model`` would look for the full model's weights there and fail)."""
+    from transformers import Trainer
+
+    from peftfx.io.hf import read_hf_folder
+
+    base, rows = _base(), _rows()
+    pm = _apply(base, rows)
+    trainer = adapter_checkpoints(Trainer(
+        model=pm, args=_args(tmp_path / "run", 3, save_strategy="steps", save_steps=1, eval_strategy="steps",
+                             eval_steps=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                             greater_is_better=True, per_device_eval_batch_size=4),      # the *worst* loss: not the last
+        train_dataset=rows, eval_dataset=rows[:4]))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-3")
+    _, tensors = read_hf_folder(best)
+    for k, v in _lora(pm).items():
+        site, which = k.rsplit(".lora.", 1)
+        assert torch.equal(tensors[f"base_model.model.{site}.{which}.weight"], v)
+
+
 def test_trainer_without_the_call_checkpoints_the_whole_model(tmp_path):
     """transformers 5.25 decides by class (``isinstance(model, (PreTrainedModel, peft.PeftModel))`` in
     ``Trainer._save``): a peftfx model handed to ``Trainer`` alone is saved as its full state dict. If this fails,

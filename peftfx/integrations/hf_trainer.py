@@ -16,12 +16,13 @@ accelerate's ``is_peft_model`` is the same ``isinstance``. Neither class can be 
 model is neither (claiming it through ``__class__`` would send HF PEFT's own code paths into it). So
 ``Trainer(model=peft)`` alone writes full-model checkpoints (they resume, but are the size of the model:
 ``tests/test_trainer_trl.py`` pins this behaviour, so a transformers that starts duck-typing shows up there).
-:func:`adapter_checkpoints` replaces exactly ``_save`` and ``_load_from_checkpoint`` on the one trainer instance
-(nothing global is patched): ``_save`` calls ``model.save_pretrained(output_dir, state_dict=…)``
+:func:`adapter_checkpoints` replaces exactly ``_save``, ``_load_from_checkpoint`` and ``_load_best_model`` on the one
+trainer instance (nothing global is patched): ``_save`` calls ``model.save_pretrained(output_dir, state_dict=…)``
 (:func:`peftfx.io.pretrained.save_pretrained`: a Hugging Face PEFT folder's files, or the peftfx format's for
 methods HF PEFT has no form for, added to the folder) plus what ``Trainer._save`` writes besides the model (the
 processing class, ``training_args.bin``); ``_load_from_checkpoint`` copies a saved adapter's tensors into the
-model's adapters (:func:`peftfx.io.checkpoint.load_adapter_weights`). Optimizer, scheduler, RNG and trainer state
+model's adapters (:func:`peftfx.io.checkpoint.load_adapter_weights`), and so does ``_load_best_model``
+(``load_best_model_at_end=True``; the stock one would look for ``pytorch_model.bin`` and fail). Optimizer, scheduler, RNG and trainer state
 are the Trainer's own files, untouched, so a resumed run continues exactly. ``trainer.save_model(dir)`` then writes
 the adapter folder, which ``peftfx.load_adapter`` and ``peft.PeftModel.from_pretrained`` load.
 """
@@ -93,6 +94,16 @@ def adapter_checkpoints(trainer: Any) -> Any:
         log.info("resumed the adapter from %s", resume_from_checkpoint)
         return None
 
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is None or not is_adapter_folder(best):
+            return original_best()
+        load_adapter_weights(_peft_model(self), best)
+        log.info("loaded the best adapter from %s", best)
+        return None
+
+    original_best = trainer._load_best_model
     trainer._save = types.MethodType(_save, trainer)
     trainer._load_from_checkpoint = types.MethodType(_load_from_checkpoint, trainer)
+    trainer._load_best_model = types.MethodType(_load_best_model, trainer)
     return trainer
