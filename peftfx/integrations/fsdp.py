@@ -78,7 +78,9 @@ def release_original(pm: PeftModel) -> int:
     shapes from it, and their weights are rebound to ``pm``'s (sharded) parameters, so outputs are unchanged. The
     original module itself then holds zeros: like FSDP2's ``fully_shard``, this changes the module handed to
     ``peftfx.apply`` in place (get the trained weights from ``pm``: a full state dict, or the adapter folder).
-    Buffers (BatchNorm statistics, rotary tables) are kept."""
+    ``pm.get_input_embeddings()`` / ``get_output_embeddings()`` answer from that module, so their weights are
+    stand-ins too: read weights from ``pm``'s own (sharded) parameters. Buffers (BatchNorm statistics, rotary
+    tables) are kept."""
     from torch.distributed.tensor import DTensor
 
     require_peft(pm, "release_original")
