@@ -152,6 +152,9 @@ def test_save_pretrained_follows_hugging_face_conventions(tmp_path):
     pm.save_pretrained(out)
     assert {"checkpoint-2", "tokenizer.json", "adapter_model.safetensors", "adapter_config.json"} == set(
         os.listdir(out))
+    pm.save_pretrained(out, format="peftfx")                     # the other format replaces the adapter files
+    assert {"checkpoint-2", "tokenizer.json", "adapter.safetensors", "adapter_config.json"} == set(os.listdir(out))
+    pm.save_pretrained(out)
     pm.save_pretrained(tmp_path / "other", is_main_process=False)
     assert not (tmp_path / "other").exists()
     state = pm.state_dict()

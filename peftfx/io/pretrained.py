@@ -6,7 +6,8 @@ and keep whatever else is there (a Trainer's output folder holds ``checkpoint-N/
 values gathered from a sharded or wrapped model: FSDP, DeepSpeed) and ``safe_serialization``. Here the adapter
 folder (:func:`peftfx.io.checkpoint.save_adapter`, written whole into a private folder first) has its files renamed
 into ``save_directory`` one by one (:func:`peftfx._fs.write_files_into`): no file is ever half-written and nothing
-else in the folder is touched. A ``state_dict`` supplies the adapter values (keys as in ``model.state_dict()``);
+else in the folder is touched, except the other format's weights file from an earlier save (it would contradict the
+new ``adapter_config.json``). A ``state_dict`` supplies the adapter values (keys as in ``model.state_dict()``);
 the live parameters, which may be shards, are not read then.
 """
 from __future__ import annotations
@@ -23,6 +24,9 @@ from ..model import PeftModel
 from .checkpoint import save_adapter
 
 __all__ = ["save_pretrained"]
+
+#: the weights file of each adapter format (Hugging Face PEFT, peftfx)
+_WEIGHTS = frozenset({"adapter_model.safetensors", "adapter.safetensors"})
 
 #: Hugging Face keywords that change nothing about an adapter folder written here.
 _IGNORED = frozenset({"max_shard_size", "variant", "token", "save_embedding_layers", "save_peft_format",
@@ -61,7 +65,11 @@ def save_pretrained(pm: PeftModel, save_directory: str | os.PathLike, *, format:
     def write(tmp: str) -> str:
         return save_adapter(source, os.path.join(tmp, "adapter"), format=format, adapter=adapter)
 
-    write_files_into(out, write, ".peftfx-save-")
+    names = write_files_into(out, write, ".peftfx-save-")
+    for stale in _WEIGHTS - set(names):      # the other format's weights from an earlier save would contradict the
+        path = os.path.join(out, stale)      # config just written
+        if os.path.isfile(path):
+            os.remove(path)
     return out
 
 
