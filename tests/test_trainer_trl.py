@@ -258,7 +258,7 @@ def test_trl_sft_trainer_losses_equal_hf_peft(tmp_path):
         assert (v - hf_state[f"base_model.model.{site}.{which}.default.weight"]).abs().max().item() < TOL
 
 
-def _dpo_losses(model, ref, tok, out):
+def _dpo_losses(model, ref, tok, out, **cfg):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -267,7 +267,7 @@ def _dpo_losses(model, ref, tok, out):
         ("a blue dog", "ran on the mat", "sat on a cat")]])
     args = DPOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
                      use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
-                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False)
+                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False, **cfg)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -308,7 +308,7 @@ def test_base_model_is_the_adapted_backbone():
         head.base_model(input_ids=ids)
 
 
-def _kto_losses(model, ref, tok, out):
+def _kto_losses(model, ref, tok, out, **cfg):
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
@@ -317,7 +317,7 @@ def _kto_losses(model, ref, tok, out):
         ("a blue dog", "sat on a cat", False)]])
     args = KTOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
                      use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
-                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False)
+                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False, **cfg)
     trainer = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -378,3 +378,21 @@ def test_trl_grpo_trainer_equals_hf_peft(tmp_path):
     for k, v in end.items():
         site, which = k.rsplit(".lora.", 1)
         assert (v - hf_state[f"base_model.model.{site}.{which}.default.weight"]).abs().max().item() < TOL
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("trainer", ["dpo", "kto"])
+def test_trl_precomputed_reference_needs_no_ref_model(tmp_path, trainer):
+    """``ref_model=None`` with ``precompute_ref_log_probs=True``: TRL then needs no reference model for any model —
+    it scores the dataset once with the model as it starts. That is HF PEFT's reference (TRL's frozen copy of the
+    starting adapter) even for an adapter that does not start as the identity (B ≠ 0 here, where the base-model
+    reference of ``reference_model`` would differ): losses equal HF PEFT's default run (``ref_model=None``)."""
+    pytest.importorskip("trl")
+    tok, base = _tokenizer(), _tiny_llama()
+    pm, hf = _twins(base, tok, perturb=True)
+    run = _dpo_losses if trainer == "dpo" else _kto_losses
+    ours = run(pm, None, tok, tmp_path / "a", precompute_ref_log_probs=True)
+    theirs = run(hf, None, tok, tmp_path / "b")
+    assert len(ours) == len(theirs) == 3
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < TOL
+    assert abs(ours[-1] - ours[0]) > 1e-4

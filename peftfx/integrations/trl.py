@@ -7,7 +7,14 @@ peft.PeftModel)`` after unwrapping DDP/FSDP — nothing duck-typed (``disable_ad
 touched once that test passed). For such a model and ``ref_model=None`` DPO/KTO first copy the model's adapter
 into a frozen adapter ``"ref"`` and later run the reference with ``trl.trainer.utils.use_adapter`` (the ``"ref"``
 adapter, or ``disable_adapter()``); GRPO disables the adapter. A peftfx model is not a ``peft.PeftModel``, so with
-``ref_model=None`` TRL would load a second base from ``config._name_or_path``. Pass :func:`reference_model`::
+``ref_model=None`` TRL would load a second base from ``config._name_or_path`` — unless ``precompute_ref_log_probs=True``:
+then DPO and KTO keep no reference model for any model and score the dataset once, before training, with the model
+as it starts. That needs no peftfx call at all and is exactly HF PEFT's reference (the starting adapter, whatever it
+is)::
+
+    trainer = DPOTrainer(model=peft, ref_model=None, args=DPOConfig(precompute_ref_log_probs=True, ...), ...)
+
+(one extra pass over the dataset; not for online data). Otherwise pass :func:`reference_model`::
 
     trainer = DPOTrainer(model=peft, ref_model=peftfx.integrations.trl.reference_model(peft), ...)   # KTOTrainer too
 
