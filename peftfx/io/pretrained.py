@@ -30,7 +30,7 @@ _WEIGHTS = frozenset({"adapter_model.safetensors", "adapter.safetensors"})
 
 #: Hugging Face keywords that change nothing about an adapter folder written here.
 _IGNORED = frozenset({"max_shard_size", "variant", "token", "save_embedding_layers", "save_peft_format",
-                      "save_original_format", "commit_message", "private", "create_pr", "safe_serialization"})
+                      "save_original_format", "commit_message", "private", "create_pr"})
 
 
 def save_pretrained(pm: PeftModel, save_directory: str | os.PathLike, *, format: str = "hf",
