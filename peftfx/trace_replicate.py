@@ -132,25 +132,33 @@ def _kinds(blocks: nn.ModuleList, config: Any) -> list[int]:
     n = len(blocks)
     per_layer = [v for k, v in sorted(vars(config).items()) if isinstance(v, (list, tuple)) and len(v) == n] \
         if config is not None else []
+    raw = [_describe(b) for b in blocks]
+    # an integer attribute equal to the block's own index in every block (layer_idx) is "the index", not a difference
+    index = {key for key in raw[0][1] if all(isinstance(r[1].get(key), int) and not isinstance(r[1].get(key), bool)
+                                             and r[1][key] == i for i, r in enumerate(raw))}
     seen: dict[str, int] = {}
-    return [seen.setdefault(_signature(b, i, [v[i] for v in per_layer]), len(seen)) for i, b in enumerate(blocks)]
+    kinds = []
+    for i, (mods, attrs, tensors) in enumerate(raw):
+        values = sorted((key, "<block index>" if key in index else v) for key, v in attrs.items())
+        sig = repr((mods, values, tensors, [repr(v[i]) for v in per_layer]))
+        kinds.append(seen.setdefault(sig, len(seen)))
+    return kinds
 
 
-def _signature(block: nn.Module, index: int, config_entries: list) -> str:
-    mods = []
+def _describe(block: nn.Module) -> tuple[list, dict, list]:
+    """(module tree with hooks, plain attributes by (module, name), tensors) of one block."""
+    mods, attrs = [], {}
     for name, m in block.named_modules():
         hooks = [id(h) for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values()]
-        attrs = sorted((k, _attr(v, index)) for k, v in vars(m).items() if not k.startswith("_"))
-        mods.append((name, type(m).__module__ + "." + type(m).__qualname__, m.training, hooks, attrs))
+        mods.append((name, type(m).__module__ + "." + type(m).__qualname__, m.training, hooks))
+        attrs.update({(name, k): _attr(v) for k, v in vars(m).items() if not k.startswith("_")})
     tensors = [(n, tuple(t.shape), str(t.dtype), t.device.type, isinstance(t, nn.Parameter), t.requires_grad)
                for n, t in list(block.named_parameters(remove_duplicate=False))
                + list(block.named_buffers(remove_duplicate=False))]
-    return repr((mods, tensors, [_attr(v, index) for v in config_entries]))
+    return mods, attrs, tensors
 
 
-def _attr(v: Any, index: int) -> Any:
-    if isinstance(v, int) and not isinstance(v, bool) and v == index:
-        return "<block index>"
+def _attr(v: Any) -> Any:
     if isinstance(v, _PRIMITIVE):
         return v
     if isinstance(v, (list, tuple)) and all(isinstance(x, _PRIMITIVE) for x in v):
