@@ -15,8 +15,9 @@ saying why):
   (name, shape, dtype, device), forward hooks and plain attributes (numbers, strings, flags, dtypes; an integer
   equal to the block's own index, such as ``layer_idx``, counts as "the index") agree, and so do the entries for
   their index of every config list as long as the block list (``layer_types``). Gemma-style alternating layers are
-  two kinds. The prefix is the shortest one holding every consecutive pair of kinds the list has, and at least two
-  blocks, so every copied block has a traced model of itself *after a block like its predecessor*.
+  two kinds. The prefix is the shortest one holding every consecutive pair of kinds the list has and ending in the
+  last block's kind, at least two blocks, so every copied block has a traced model of itself *after a block like
+  its predecessor*, and the code after the list reads the outputs of a block like the last.
 * **Alignment.** Traced blocks of one kind must be the same graph node for node: same ops, same constants, the
   same meta under the renaming, parameters renamed block to block, inputs from the previous block in one-to-one
   correspondence. So layer-dependent code (a per-layer constant, a branch on ``layer_idx``) makes the prefix
@@ -43,11 +44,14 @@ from torch.utils import _pytree as pytree
 
 from .trace_cache import _lookup, _register
 
-__all__ = ["clean_path", "export_replicated"]
+__all__ = ["clean_path", "export_replicated", "info"]
 
 log = logging.getLogger(__name__)
 
 _PRIMITIVE = (type(None), bool, int, float, str, torch.dtype)
+
+
+_STATS = {"replicated": 0, "whole": 0}
 
 
 class _Unsound(Exception):
@@ -80,16 +84,16 @@ def export_replicated(model: nn.Module, kwargs: dict[str, Any], export: Callable
     """``export()`` (a ``torch.export`` of ``model`` returning the unlifted module) run on a shallow view of
     ``model`` and replicated to the whole model, or ``export()`` of the whole model where that is not sound."""
     lists, why = _plan(model, kwargs) if _enabled() else ([], "PEFTFX_TRACE_REPLICATE=0")
-    if not lists:
-        log.debug("tracing %s whole: %s", type(model).__name__, why)
-        return export()
+    if why:
+        (log.info if lists else log.debug)("tracing %s whole: %s", type(model).__name__, why)
+        return _whole(export)
     try:
         with _shallow(lists):
             gm = export()
     except Exception as e:  # noqa: BLE001 - torch.export raises many types; the whole model may trace
         log.info("tracing %s whole: its shallow view failed to trace (%s: %s)", type(model).__name__,
                  type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
-        return export()
+        return _whole(export)
     try:
         for lst in lists:
             _replicate(gm, model, lst)
@@ -98,21 +102,26 @@ def export_replicated(model: nn.Module, kwargs: dict[str, Any], export: Callable
     except _Unsound as e:
         log.info("tracing %s whole: blocks of %s cannot be replicated soundly: %s", type(model).__name__,
                  getattr(e, "list_path", "?"), e)
-        return export()
+        return _whole(export)
+    _STATS["replicated"] += 1
     return gm
+
+
+def info() -> dict[str, int]:
+    """How many traces were replicated from a shallow view and how many traced the whole model, in this process."""
+    return dict(_STATS)
+
+
+def _whole(export: Callable[[], fx.GraphModule]) -> fx.GraphModule:
+    _STATS["whole"] += 1
+    return export()
 
 
 # -- planning: which lists, which kinds, how long a prefix -------------------------------------------------------
 
 def _plan(model: nn.Module, kwargs: dict[str, Any]) -> tuple[list[_List], str]:
-    for name, v in kwargs.items():
-        if not isinstance(v, torch.Tensor) and type(v) in pytree.SUPPORTED_NODES and type(v) not in (list, tuple, dict):
-            return [], f"input {name!r} is a container (a key-value cache holds one entry per layer)"
+    """The block lists to cut, and why the whole model must be traced instead ("" when it need not)."""
     config = getattr(model, "config", None)
-    for flag in ("use_cache", "output_hidden_states", "output_attentions"):
-        on = kwargs.get(flag, getattr(config, flag, False) if flag != "use_cache" else False)
-        if on is True:
-            return [], f"{flag}=True returns one entry per layer"
     lists: list[_List] = []
     taken: list[str] = []
     for path, mod in model.named_modules():
@@ -125,7 +134,16 @@ def _plan(model: nn.Module, kwargs: dict[str, Any]) -> tuple[list[_List], str]:
         keep = _prefix(kinds)
         if keep is not None and keep < len(mod):
             lists.append(_List(path, mod, kinds, keep))
-    return lists, "no list of repeated blocks longer than the prefix that holds each kind"
+    if not lists:
+        return [], "no list of 3 or more blocks longer than the prefix that holds each kind"
+    for name, v in kwargs.items():
+        if not isinstance(v, torch.Tensor) and type(v) in pytree.SUPPORTED_NODES and type(v) not in (list, tuple, dict):
+            return lists, f"input {name!r} is a container (a key-value cache holds one entry per layer)"
+    for flag in ("use_cache", "output_hidden_states", "output_attentions"):
+        default = getattr(config, flag, False) if flag != "use_cache" else False
+        if kwargs.get(flag, default) is True:
+            return lists, f"{flag}=True returns one entry per layer"
+    return lists, ""
 
 
 def _kinds(blocks: nn.ModuleList, config: Any) -> list[int]:
@@ -169,12 +187,13 @@ def _attr(v: Any) -> Any:
 
 
 def _prefix(kinds: list[int]) -> int | None:
-    """The shortest prefix (≥ 2) holding every kind and every pair (kind of j-1, kind of j) of the list."""
+    """The shortest prefix (≥ 2) holding every pair (kind of j-1, kind of j) of the list and ending in a block of
+    the last block's kind (the code after the list reads the last block's outputs)."""
     pairs = {(kinds[j - 1], kinds[j]) for j in range(1, len(kinds))}
     have: set[tuple[int, int]] = set()
     for a in range(1, len(kinds)):
         have.add((kinds[a - 1], kinds[a]))
-        if have >= pairs:
+        if have >= pairs and kinds[a] == kinds[-1]:
             return a + 1
     return None
 
