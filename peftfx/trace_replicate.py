@@ -88,7 +88,7 @@ def export_replicated(model: nn.Module, kwargs: dict[str, Any], export: Callable
         (log.info if lists else log.debug)("tracing %s whole: %s", type(model).__name__, why)
         return _whole(export)
     try:
-        with _shallow(lists):
+        with _shallow(model, lists):
             gm = export()
     except Exception as e:  # noqa: BLE001 - torch.export raises many types; the whole model may trace
         log.info("tracing %s whole: its shallow view failed to trace (%s: %s)", type(model).__name__,
@@ -199,10 +199,16 @@ def _prefix(kinds: list[int]) -> int | None:
 
 
 @contextlib.contextmanager
-def _shallow(lists: list[_List]) -> Iterator[None]:
-    """Every list cut to its prefix (the same block modules), restored on exit."""
+def _shallow(model: nn.Module, lists: list[_List]) -> Iterator[None]:
+    """Every list cut to its prefix (the same block modules), and every layer count that equals a cut list's length
+    (:func:`_counters`) set to its prefix's, all restored on exit. Code that counts layers through the config
+    (``i == config.num_hidden_layers - 1``) then sees the prefix's last block as the last, so a last block traced
+    differently shows as a difference between blocks of one kind instead of a silent copy of a middle block."""
     saved = [(lst.module, lst.module.__dict__["_modules"]) for lst in lists]
+    counters = _counters(model, lists)
     try:
+        for obj, name, _, keep in counters:
+            setattr(obj, name, keep)
         for lst in lists:
             items = list(lst.module.__dict__["_modules"].items())[: lst.keep]
             lst.module.__dict__["_modules"] = OrderedDict(items)
@@ -210,6 +216,31 @@ def _shallow(lists: list[_List]) -> Iterator[None]:
     finally:
         for mod, modules in saved:
             mod.__dict__["_modules"] = modules
+        for obj, name, value, _ in counters:
+            setattr(obj, name, value)
+
+
+def _counters(model: nn.Module, lists: list[_List]) -> list[tuple[Any, str, int, int]]:
+    """(object, attribute, value, prefix length) for every integer attribute named like a layer count
+    (``num_hidden_layers``, ``n_layer``, ``num_decoder_layers``) of the config or of a module outside the lists that
+    equals a cut list's length; one whose length two lists share with different prefixes is an error."""
+    keeps: dict[int, set[int]] = {}
+    for lst in lists:
+        keeps.setdefault(len(lst.module), set()).add(lst.keep)
+    inside = tuple(lst.path + "." for lst in lists)
+    owners = [getattr(model, "config", None)] + [m for p, m in model.named_modules() if not (p + ".").startswith(inside)]
+    out, seen = [], set()
+    for obj in owners:
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        for name, value in list(vars(obj).items()):
+            if "layer" not in name.lower() or name.startswith("_") or type(value) is not int or value not in keeps:
+                continue
+            if len(keeps[value]) > 1:
+                raise _Unsound(f"{name}={value} counts two lists cut to different prefixes")
+            out.append((obj, name, value, next(iter(keeps[value]))))
+    return out
 
 
 # -- replication on the traced graph -----------------------------------------------------------------------------

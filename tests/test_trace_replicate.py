@@ -2,6 +2,7 @@
 must be the full trace's graph — outputs at two shapes (≤ 1e-6), node metadata (path, layer, module type), sites and
 roles, parameters (the model's own tensors) — and anything it cannot prove falls back to the full trace."""
 import logging
+import types
 
 import pytest
 import torch
@@ -200,8 +201,8 @@ class _Block(nn.Module):
         super().__init__()
         self.lin, self.norm, self.scale, self.index = nn.Linear(d, d), nn.LayerNorm(d), scale, index
 
-    def forward(self, x):
-        return x + self.scale * self.lin(self.norm(x))
+    def forward(self, x, last=False):
+        return x + (2.0 if last else self.scale) * self.lin(self.norm(x))
 
 
 class _Toy(nn.Module):
@@ -213,6 +214,8 @@ class _Toy(nn.Module):
         self.mode = mode
         self.blocks = nn.ModuleList(_Block(scale=(scales or [1.0] * n)[i], index=i) for i in range(n))
         self.head = nn.Linear(16, 3)
+        self.config = types.SimpleNamespace(num_hidden_layers=n)    # read by mode "last_config"
+        self.n_layers = n                                           # read by mode "last_attr"
 
     def forward(self, x):
         outs, prev = [], x
@@ -223,6 +226,10 @@ class _Toy(nn.Module):
                 x = blk(x) * (i + 1)
             elif self.mode == "index":           # the block index used in arithmetic
                 x = blk(x) + blk.index
+            elif self.mode == "last_config":     # the last block, counted by the config, runs differently
+                x = blk(x, last=i == self.config.num_hidden_layers - 1)
+            elif self.mode == "last_attr":       # ... counted by a model attribute
+                x = blk(x, last=i == self.n_layers - 1)
             else:
                 x = blk(x)
             outs.append(x)
@@ -231,7 +238,7 @@ class _Toy(nn.Module):
         return self.head(x)
 
 
-@pytest.mark.parametrize("mode", ["all", "dense", "between", "index"])
+@pytest.mark.parametrize("mode", ["all", "dense", "between", "index", "last_config", "last_attr"])
 def test_unsound_forwards_fall_back_to_the_full_trace(mode, monkeypatch, caplog):
     model = _Toy(mode).eval()
     ex, other = {"x": torch.randn(2, 5, 16)}, {"x": torch.randn(3, 7, 16)}
