@@ -277,3 +277,37 @@ def test_per_layer_flags_and_layer_dependent_attributes_fall_back(monkeypatch, c
     rep, replicated = _trace(g, ex, monkeypatch, True)
     assert replicated == 0
     _outputs_equal(rep.eval(), g, [other])
+
+
+def test_training_step_and_checkpointing_on_a_replicated_graph(monkeypatch):
+    # train mode with dropout everywhere (SDPA, adapter): loss and adapter gradients equal the full trace's, and
+    # the layered view (activation checkpointing per block) finds all four blocks of the replicated graph
+    model = M.llama(layers=4, hidden=32, inter=64, heads=2, kv_heads=1)
+    model.config.attention_dropout = 0.1
+    ids = M.ids(2, 12)
+    batch = {"input_ids": ids, "labels": ids}
+    rule = peftfx.LoRA(rank=2, dropout=0.1, targets=peftfx.select.role("attn.*", "mlp.*"))
+    pms = []
+    for replicate in (True, False):
+        monkeypatch.setenv("PEFTFX_TRACE_REPLICATE", "1" if replicate else "0")
+        pms.append(peftfx.apply(model, rule, batch).train())
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for (n, p), (n2, p2) in zip(pms[0].named_parameters(), pms[1].named_parameters()):
+            assert n == n2
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p2.copy_(p)
+
+    def step(pm):
+        pm.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        loss = pm(**batch).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+    (l0, g0), (l1, g1) = step(pms[0]), step(pms[1])
+    assert abs(l0 - l1) <= TOL and max((g0[k] - g1[k]).abs().max().item() for k in g0) <= TOL
+    assert peftfx.gradient_checkpointing(pms[0]) == [f"model.layers.{i}" for i in range(4)]
+    l2, g2 = step(pms[0])
+    assert abs(l0 - l2) <= TOL and max((g0[k] - g2[k]).abs().max().item() for k in g0) <= TOL
