@@ -30,6 +30,7 @@ saying why):
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -58,6 +59,7 @@ class _Unsound(Exception):
     """The shallow trace cannot be replicated soundly (the message says why)."""
 
 
+@functools.lru_cache(maxsize=8192)
 def clean_path(path: str) -> str:
     """A module path from ``nn_module_stack`` in dotted form (``L['self'].model.layers[0]`` → ``model.layers.0``)."""
     path = re.sub(r"^L\['self'\]\.?", "", path)
@@ -297,12 +299,12 @@ class _Replicator:
             raise _Unsound("code after the list runs between the nodes of its last block")
         prev: dict[fx.Node, fx.Node] = {n: n for n in last}    # last traced block's nodes → block j-1's nodes
         prev_src = lst.keep - 1
-        cursor = anchor
-        for j in range(lst.keep, len(lst.module)):
-            a = lst.source(j)
-            back = self._align(a - 1, prev_src)            # block a-1's nodes → those of block j-1's source
-            new, cursor = self._copy(a, j, {n: prev[back[n]] for n in blocks[a - 1]}, cursor)
-            prev, prev_src = new, a
+        with self.gm.graph.inserting_before(anchor.next):    # in order, right after the last traced block
+            for j in range(lst.keep, len(lst.module)):
+                a = lst.source(j)
+                back = self._align(a - 1, prev_src)        # block a-1's nodes → those of block j-1's source
+                new = self._copy(a, j, {n: prev[back[n]] for n in blocks[a - 1]})
+                prev, prev_src = new, a
         back = self._align(lst.keep - 1, prev_src)
         for n in last:
             for u in list(n.users):
@@ -394,9 +396,9 @@ class _Replicator:
             raise _Unsound(f"block {x} reads {target}, a tensor of another block")
         return new + target[len(old):]
 
-    def _copy(self, a: int, j: int, stream: dict[fx.Node, fx.Node], cursor: fx.Node):
-        """Nodes of block ``a`` copied for block ``j`` after ``cursor``; ``stream`` maps block a-1's nodes to
-        block j-1's. Returns (block a's nodes → the copies, the last node inserted)."""
+    def _copy(self, a: int, j: int, stream: dict[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
+        """Nodes of block ``a`` copied for block ``j`` at the graph's insertion point; ``stream`` maps block a-1's
+        nodes to block j-1's. Returns block a's nodes → their copies."""
         graph = self.gm.graph
         env: dict[fx.Node, fx.Node] = {}
 
@@ -406,28 +408,24 @@ class _Replicator:
             if v in stream:
                 return stream[v]
             b = self.block_of.get(v)
-            if b is not None and v.op != "get_attr":   # passed along from an earlier block (checked in flow)
-                if not any(self.block_of.get(u) == a - 1 for u in v.users):
-                    raise _Unsound(f"block {a} reads {v.name} of block {b}")
-                return v
-            return v
+            if b is not None and not any(self.block_of.get(u) == a - 1 for u in v.users):
+                raise _Unsound(f"block {a} reads {v.name} of block {b}, which block {a - 1} does not read")
+            return v                                   # from before the list, or passed along (checked in flow)
         for n in self.blocks[a]:
-            with graph.inserting_after(cursor):
-                if n.op == "get_attr":
-                    target = self._rename(n.target, a, j)
-                    t = _lookup(self.model, target)
-                    if t is None:
-                        raise _Unsound(f"the model has no tensor {target}")
-                    _register(self.gm, target, t)
-                    c = graph.get_attr(target)
-                    c.meta = dict(n.meta)
-                else:
-                    c = graph.node_copy(n, arg)
-                    c.meta = dict(n.meta)
-                    c.meta["nn_module_stack"] = _renamed_stack(n, self.lst.path, a, j)
+            if n.op == "get_attr":
+                target = self._rename(n.target, a, j)
+                t = _lookup(self.model, target)
+                if t is None:
+                    raise _Unsound(f"the model has no tensor {target}")
+                _register(self.gm, target, t)
+                c = graph.get_attr(target)
+                c.meta = dict(n.meta)
+            else:
+                c = graph.node_copy(n, arg)
+                c.meta = dict(n.meta)
+                c.meta["nn_module_stack"] = _renamed_stack(n, self.lst.path, a, j)
             env[n] = c
-            cursor = c
-        return env, cursor
+        return env
 
 
 def _enabled() -> bool:
