@@ -311,3 +311,36 @@ def test_training_step_and_checkpointing_on_a_replicated_graph(monkeypatch):
     assert peftfx.gradient_checkpointing(pms[0]) == [f"model.layers.{i}" for i in range(4)]
     l2, g2 = step(pms[0])
     assert abs(l0 - l2) <= TOL and max((g0[k] - g2[k]).abs().max().item() for k in g0) <= TOL
+
+
+# -- the architecture sweep at 4 layers (marked sweep: `python -m pytest -m sweep -k replicate`) ---------------------
+
+_SWEEP_LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
+                 "num_decoder_layers")
+
+
+def _sweep_names():
+    from tests.sweep.harness import ALL
+    return ALL
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("name", _sweep_names())
+def test_sweep_replicated_equals_full_trace(name, monkeypatch, caplog):
+    """Every sweep architecture with 4 layers: the default trace (replicated, or whole after a logged fallback)
+    equals the whole-model trace — outputs at the sweep's two shapes (≤ 1e-6), node metadata, sites and roles."""
+    from tests.sweep import harness as H
+    for k in _SWEEP_LAYERS:
+        monkeypatch.setitem(H._INT, k, 4)
+    case = H.build(name)
+    try:
+        full, _ = _trace(case.model, case.example, monkeypatch, False)
+    except peftfx.PeftfxError as e:
+        pytest.skip(f"the whole model does not trace: {str(e).splitlines()[0]}")
+    with caplog.at_level(logging.INFO, logger="peftfx.trace_replicate"):
+        rep, replicated = _trace(case.model, case.example, monkeypatch, True)
+    why = [r.getMessage() for r in caplog.records if "whole" in r.getMessage()]
+    print(f"{name}: {'replicated' if replicated else 'whole: ' + (why[0] if why else 'no repeated blocks')}")
+    assert _meta(rep) == _meta(full) and _sites(rep) == _sites(full)
+    rep.eval(), full.eval()
+    _outputs_equal(rep, full, [case.example, case.other])
