@@ -332,8 +332,12 @@ def test_sweep_replicated_equals_full_trace(name, monkeypatch, caplog):
     from tests.sweep import harness as H
     for k in _SWEEP_LAYERS:
         monkeypatch.setitem(H._INT, k, 4)
-    case = H.build(name)
     try:
+        case = H.build(name)
+    except Exception as e:  # noqa: BLE001 - a config that does not take 4 layers (LED's attention_window list)
+        pytest.skip(f"does not build with 4 layers: {type(e).__name__}: {e}")
+    try:
+        _trace(case.model, case.example, monkeypatch, False)    # a first trace can differ (Swin sets state on it)
         full, _ = _trace(case.model, case.example, monkeypatch, False)
     except peftfx.PeftfxError as e:
         pytest.skip(f"the whole model does not trace: {str(e).splitlines()[0]}")
@@ -343,4 +347,4 @@ def test_sweep_replicated_equals_full_trace(name, monkeypatch, caplog):
     print(f"{name}: {'replicated' if replicated else 'whole: ' + (why[0] if why else 'no repeated blocks')}")
     assert _meta(rep) == _meta(full) and _sites(rep) == _sites(full)
     rep.eval(), full.eval()
-    _outputs_equal(rep, full, [case.example, case.other])
+    _outputs_equal(rep, full, [case.example, case.other], train_seed=0)   # seeded: BEiT's eval graph draws
