@@ -23,6 +23,8 @@ from .passes.cleanup import cleanup_pass
 from .passes.dropout import mode_dropout_pass
 from .trace_cache import cached_export
 from .trace_patches import traceable_experts
+from .trace_replicate import clean_path as _clean_path
+from .trace_replicate import export_replicated
 
 __all__ = ["trace", "normalize_inputs", "hf_extra_inputs"]
 
@@ -195,15 +197,6 @@ def _annotate(gm: torch.fx.GraphModule) -> None:
         node.meta["peftfx"] = {"path": path, "layer": layer_index(path), "module_type": mtype.rsplit(".", 1)[-1]}
 
 
-def _clean_path(path: str) -> str:
-    # nn_module_stack paths look like "L['self'].model.layers[0]" in some versions and plain dotted in others.
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
-    path = re.sub(r"\._modules\.", ".", path)
-    return path.strip(".")
-
-
 def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
           training: bool = True) -> PeftModel:
     """Trace ``model`` with ``example_inputs`` into a :class:`PeftModel` (an ``fx.GraphModule``).
@@ -228,9 +221,12 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
     try:
         # MoE experts set to "eager" cannot be traced: batched_mm for the trace; layerdrop/SpecAugment off
         with traceable_experts(model), _host_randomness_off(model, training), _no_cache_config(model, trace_kwargs):
-            unlifted = cached_export(model, trace_kwargs, dynamic, lambda: torch.export.export(
-                model, (), kwargs=trace_kwargs, dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic, model),
-                strict=False).module())
+            def export() -> torch.fx.GraphModule:
+                return torch.export.export(model, (), kwargs=trace_kwargs, strict=False,
+                                           dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic, model)).module()
+            # each distinct repeated block traced once, then replicated (peftfx.trace_replicate)
+            unlifted = cached_export(model, trace_kwargs, dynamic,
+                                     lambda: export_replicated(model, trace_kwargs, export))
     except Exception as e:  # torch.export raises many types; say which model failed and how to proceed
         msg = str(e).strip().splitlines()
         raise TraceError(
