@@ -23,6 +23,7 @@ from .passes.cleanup import cleanup_pass
 from .passes.dropout import mode_dropout_pass
 from .trace_cache import cached_export
 from .trace_patches import traceable_experts
+from .trace_symbolic import symbolic_export
 
 __all__ = ["trace", "normalize_inputs", "hf_extra_inputs"]
 
@@ -228,9 +229,12 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
     try:
         # MoE experts set to "eager" cannot be traced: batched_mm for the trace; layerdrop/SpecAugment off
         with traceable_experts(model), _host_randomness_off(model, training), _no_cache_config(model, trace_kwargs):
-            unlifted = cached_export(model, trace_kwargs, dynamic, lambda: torch.export.export(
-                model, (), kwargs=trace_kwargs, dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic, model),
-                strict=False).module())
+            def export() -> torch.fx.GraphModule:
+                return torch.export.export(model, (), kwargs=trace_kwargs, strict=False,
+                                           dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic, model)).module()
+
+            unlifted = cached_export(model, trace_kwargs, dynamic, export if not dynamic else lambda: symbolic_export(
+                model, trace_kwargs, _dynamic_shapes(trace_kwargs, True), export))
     except Exception as e:  # torch.export raises many types; say which model failed and how to proceed
         msg = str(e).strip().splitlines()
         raise TraceError(
