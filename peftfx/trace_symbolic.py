@@ -364,16 +364,22 @@ def _outputs(out: Any) -> list:
     return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
-def _behaviour(model: nn.Module, gm: fx.GraphModule, inputs: dict[str, Any]) -> None:
-    """Eager ``model`` and ``gm`` on ``inputs`` (same seed) agree; on ``meta``, in shapes and dtypes."""
+def _behaviour(model: nn.Module, gm: fx.GraphModule, inputs: dict[str, Any], predicted: list[tuple]) -> None:
+    """Eager ``model`` and ``gm`` on ``inputs`` (same seed) agree. A model on ``meta`` that cannot run eagerly
+    there (transformers' mask code calls ``.item()``) is held to ``predicted``: the output shapes the rewrite
+    implies at these sizes."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}
+    on_meta = any(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers()))
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(0)
             try:
-                want = _outputs(model(**copy.deepcopy(inputs)))     # a KV cache input is updated in place
+                want: list | None = _outputs(model(**copy.deepcopy(inputs)))  # a KV cache input is updated in place
             except Exception as e:  # the model itself refuses the second shape: nothing to check against
-                raise _Fallback(f"the model does not run at the check sizes ({type(e).__name__})") from e
+                if not on_meta:
+                    raise _Fallback(f"the model does not run at the check sizes: {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
+                want = None
             torch.manual_seed(0)
             try:
                 got = _outputs(gm(**copy.deepcopy(inputs)))
@@ -385,6 +391,11 @@ def _behaviour(model: nn.Module, gm: fx.GraphModule, inputs: dict[str, Any]) -> 
             for name, b in model.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
+    if want is None:
+        shapes = [tuple(t.shape) for t in got]
+        if shapes != predicted:
+            raise _Fallback(f"output shapes {shapes} at the check sizes, the rewrite implies {predicted}")
+        return
     if len(got) != len(want):
         raise _Fallback(f"{len(got)} outputs at the check sizes, the model gives {len(want)}")
     for a, b in zip(got, want):
@@ -397,6 +408,27 @@ def _behaviour(model: nn.Module, gm: fx.GraphModule, inputs: dict[str, Any]) -> 
             else torch.equal(a, b)
         if not ok:
             raise _Fallback("the rewritten graph's output differs from the model's at the check sizes")
+
+
+def _predicted(gm: fx.GraphModule, sizes, check, consts) -> list[tuple]:
+    """The shapes of the graph's tensor outputs at the ``check`` sizes, as the rewrite reads the traced ones."""
+    monomials, ks = _expressions(sizes, consts)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    shapes = []
+    for node in pytree.tree_leaves(out.args):
+        v = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if not isinstance(v, torch.Tensor):
+            continue
+        dims = []
+        for d in v.shape:
+            hit = _classify(int(d), monomials, ks, consts) if int(d) > _SMALL_K else None
+            if hit is not None:
+                d = hit[0]
+                for g, p in hit[1]:
+                    d *= check[g] ** p
+            dims.append(int(d))
+        shapes.append(tuple(dims))
+    return shapes
 
 
 def _check_sizes(groups, sizes) -> dict[Any, int]:
@@ -428,9 +460,11 @@ def _static_then_symbolic(model: nn.Module, kwargs: dict[str, Any], spec: dict[s
     gm = ep.module()
     _drop_guards(gm)
     gm = fx.GraphModule(gm, gm.graph)              # no input-constraint hook of the static shapes
+    check = _check_sizes(groups, sizes)
+    predicted = _predicted(gm, sizes, check, consts)
     _rewrite(gm, sizes, groups, leaves, consts)
     gm.graph.lint()
     gm.recompile()
-    _behaviour(model, gm, _resized(kwargs, leaves, groups, _check_sizes(groups, sizes)))
+    _behaviour(model, gm, _resized(kwargs, leaves, groups, check), predicted)
     _remark(gm, _leaf_dims(traced, spec, consts), groups, sizes, consts)
     return gm
