@@ -335,11 +335,17 @@ def _remark(gm: fx.GraphModule, leaves, groups, sizes, consts) -> None:
             memo[c] = out
         return memo[c]
 
+    made: dict[tuple, torch.Tensor] = {}
+
     def remake(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            with mode:
-                return torch.empty_strided([sym(int(d)) for d in v.shape], [sym(int(d)) for d in v.stride()],
-                                           dtype=v.dtype, device=v.device)
+        if isinstance(v, torch.Tensor):     # one fake value per (shape, stride, dtype, device): 32 layers share
+            key = (tuple(v.shape), v.stride(), v.dtype, v.device, v.requires_grad)
+            if key not in made:
+                with mode:
+                    made[key] = torch.empty_strided([sym(int(d)) for d in v.shape],
+                                                    [sym(int(d)) for d in v.stride()], dtype=v.dtype,
+                                                    device=v.device, requires_grad=v.requires_grad)
+            return made[key]
         if isinstance(v, (list, tuple)):
             return type(v)(remake(x) for x in v)
         return v
