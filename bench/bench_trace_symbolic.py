@@ -140,7 +140,7 @@ def main():
     torch.set_num_threads(args.threads)
     ids = torch.randint(0, 1000, (1, 128))
     results, table = {}, [("model", "apply() symbolic (s)", "apply() dynamic (s)", "HF get_peft_model (s)",
-                           "dynamic / symbolic", "symbolic / HF", "max |Δ logits| sym vs dyn")]
+                           "dynamic / symbolic", "symbolic / HF", "max abs diff of logits, sym vs dyn")]
     for name, (base, targets, fan) in models().items():
         if args.only and args.only not in name:
             continue
