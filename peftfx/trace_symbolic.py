@@ -78,12 +78,18 @@ def symbolic_export(model: nn.Module, kwargs: dict[str, Any], spec: dict[str, An
     try:
         gm = _static_then_symbolic(model, kwargs, spec)
     except _Fallback as e:
-        _STATS["fallback"] += 1
-        log.info("static-then-symbolic trace of %s not used (%s); tracing with dynamic shapes",
-                 type(model).__name__, e)
-        return dynamic_export()
+        return _fallback(model, str(e), dynamic_export)
+    except Exception:  # anything unforeseen: the dynamic export stays the reference path (traceback logged)
+        log.info("static-then-symbolic trace of %s failed unexpectedly", type(model).__name__, exc_info=True)
+        return _fallback(model, "an unexpected error", dynamic_export)
     _STATS["symbolic"] += 1
     return gm
+
+
+def _fallback(model: nn.Module, why: str, dynamic_export: Callable[[], fx.GraphModule]) -> fx.GraphModule:
+    _STATS["fallback"] += 1
+    log.info("static-then-symbolic trace of %s not used (%s); tracing with dynamic shapes", type(model).__name__, why)
+    return dynamic_export()
 
 
 # ----------------------------------------------------------------------------------------------- the inputs

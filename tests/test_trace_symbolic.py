@@ -249,3 +249,19 @@ def test_off_switch(monkeypatch):
     monkeypatch.setenv("PEFTFX_SYMBOLIC_TRACE", "0")
     peftfx.trace(M.llama(), _lm_inputs(2, 8))
     assert TS.info() == {"symbolic": 0, "fallback": 0}
+
+
+def test_an_unexpected_error_falls_back_to_the_dynamic_export(caplog, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(TS, "_rewrite", broken)
+    model = M.TinyTransformer().eval()
+    ids = _ids(2, 8, vocab=100)
+    with caplog.at_level(logging.INFO, logger="peftfx.trace_symbolic"):
+        pm = peftfx.trace(model, (ids,))
+    assert TS.info() == {"symbolic": 0, "fallback": 1}
+    assert "failed unexpectedly" in caplog.text and "boom" in caplog.text
+    pm.eval()
+    x = _ids(3, 11, vocab=100)
+    assert (pm(x) - model(x)).abs().max().item() <= TOL
