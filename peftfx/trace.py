@@ -209,7 +209,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
           training: bool = True) -> PeftModel:
     """Trace ``model`` with ``example_inputs`` into a :class:`PeftModel` (an ``fx.GraphModule``).
 
-    Guarantees: batch and sequence dimensions are dynamic (``dynamic=True``); the parameters are the
+    Guarantees: batch and sequence dimensions are dynamic (``dynamic=True``: a static export made symbolic and checked
+    at a second shape, :mod:`peftfx.trace_symbolic`, else the dynamic ``torch.export``); the parameters are the
     model's own tensors (nothing is copied); a model of an architecture already traced in this process (same
     class, config and input spec) reuses that graph (:mod:`peftfx.trace_cache`); dropout follows
     ``train()``/``eval()``; the model's train/eval mode is unchanged afterwards and the result starts in the same
