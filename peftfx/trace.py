@@ -25,6 +25,7 @@ from .trace_cache import cached_export
 from .trace_patches import traceable_experts
 from .trace_replicate import clean_path as _clean_path
 from .trace_replicate import export_replicated
+from .trace_symbolic import symbolic_export
 
 __all__ = ["trace", "normalize_inputs", "hf_extra_inputs"]
 
@@ -201,7 +202,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
           training: bool = True) -> PeftModel:
     """Trace ``model`` with ``example_inputs`` into a :class:`PeftModel` (an ``fx.GraphModule``).
 
-    Guarantees: batch and sequence dimensions are dynamic (``dynamic=True``); the parameters are the
+    Guarantees: batch and sequence dimensions are dynamic (``dynamic=True``: a static export made symbolic and checked
+    at a second shape, :mod:`peftfx.trace_symbolic`, else the dynamic ``torch.export``); the parameters are the
     model's own tensors (nothing is copied); a model of an architecture already traced in this process (same
     class, config and input spec) reuses that graph (:mod:`peftfx.trace_cache`); dropout follows
     ``train()``/``eval()``; the model's train/eval mode is unchanged afterwards and the result starts in the same
@@ -224,9 +226,15 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
             def export() -> torch.fx.GraphModule:
                 return torch.export.export(model, (), kwargs=trace_kwargs, strict=False,
                                            dynamic_shapes=_dynamic_shapes(trace_kwargs, dynamic, model)).module()
-            # each distinct repeated block traced once, then replicated (peftfx.trace_replicate)
+            # sizes traced static and re-marked symbolic (peftfx.trace_symbolic), each distinct repeated block
+            # traced once and then replicated (peftfx.trace_replicate)
+            def one_pass() -> torch.fx.GraphModule:
+                if not dynamic:
+                    return export()
+                return symbolic_export(model, trace_kwargs, _dynamic_shapes(trace_kwargs, True), export)
+
             unlifted = cached_export(model, trace_kwargs, dynamic,
-                                     lambda: export_replicated(model, trace_kwargs, export))
+                                     lambda: export_replicated(model, trace_kwargs, one_pass))
     except Exception as e:  # torch.export raises many types; say which model failed and how to proceed
         msg = str(e).strip().splitlines()
         raise TraceError(
