@@ -133,13 +133,14 @@ def test_mistral_sliding_window(monkeypatch):
     _check_same(model, {"input_ids": M.ids(2, 8)}, {"input_ids": M.ids(3, 13, seed=5)}, monkeypatch)
 
 
-def test_train_mode_dropout_and_static_shapes(monkeypatch):
+def test_train_and_eval_traces_dropout_and_static_shapes(monkeypatch):
     model, ex, other = _lm(M.bert, layers=4)
     model.config.hidden_dropout_prob = 0.1
     rep, full = _check_same(model, ex, other, monkeypatch)
     rep.train(), full.train()
     _outputs_equal(rep, full, [ex], train_seed=7)          # the same dropout masks in the same order
     rep.eval()
+    _check_same(model, ex, other, monkeypatch, training=False)      # an eval-mode trace (the eval variant's)
     model, ex, _ = _lm(M.llama, layers=4)
     _check_same(model, ex, ex, monkeypatch, dynamic=False)
 
