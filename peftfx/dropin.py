@@ -87,7 +87,7 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
     use_cache = getattr(source.generation_config, "use_cache", True) if use_cache is None else bool(use_cache)
     if use_cache:
         _register_cache_pytrees()
-    step = functools.partial(_step, pm, variants)
+    step = functools.partial(_step, pm, variants, {})   # {}: this call's session (peftfx._stepgraph)
     forward = functools.wraps(source.forward)(step)    # the mixin reads forward's signature (position_ids …)
     source.__dict__["forward"] = forward          # the mixin calls self(...): route it to the adapted graphs
     try:
@@ -96,7 +96,7 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
         source.__dict__.pop("forward", None)
 
 
-def _step(pm: PeftModel, variants: Any, *args: Any, **kw: Any) -> Any:
+def _step(pm: PeftModel, variants: Any, session: dict, *args: Any, **kw: Any) -> Any:
     """One forward of the generation loop, as Hugging Face PEFT runs it for the model's methods."""
     virtual = 0 if variants.disabled else sum(getattr(r, "num_virtual_tokens", 0) for r in pm.peft_info.rules
                                               if in_cache(r))
@@ -107,12 +107,12 @@ def _step(pm: PeftModel, variants: Any, *args: Any, **kw: Any) -> Any:
     if not kw.get("use_cache") or cache is None:
         kw.pop("use_cache", None)
         kw.pop(name, None)
-        return variants.call(pm, args, kw)
+        return variants.call(pm, args, kw, session=session)
     filled = cache.get_seq_length() > 0
     mask = kw.get("attention_mask")
     if virtual and filled and isinstance(mask, torch.Tensor) and mask.dim() == 2:
         kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], virtual), mask], 1)   # the cached tokens
-    return variants.call(pm, args, kw, cached=bool(virtual) and filled)
+    return variants.call(pm, args, kw, cached=bool(virtual) and filled, session=session)
 
 
 def _register_cache_pytrees() -> None:

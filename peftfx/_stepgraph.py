@@ -1,0 +1,142 @@
+"""A generation step's graph, run with flat inputs and outputs: the cheap per-token call of ``generate()``.
+
+A graph ``torch.export`` traced with a KV cache among its inputs is a ``GraphModule`` whose code flattens its
+inputs (the cache to its key and value tensors) and rebuilds its outputs (a ``ModelOutput`` holding a *new*
+cache, which transformers' pytree registration fills by concatenating each layer onto an empty tensor: a copy of
+the whole cache per step). :class:`StepGraph` runs the same graph nodes
+
+- with the tensors it reads by ``get_attr`` (weights, buffers, constants) passed as leading arguments, resolved
+  once per ``generate()`` call (:meth:`StepGraph.weights`) instead of through module attribute chains per step;
+- writing the new key/value tensors into the caller's cache object, as a Hugging Face model's own forward does
+  (``DynamicLayer.update`` assigns them); a cache whose layers are not all plain ``DynamicLayer``\\ s, or whose
+  layer count differs from the graph's, is rebuilt the ordinary way (pytree unflatten).
+
+The graph's nodes, adapter modules and parameters are the ones of the model's variant (shared, not copied).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx import _pytree as fx_pytree
+from torch.utils import _pytree as pytree
+
+from .model import _SERVICES, _fill_constants
+
+__all__ = ["StepGraph", "run_step", "step_graph"]
+
+
+class StepGraph:
+    """``gm``'s nodes compiled as ``f(*weights, *flat_inputs) -> flat_outputs`` (see the module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        info = getattr(gm.graph._codegen, "pytree_info", None)
+        if info is None or info.in_spec is None or info.out_spec is None:
+            raise ValueError("not a pytree-coded graph")
+        self.in_spec, self.out_spec = info.in_spec, info.out_spec
+        self.code = gm.__dict__.get("_code")
+        graph, env, self.attrs = fx.Graph(), {}, []
+        for n in gm.graph.nodes:           # weights first, as arguments
+            if n.op == "get_attr" and isinstance(_resolve(gm, n.target), torch.Tensor):
+                env[n] = graph.placeholder(n.name)
+                self.attrs.append(n.target)
+        for n in gm.graph.nodes:
+            if n in env:
+                continue
+            if n.op == "output":
+                graph.output(fx.map_arg(n.args[0], env.__getitem__))
+            else:
+                env[n] = graph.node_copy(n, env.__getitem__)
+        self.module = fx.GraphModule(gm, graph)          # adapter modules (call_module) shared by reference
+        self.forward = self.module.forward
+
+    def weights(self, gm: nn.Module) -> list[torch.Tensor]:
+        """The tensors the graph reads, from ``gm`` now (call once per ``generate()``: weights do not change
+        identity during one)."""
+        return [_resolve(gm, t) for t in self.attrs]
+
+    def __call__(self, weights: list[torch.Tensor], kwargs: dict[str, Any], cache: Any) -> Any:
+        leaves = fx_pytree.tree_flatten_spec(([], kwargs), self.in_spec)
+        out = self.forward(*weights, *leaves)
+        return _unflatten(iter(out), self.out_spec, cache)
+
+
+def step_graph(gm: fx.GraphModule) -> StepGraph | None:
+    """The :class:`StepGraph` of ``gm`` (built once per compiled code of ``gm``), or None for a graph without
+    pytree-coded inputs and outputs."""
+    have = gm.__dict__.get("_peftfx_step")
+    if have is not None and have.code is gm.__dict__.get("_code"):
+        return have
+    try:
+        sg = StepGraph(gm)
+    except ValueError:
+        return None
+    gm.__dict__["_peftfx_step"] = sg
+    return sg
+
+
+def _resolve(root: nn.Module, target: str) -> Any:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _unflatten(leaves, spec, cache: Any) -> Any:
+    if spec.is_leaf():
+        return next(leaves)
+    children = [_unflatten(leaves, c, cache) for c in spec.children_specs]
+    if cache is not None and spec.type is type(cache):
+        filled = _into(cache, spec.context, children)
+        if filled is not None:
+            return filled
+    return pytree.SUPPORTED_NODES[spec.type].unflatten_fn(children, spec.context)
+
+
+def _into(cache: Any, context: Any, children: list) -> Any:
+    """Write a flattened ``DynamicCache`` (transformers' layout: ``[names, layout]`` context, one list of keys
+    and one of values) into ``cache``'s own ``DynamicLayer``\\ s; None when they do not fit that plainly."""
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        names, _ = context
+        parts = dict(zip(names, children))
+        keys, values = parts["key_cache"], parts["value_cache"]
+    except (TypeError, ValueError, KeyError):
+        return None
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or len(keys) != len(layers) or len(values) != len(layers) \
+            or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    for layer, k, v in zip(layers, keys, values):
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
+
+
+def run_step(gm: fx.GraphModule, kwargs: dict[str, Any], session: dict) -> Any:
+    """``gm(**kwargs)`` as a :class:`StepGraph` with the weights resolved once per ``session`` (one
+    ``generate()`` call). A graph running its layered view (activation checkpointing, FSDP2 units:
+    :mod:`peftfx.layers`) or with forward hooks of its own (or global ones) runs as an ordinary module call, so
+    those hooks still run."""
+    layered = _SERVICES.get("layered_forward")
+    if _hooked(gm) or (layered is not None and layered(gm) is not None):
+        return gm(**kwargs)
+    sg = step_graph(gm)
+    if sg is None:
+        return gm(**kwargs)
+    have = session.get(id(sg))
+    if have is None or have[0] is not sg:
+        have = session[id(sg)] = (sg, sg.weights(gm))
+    cache = next((v for v in kwargs.values() if isinstance(getattr(v, "layers", None), list)), None)
+    return sg(have[1], kwargs, cache)
+
+
+def _hooked(gm: nn.Module) -> bool:
+    from torch.nn.modules import module as m
+
+    pre = [h for h in gm._forward_pre_hooks.values() if h is not _fill_constants]
+    return bool(pre or gm._forward_hooks or m._global_forward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_hooks_always_called)
