@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx import _pytree as fx_pytree
+from torch.fx.graph_module import _forward_from_src
+from torch.fx.node import _get_qualified_name
 from torch.utils import _pytree as pytree
 
 from .model import _SERVICES, _fill_constants
@@ -49,7 +51,7 @@ class StepGraph:
             else:
                 env[n] = graph.node_copy(n, env.__getitem__)
         self.module = fx.GraphModule(gm, graph)          # adapter modules (call_module) shared by reference
-        self.forward = self.module.forward
+        self.forward = _direct_ops(self.module)
 
     def weights(self, gm: nn.Module) -> list[torch.Tensor]:
         """The tensors the graph reads, from ``gm`` now (call once per ``generate()``: weights do not change
@@ -74,6 +76,22 @@ def step_graph(gm: fx.GraphModule) -> StepGraph | None:
         return None
     gm.__dict__["_peftfx_step"] = sg
     return sg
+
+
+def _direct_ops(module: fx.GraphModule) -> Any:
+    """``module.forward`` with each ATen op called through its C++ entry point: the code FX generates for
+    ``torch.ops.aten.mul.Tensor(…)`` looks the op up through four attributes and calls
+    ``OpOverload.__call__``, a Python frame that only forwards to ``OpOverload._op``; here the code calls
+    ``_op`` itself (the same overload, the same dispatch)."""
+    code = module.graph.python_code(root_module="self")
+    src, glb = code.src, dict(code.globals)
+    ops = {n.target for n in module.graph.nodes if isinstance(n.target, torch._ops.OpOverload)}
+    for i, op in enumerate(sorted(ops, key=str)):
+        qual = _get_qualified_name(op) + "("
+        if qual in src:
+            src = src.replace(qual, f"_peftfx_op{i}(")
+            glb[f"_peftfx_op{i}"] = op._op
+    return _forward_from_src(src, glb).__get__(module)       # FX's own compile (source kept for tracebacks)
 
 
 def _resolve(root: nn.Module, target: str) -> Any:

@@ -44,6 +44,10 @@ def simplify_pass(gm: fx.GraphModule) -> PassResult:
       operand (no copy of a KV cache each step);
     - ``slice(x, d, 0, INT64_MAX)`` (step 1), ``to(x, dtype)`` to ``x``'s own dtype (and device), ``x * 1`` and
       ``x + 0`` whose result has ``x``'s dtype and shape: ``x``;
+    - grouped-query attention: ``scaled_dot_product_attention`` on keys and values whose heads were repeated
+      (transformers' ``repeat_kv``: ``unsqueeze(x, 2)`` → ``expand`` to ``[b, h_kv, n, s, d]`` → ``reshape`` to
+      ``[b, h_kv·n, s, d]``: query head i reads key/value head i // n) takes ``x`` itself with ``enable_gqa=True``,
+      which SDPA defines as that same repetition, without materialising n copies of the cache each step;
     - code left without users (``lift_fresh_copy``/``detach_`` pairs of an unused constant, size arithmetic).
 
     Replacing a fresh result by its input makes two values one tensor, which only a later in-place op could tell
@@ -59,6 +63,7 @@ def simplify_pass(gm: fx.GraphModule) -> PassResult:
         if same is not None:
             node.replace_all_uses_with(same)
             modified = True
+    modified |= _grouped_attention(graph)
     modified |= _drop_dead(graph)
     return PassResult(gm, modified)
 
@@ -144,6 +149,50 @@ def _same_size(a, b) -> bool:
     if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
         return a.node.expr == b.node.expr
     return False
+
+
+def _grouped_attention(graph: fx.Graph) -> bool:
+    modified = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.scaled_dot_product_attention.default \
+                or node.kwargs.get("enable_gqa") or len(node.args) < 3:
+            continue
+        q, k, v = node.args[:3]
+        rk, rv = _repeated_heads(k), _repeated_heads(v)
+        qv = _val(q)
+        if rk is None or rv is None or rk[1] != rv[1] or qv is None or qv.dim() != 4 \
+                or not _same_size(qv.shape[1], _val(k).shape[1]):
+            continue
+        node.args = (q, rk[0], rv[0], *node.args[3:])
+        node.kwargs = {**node.kwargs, "enable_gqa": True}
+        modified = True
+    return modified
+
+
+def _repeated_heads(node) -> tuple[fx.Node, int] | None:
+    """``(x, n)`` when ``node`` is ``x``'s heads each repeated n times in place (``repeat_kv``), else None."""
+    out = _val(node)
+    if out is None or out.dim() != 4 or node.target not in (aten.reshape.default, aten.view.default,
+                                                            aten._unsafe_view.default):
+        return None
+    exp = node.args[0]
+    if not isinstance(exp, fx.Node) or exp.target is not aten.expand.default:
+        return None
+    uns = exp.args[0]
+    if not isinstance(uns, fx.Node) or uns.target is not aten.unsqueeze.default or uns.args[1] != 2:
+        return None
+    x, big = uns.args[0], _val(exp)
+    xv = _val(x)
+    if xv is None or big is None or xv.dim() != 4 or big.dim() != 5 or not isinstance(big.shape[2], int):
+        return None
+    n = big.shape[2]
+    same = [(big.shape[0], xv.shape[0]), (big.shape[1], xv.shape[1]), (big.shape[3], xv.shape[2]),
+            (big.shape[4], xv.shape[3]), (out.shape[0], xv.shape[0]), (out.shape[2], xv.shape[2]),
+            (out.shape[3], xv.shape[3])]
+    heads = xv.shape[1] * n
+    if n < 1 or not all(_same_size(a, b) for a, b in same) or not _same_size(out.shape[1], heads):
+        return None
+    return x, n
 
 
 def _drop_dead(graph: fx.Graph) -> bool:
