@@ -24,9 +24,9 @@ from torch.fx.graph_module import _forward_from_src
 from torch.fx.node import _get_qualified_name
 from torch.utils import _pytree as pytree
 
-from .model import _SERVICES, _fill_constants
+from .model import _SERVICES, _fill_constants, call_key
 
-__all__ = ["StepGraph", "run_step", "step_graph"]
+__all__ = ["StepGraph", "run_step", "session_key", "step_graph"]
 
 
 class StepGraph:
@@ -36,7 +36,7 @@ class StepGraph:
         info = getattr(gm.graph._codegen, "pytree_info", None)
         if info is None or info.in_spec is None or info.out_spec is None:
             raise ValueError("not a pytree-coded graph")
-        self.in_spec, self.out_spec = info.in_spec, info.out_spec
+        self.in_spec, self.out_plan = info.in_spec, _plan(info.out_spec)
         self.code = gm.__dict__.get("_code")
         graph, env, self.attrs = fx.Graph(), {}, []
         for n in gm.graph.nodes:           # weights first, as arguments
@@ -61,7 +61,7 @@ class StepGraph:
     def __call__(self, weights: list[torch.Tensor], kwargs: dict[str, Any], cache: Any) -> Any:
         leaves = fx_pytree.tree_flatten_spec(([], kwargs), self.in_spec)
         out = self.forward(*weights, *leaves)
-        return _unflatten(iter(out), self.out_spec, cache)
+        return _unflatten(iter(out), self.out_plan, cache)
 
 
 def step_graph(gm: fx.GraphModule) -> StepGraph | None:
@@ -101,15 +101,24 @@ def _resolve(root: nn.Module, target: str) -> Any:
     return obj
 
 
-def _unflatten(leaves, spec, cache: Any) -> Any:
+def _plan(spec: Any) -> Any:
+    """``spec`` as nested ``(type, context, unflatten_fn, children)`` (None for a leaf), walked once."""
     if spec.is_leaf():
+        return None
+    kids = spec.children() if hasattr(spec, "children") else spec.children_specs
+    return spec.type, spec.context, pytree.SUPPORTED_NODES[spec.type].unflatten_fn, [_plan(c) for c in kids]
+
+
+def _unflatten(leaves, plan: Any, cache: Any) -> Any:
+    if plan is None:
         return next(leaves)
-    children = [_unflatten(leaves, c, cache) for c in spec.children_specs]
-    if cache is not None and spec.type is type(cache):
-        filled = _into(cache, spec.context, children)
+    kind, context, unflatten_fn, kids = plan
+    children = [_unflatten(leaves, c, cache) for c in kids]
+    if cache is not None and kind is type(cache):
+        filled = _into(cache, context, children)
         if filled is not None:
             return filled
-    return pytree.SUPPORTED_NODES[spec.type].unflatten_fn(children, spec.context)
+    return unflatten_fn(children, context)
 
 
 def _into(cache: Any, context: Any, children: list) -> Any:
@@ -158,3 +167,36 @@ def _hooked(gm: nn.Module) -> bool:
     pre = [h for h in gm._forward_pre_hooks.values() if h is not _fill_constants]
     return bool(pre or gm._forward_hooks or m._global_forward_pre_hooks or m._global_forward_hooks
                 or m._global_forward_hooks_always_called)
+
+
+def session_key(session: dict | None, kwargs: dict[str, Any], training: bool, dynamic: bool) -> tuple:
+    """``call_key(kwargs, training, dynamic)``, remembered in a ``generate()`` session under a cheaper fingerprint
+    that determines it: per input the tensor description ``call_key`` uses, a constant's value, and for a KV
+    cache each layer's type, window and key/value tensor descriptions (which fix its pytree structure and
+    leaves). Inputs of other kinds are not fingerprinted: the key is computed each call."""
+    if session is None:
+        return call_key(kwargs, training, dynamic)
+    parts: list = [training, dynamic]
+    for name, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            parts.append((name, _describe(v, dynamic)))
+        elif isinstance(v, (bool, int, float, str)) or v is None:
+            parts.append((name, type(v), v))
+        elif isinstance(getattr(v, "layers", None), list):
+            parts.append((name, type(v), tuple((type(layer), getattr(layer, "sliding_window", None),
+                                                _describe(getattr(layer, "keys", None), dynamic),
+                                                _describe(getattr(layer, "values", None), dynamic))
+                                               for layer in v.layers)))
+        else:
+            return call_key(kwargs, training, dynamic)
+    fp = ("key", tuple(parts))
+    key = session.get(fp)
+    if key is None:
+        key = session[fp] = call_key(kwargs, training, dynamic)
+    return key
+
+
+def _describe(t: Any, dynamic: bool) -> Any:
+    if not isinstance(t, torch.Tensor):
+        return type(t)
+    return (t.dim(), t.dtype, t.device, tuple(t.shape) if not dynamic else tuple(d == 1 for d in t.shape[1:]))

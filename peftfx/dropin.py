@@ -109,10 +109,40 @@ def _step(pm: PeftModel, variants: Any, session: dict, *args: Any, **kw: Any) ->
         kw.pop(name, None)
         return variants.call(pm, args, kw, session=session)
     filled = cache.get_seq_length() > 0
+    _check_cache(cache, filled)
     mask = kw.get("attention_mask")
     if virtual and filled and isinstance(mask, torch.Tensor) and mask.dim() == 2:
         kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], virtual), mask], 1)   # the cached tokens
     return variants.call(pm, args, kw, cached=bool(virtual) and filled, session=session)
+
+
+def _check_cache(cache: Any, filled: bool) -> None:
+    """The graphs take transformers' ``DynamicCache`` (a pytree of its key/value tensors). Sliding-window layers
+    of an empty one become plain ``DynamicLayer``\\ s: the window's bookkeeping (tokens seen so far, a Python int)
+    cannot live in a graph that is traced once for every step, while a layer holding every token is exact — the
+    model's sliding-window mask still limits attention to the window (memory grows with the sequence, as for
+    full attention). Other caches (static, quantized, offloaded, encoder-decoder) are refused, saying what to
+    use."""
+    from transformers.cache_utils import (
+        DynamicCache,
+        DynamicLayer,
+        DynamicSlidingWindowLayer,
+    )
+
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
+        raise PeftfxError(f"generate() runs peftfx's traced graphs with transformers' DynamicCache; this call uses "
+                          f"a {type(cache).__name__}{' with offloading' if type(cache) is DynamicCache else ''}, "
+                          "which they cannot take. Leave cache_implementation unset (or 'dynamic') and pass no "
+                          "cache object — the tokens are the same — or pass use_cache=False.")
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicSlidingWindowLayer:
+            if filled:
+                raise PeftfxError("generate() was given a DynamicCache whose sliding-window layers already hold "
+                                  "tokens; peftfx's graphs need full layers. Pass no cache (or an empty one).")
+            cache.layers[i] = DynamicLayer()
+        elif type(layer) is not DynamicLayer:
+            raise PeftfxError(f"generate(): cache layer {i} is a {type(layer).__name__}; peftfx's graphs take "
+                              "DynamicLayer caches only. Pass no cache object, or use_cache=False.")
 
 
 def _register_cache_pytrees() -> None:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ._errors import PeftfxError
-from ._stepgraph import run_step
+from ._stepgraph import run_step, session_key
 from .model import PeftModel, adapter_name, call_key
 from .passes.base import PassManager
 from .passes.cleanup import simplify_pass
@@ -155,7 +155,7 @@ class Variants:
         # Hugging Face's return_dict only shapes the output (ModelOutput or its to_tuple()): done here, so it needs
         # no graph of its own (torch.export also rejects a bool among a forward's **kwargs).
         return_dict = kwargs.pop("return_dict", None) if self._strict else None
-        key = call_key(kwargs, home.training, self.dynamic)
+        key = session_key(session, kwargs, home.training, self.dynamic)
         if self.disabled:
             key += ("base",)
         elif cached:
