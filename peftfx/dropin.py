@@ -83,6 +83,12 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
     if source is None or variants is None or not callable(getattr(source, "generate", None)):
         raise PeftfxError("generate() needs a model returned by peftfx.apply() from a Hugging Face model with "
                           "generate() (a GenerationMixin).")
+    if getattr(getattr(source, "config", None), "is_encoder_decoder", False):
+        raise PeftfxError(f"generate() on an encoder-decoder model ({type(source).__name__}) is not supported yet: "
+                          "Hugging Face's generate runs the encoder by itself (get_encoder()), outside the adapted "
+                          "graphs, and passes its output to the decoder. For adapters that merge (LoRA, IA3, DoRA, "
+                          "VeRA) use peftfx.merge_and_unload(model).generate(...); or export with "
+                          "peftfx.export_onnx.")
     use_cache = kwargs.pop("use_cache", None)
     use_cache = getattr(source.generation_config, "use_cache", True) if use_cache is None else bool(use_cache)
     if use_cache:

@@ -410,3 +410,28 @@ def test_static_cache_is_refused_saying_what_to_use_and_that_gives_hf_peft_stati
     with pytest.raises(peftfx.PeftfxError, match="Leave cache_implementation unset"):
         _generate(ours, ids, mask, cache_implementation="static")
     assert torch.equal(_generate(ours, ids, mask), _generate(hf, ids, mask, cache_implementation="static"))
+
+
+def test_encoder_decoder_generate_is_refused_and_the_merged_model_it_points_to_gives_hf_peft_tokens():
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_heads=4, decoder_start_token_id=0)).eval()
+    ours = peftfx.apply(copy.deepcopy(base), LoRA(rank=4, alpha=8, targets=select.name("q", "v")),
+                        {"input_ids": M.ids(3, 10), "decoder_input_ids": M.ids(3, 4)})
+    hf = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
+    _copy_trainable(hf, ours, lambda n: n.replace("base_model.model.", "").replace(".lora_A.default.weight",
+                                                                                   ".lora.lora_A")
+                    .replace(".lora_B.default.weight", ".lora.lora_B"))
+    hf.eval(), ours.eval()
+    ids = M.ids(3, 7)
+    for kw in ({}, {"use_cache": False}):
+        with pytest.raises(peftfx.PeftfxError, match="merge_and_unload"):
+            ours.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, **kw)
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False)
+        got = peftfx.merge_and_unload(ours).generate(input_ids=ids, max_new_tokens=NEW, do_sample=False)
+        assert not torch.equal(want, base.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False))
+    assert torch.equal(got, want)
