@@ -54,8 +54,8 @@ def simplify_pass(gm: fx.GraphModule) -> PassResult:
     apart: a graph that mutates any tensor (beyond the ``detach_`` of its own fresh constant copies) keeps those
     operations. Adapter modules (``call_module``) and random ops are never removed."""
     graph = gm.graph
-    modified = _drop_empty_cat_operands(graph)
     aliasing_ok = not any(_mutates(n) and not _fresh_detach(n) for n in graph.nodes)
+    modified = _drop_empty_cat_operands(graph, aliasing_ok)
     for node in list(graph.nodes):
         if node.op != "call_function" or not node.users:
             continue
@@ -91,7 +91,7 @@ def _empty_const(node) -> bool:
     return v is not None and v.dim() == 1 and isinstance(v.shape[0], int) and v.shape[0] == 0
 
 
-def _drop_empty_cat_operands(graph: fx.Graph) -> bool:
+def _drop_empty_cat_operands(graph: fx.Graph, aliasing_ok: bool) -> bool:
     modified = False
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.cat.default or not isinstance(node.args[0],
@@ -103,7 +103,7 @@ def _drop_empty_cat_operands(graph: fx.Graph) -> bool:
             continue
         if any(_val(a) is None or _val(a).dtype != out.dtype or _val(a).device != out.device for a in keep):
             continue            # the empty operand took part in type promotion: keep it
-        if len(keep) == 1 and not any(_mutates(u) for u in node.users):
+        if len(keep) == 1 and aliasing_ok and not _input_as_output(node, keep[0]):
             node.replace_all_uses_with(keep[0])
         else:
             node.args = (list(keep), *node.args[1:])
@@ -116,7 +116,7 @@ def _identity_of(node: fx.Node, aliasing_ok: bool) -> fx.Node | None:
     args, t = node.args, node.target
     x = args[0] if args else None
     out, inp = _val(node), _val(x)
-    if out is None or inp is None or out.dtype != inp.dtype or out.device != inp.device \
+    if out is None or inp is None or out.dtype != inp.dtype or out.device != inp.device or out.layout != inp.layout \
             or out.dim() != inp.dim() or any(not _same_size(a, b) for a, b in zip(out.shape, inp.shape)):
         return None
     if t is aten.slice.Tensor:             # a view of all of x: x itself (views alias anyway)
@@ -125,13 +125,19 @@ def _identity_of(node: fx.Node, aliasing_ok: bool) -> fx.Node | None:
     if t in (aten.to.dtype, aten.to.device, aten.to.dtype_layout):   # a no-op .to() returns x itself
         keep_format = _arg(node, "memory_format", None) in (None, torch.preserve_format)
         return x if keep_format and not _arg(node, "copy", False) else None
-    if not aliasing_ok or node.kwargs:
+    if not aliasing_ok or node.kwargs or _input_as_output(node, x):
         return None
     if t is aten.mul.Tensor and len(args) == 2 and not isinstance(args[1], fx.Node) and args[1] == 1:
         return x
     if t is aten.add.Tensor and len(args) == 2 and not isinstance(args[1], fx.Node) and args[1] == 0:
         return x
     return None
+
+
+def _input_as_output(node: fx.Node, x: fx.Node) -> bool:
+    """Whether replacing ``node`` by ``x`` would return a graph input (or constant) itself as an output: the
+    caller then holds its own input, where it had a fresh tensor."""
+    return x.op in ("placeholder", "get_attr") and any(u.op == "output" for u in node.users)
 
 
 def _arg(node: fx.Node, name: str, default):
