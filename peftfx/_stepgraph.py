@@ -171,9 +171,9 @@ def _hooked(gm: nn.Module) -> bool:
 
 def session_key(session: dict | None, kwargs: dict[str, Any], training: bool, dynamic: bool) -> tuple:
     """``call_key(kwargs, training, dynamic)``, remembered in a ``generate()`` session under a cheaper fingerprint
-    that determines it: per input the tensor description ``call_key`` uses, a constant's value, and for a KV
-    cache each layer's type, window and key/value tensor descriptions (which fix its pytree structure and
-    leaves). Inputs of other kinds are not fingerprinted: the key is computed each call."""
+    that determines it: per input the tensor description ``call_key`` uses, a constant's value, and for a
+    ``DynamicCache`` each layer's type, window and key/value tensor descriptions (which fix its pytree structure
+    and leaves). Inputs of other kinds are not fingerprinted: the key is computed each call."""
     if session is None:
         return call_key(kwargs, training, dynamic)
     parts: list = [training, dynamic]
@@ -182,7 +182,7 @@ def session_key(session: dict | None, kwargs: dict[str, Any], training: bool, dy
             parts.append((name, _describe(v, dynamic)))
         elif isinstance(v, (bool, int, float, str)) or v is None:
             parts.append((name, type(v), v))
-        elif isinstance(getattr(v, "layers", None), list):
+        elif _dynamic_cache(v):
             parts.append((name, type(v), tuple((type(layer), getattr(layer, "sliding_window", None),
                                                 _describe(getattr(layer, "keys", None), dynamic),
                                                 _describe(getattr(layer, "values", None), dynamic))
@@ -194,6 +194,14 @@ def session_key(session: dict | None, kwargs: dict[str, Any], training: bool, dy
     if key is None:
         key = session[fp] = call_key(kwargs, training, dynamic)
     return key
+
+
+def _dynamic_cache(v: Any) -> bool:
+    try:
+        from transformers.cache_utils import DynamicCache
+    except ImportError:            # pragma: no cover - without transformers there is no such cache
+        return False
+    return type(v) is DynamicCache
 
 
 def _describe(t: Any, dynamic: bool) -> Any:
