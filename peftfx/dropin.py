@@ -75,7 +75,9 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
     them; later steps get the attention mask with N leading ones, positions from the cache length, no
     ``position_ids``); prefix tuning keeps its key/value prefixes in the attention ops of every step (the cache
     holds the real tokens; positions are the mixin's, shifted by N in the graph). ``use_cache=False`` runs the
-    whole sequence at every step."""
+    whole sequence at every step. Encoder-decoder models (T5, BART; site adapters only): the mixin's
+    ``get_encoder()`` call runs the adapted graph too, and the decoder steps take its ``EncoderDecoderCache``
+    (a pytree by transformers' generic Cache registration)."""
     require_peft(pm, "generate")
     origin = pm.__dict__.get("_peftfx_origin")
     source = None if origin is None else origin[0]
@@ -83,23 +85,51 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
     if source is None or variants is None or not callable(getattr(source, "generate", None)):
         raise PeftfxError("generate() needs a model returned by peftfx.apply() from a Hugging Face model with "
                           "generate() (a GenerationMixin).")
-    if getattr(getattr(source, "config", None), "is_encoder_decoder", False):
-        raise PeftfxError(f"generate() on an encoder-decoder model ({type(source).__name__}) is not supported yet: "
-                          "Hugging Face's generate runs the encoder by itself (get_encoder()), outside the adapted "
-                          "graphs, and passes its output to the decoder. For adapters that merge (LoRA, IA3, DoRA, "
-                          "VeRA) use peftfx.merge_and_unload(model).generate(...); or export with "
-                          "peftfx.export_onnx.")
+    seq2seq = bool(getattr(getattr(source, "config", None), "is_encoder_decoder", False))
+    if seq2seq and any(in_cache(r) or getattr(r, "graph_level", False) for r in pm.peft_info.rules):
+        raise PeftfxError("generate() on an encoder-decoder model runs site adapters (LoRA, IA3, DoRA, VeRA, "
+                          "Houlsby); virtual-token methods are not supported there yet. Use use_cache=False "
+                          "with a forward loop of your own, or export with peftfx.export_onnx.")
     use_cache = kwargs.pop("use_cache", None)
     use_cache = getattr(source.generation_config, "use_cache", True) if use_cache is None else bool(use_cache)
+    if seq2seq and not use_cache:
+        raise PeftfxError("generate() on an encoder-decoder model runs with the KV cache (the default); "
+                          "use_cache=False is not supported there. Drop use_cache=False (same tokens).")
     if use_cache:
         _register_cache_pytrees()
-    step = functools.partial(_step, pm, variants, {})   # {}: this call's session (peftfx._stepgraph)
+    session: dict = {}                                  # this call's session (peftfx._stepgraph)
+    step = functools.partial(_step, pm, variants, session)
     forward = functools.wraps(source.forward)(step)    # the mixin reads forward's signature (position_ids …)
     source.__dict__["forward"] = forward          # the mixin calls self(...): route it to the adapted graphs
+    if seq2seq:                                   # the mixin runs get_encoder() itself: route it here too
+        source.__dict__["get_encoder"] = lambda *a, **k: _Encoder(pm, variants, session)
     try:
         return source.generate(*args, use_cache=use_cache, **kwargs)
     finally:
         source.__dict__.pop("forward", None)
+        source.__dict__.pop("get_encoder", None)
+
+
+class _Encoder(nn.Module):
+    """The encoder as Hugging Face's generate calls it (``get_encoder()(input_ids=…, attention_mask=…)``), run by
+    the adapted graphs: the whole model with a one-token decoder input, of whose output only the encoder's last
+    hidden state is kept (the decoder token costs one step and does not touch the encoder)."""
+
+    def __init__(self, pm: PeftModel, variants: Any, session: dict):
+        super().__init__()
+        self.__dict__.update(pm=pm, variants=variants, session=session)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=True, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if inputs_embeds is not None or output_attentions or output_hidden_states:
+            raise PeftfxError("generate() on an encoder-decoder model takes input_ids (not inputs_embeds) and no "
+                              "output_attentions / output_hidden_states.")
+        start = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
+        out = self.variants.call(self.pm, (), {"input_ids": input_ids, "attention_mask": attention_mask,
+                                               "decoder_input_ids": start}, session=self.session)
+        return BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
 
 
 def _step(pm: PeftModel, variants: Any, session: dict, *args: Any, **kw: Any) -> Any:
@@ -133,8 +163,13 @@ def _check_cache(cache: Any, filled: bool) -> None:
         DynamicCache,
         DynamicLayer,
         DynamicSlidingWindowLayer,
+        EncoderDecoderCache,
     )
 
+    if type(cache) is EncoderDecoderCache:        # self- and cross-attention: each a DynamicCache
+        _check_cache(cache.self_attention_cache, filled)
+        _check_cache(cache.cross_attention_cache, filled)
+        return
     if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
         raise PeftfxError(f"generate() runs peftfx's traced graphs with transformers' DynamicCache; this call uses "
                           f"a {type(cache).__name__}{' with offloading' if type(cache) is DynamicCache else ''}, "
@@ -162,6 +197,12 @@ def _register_cache_pytrees() -> None:
         raise PeftfxError("generate() with a KV cache needs transformers ≥ 5 (its DynamicCache export support); "
                           "pass use_cache=False to decode without a cache.") from e
     register_dynamic_cache_export_support()
+    try:            # an encoder-decoder's cache: transformers' generic Cache registration (objects as they are)
+        from transformers.cache_utils import EncoderDecoderCache
+        from transformers.exporters.exporter_dynamo import register_pytree_node
+    except ImportError:        # pragma: no cover - an older transformers: encoder-decoder caches stay untraceable
+        return
+    register_pytree_node(EncoderDecoderCache)
 
 
 register_service("save_pretrained", save_pretrained)

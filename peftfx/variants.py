@@ -313,6 +313,10 @@ def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool, c
             sites.update((adapter_name(pm, m.site.key, m.rule.name), m.site)
                          for m in plan(pm, spec["rules"], allow_empty=True).matches)
     recorded = {n for n, r in info.adapters.items() if r.site.get("kind") != "virtual"}
+    # a weight this graph never reads (an encoder's, in a decoder step given encoder_outputs) needs no adapter here
+    read = {n.target for n in pm.graph.nodes if n.op == "get_attr" and n.users}
+    unread = {n for n in recorded - set(sites) if info.adapters[n].site.get("weight") not in read}
+    recorded -= unread
     if set(sites) != recorded:
         raise PeftfxError(f"{where} has other adapter sites than the model: missing there "
                           f"{sorted(recorded - set(sites))[:5]}, new there {sorted(set(sites) - recorded)[:5]}. The "
@@ -321,6 +325,8 @@ def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool, c
     adapters = {}
     items = []
     for name, rec in info.adapters.items():
+        if name in unread:
+            continue
         rec = copy.copy(rec)
         adapters[name] = rec
         if name in sites:
