@@ -88,8 +88,9 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
     seq2seq = bool(getattr(getattr(source, "config", None), "is_encoder_decoder", False))
     if seq2seq and any(in_cache(r) or getattr(r, "graph_level", False) for r in pm.peft_info.rules):
         raise PeftfxError("generate() on an encoder-decoder model runs site adapters (LoRA, IA3, DoRA, VeRA, "
-                          "Houlsby); virtual-token methods are not supported there yet. Use use_cache=False "
-                          "with a forward loop of your own, or export with peftfx.export_onnx.")
+                          "Houlsby); virtual-token methods are not supported there yet. Call the model in a "
+                          "decoding loop of your own (peft(input_ids=…, decoder_input_ids=…)), or export with "
+                          "peftfx.export_onnx.")
     use_cache = kwargs.pop("use_cache", None)
     use_cache = getattr(source.generation_config, "use_cache", True) if use_cache is None else bool(use_cache)
     if seq2seq and not use_cache:
