@@ -9,6 +9,7 @@ every run generates the same count. Part 1: batch 1 and 8 (prompts of 32 tokens,
 for batch 8): peftfx vs HF PEFT, tokens asserted identical, medians of interleaved repeats, tokens/s = batch·new /
 median. Part 2: batch 1, prompt lengths ``--lengths``: seconds per new token = (median(prompt + new tokens) −
 median(prompt + 1 token)) / (new − 1), i.e. the decode steps alone, for peftfx with and without its cache.
+The machine's load average at the start and end is recorded (the development machine is shared).
 Results: bench/results/generate.{json,md}.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import interleaved, write  # noqa: E402
+from bench._common import interleaved, write
 
 VOCAB = 4096
 
@@ -83,6 +84,7 @@ def main() -> None:
     t0 = time.perf_counter()
     hf, ours = build()
     print(f"built in {time.perf_counter() - t0:.1f}s", flush=True)
+    load_start = os.getloadavg()
     results, table = {"threads": args.threads, "new_tokens": args.new}, [("case", "peftfx s", "HF PEFT s",
                                                                           "peftfx tok/s", "HF PEFT tok/s",
                                                                           "peftfx/HF speed")]
@@ -112,6 +114,12 @@ def main() -> None:
         results[f"prompt{length}"] = {"seconds": t, "per_token_s": per}
         table.append((f"prompt {length}", f"{per['cached'] * 1e3:.2f}", f"{per['nocache'] * 1e3:.2f}",
                       f"{per['hf'] * 1e3:.2f}", "", ""))
+    load_end = os.getloadavg()
+    results["load_average"] = {"start": load_start, "end": load_end, "cpu_count": os.cpu_count()}
+    fmt = "/".join
+    note = (f"load average (1/5/15 min) at start {fmt(f'{x:.1f}' for x in load_start)}, at end "
+            f"{fmt(f'{x:.1f}' for x in load_end)}; {os.cpu_count()} CPUs, shared")
+    table.append((note, "", "", "", "", ""))
     write("generate", results, table)
 
 

@@ -74,7 +74,9 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
     them; later steps get the attention mask with N leading ones, positions from the cache length, no
     ``position_ids``); prefix tuning keeps its key/value prefixes in the attention ops of every step (the cache
     holds the real tokens; positions are the mixin's, shifted by N in the graph). ``use_cache=False`` runs the
-    whole sequence at every step."""
+    whole sequence at every step. Encoder-decoder models (T5, BART; site adapters only): the mixin's
+    ``get_encoder()`` call runs the adapted graph too, and the decoder steps take its ``EncoderDecoderCache``
+    (a pytree by transformers' generic Cache registration)."""
     require_peft(pm, "generate")
     origin = pm.__dict__.get("_peftfx_origin")
     source = None if origin is None else origin[0]
@@ -82,20 +84,55 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
     if source is None or variants is None or not callable(getattr(source, "generate", None)):
         raise PeftfxError("generate() needs a model returned by peftfx.apply() from a Hugging Face model with "
                           "generate() (a GenerationMixin).")
+    seq2seq = bool(getattr(getattr(source, "config", None), "is_encoder_decoder", False))
+    if seq2seq and any(in_cache(r) or getattr(r, "graph_level", False) for r in pm.peft_info.rules):
+        raise PeftfxError("generate() on an encoder-decoder model runs site adapters (LoRA, IA3, DoRA, VeRA, "
+                          "Houlsby); virtual-token methods are not supported there yet. Call the model in a "
+                          "decoding loop of your own (peft(input_ids=…, decoder_input_ids=…)), or export with "
+                          "peftfx.export_onnx.")
     use_cache = kwargs.pop("use_cache", None)
     use_cache = getattr(source.generation_config, "use_cache", True) if use_cache is None else bool(use_cache)
+    if seq2seq and not use_cache:
+        raise PeftfxError("generate() on an encoder-decoder model runs with the KV cache (the default); "
+                          "use_cache=False is not supported there. Drop use_cache=False (same tokens).")
     if use_cache:
         _register_cache_pytrees()
-    step = functools.partial(_step, pm, variants)
+    session: dict = {}                                  # this call's session (peftfx._stepgraph)
+    step = functools.partial(_step, pm, variants, session)
     forward = functools.wraps(source.forward)(step)    # the mixin reads forward's signature (position_ids …)
     source.__dict__["forward"] = forward          # the mixin calls self(...): route it to the adapted graphs
+    if seq2seq:                                   # the mixin runs get_encoder() itself: route it here too
+        source.__dict__["get_encoder"] = lambda *a, **k: _Encoder(pm, variants, session)
     try:
         return source.generate(*args, use_cache=use_cache, **kwargs)
     finally:
         source.__dict__.pop("forward", None)
+        source.__dict__.pop("get_encoder", None)
 
 
-def _step(pm: PeftModel, variants: Any, *args: Any, **kw: Any) -> Any:
+class _Encoder(nn.Module):
+    """The encoder as Hugging Face's generate calls it (``get_encoder()(input_ids=…, attention_mask=…)``), run by
+    the adapted graphs: the whole model with a one-token decoder input, of whose output only the encoder's last
+    hidden state is kept (the decoder token costs one step and does not touch the encoder)."""
+
+    def __init__(self, pm: PeftModel, variants: Any, session: dict):
+        super().__init__()
+        self.__dict__.update(pm=pm, variants=variants, session=session)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=True, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if inputs_embeds is not None or output_attentions or output_hidden_states:
+            raise PeftfxError("generate() on an encoder-decoder model takes input_ids (not inputs_embeds) and no "
+                              "output_attentions / output_hidden_states.")
+        start = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
+        out = self.variants.call(self.pm, (), {"input_ids": input_ids, "attention_mask": attention_mask,
+                                               "decoder_input_ids": start}, session=self.session)
+        return BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
+
+
+def _step(pm: PeftModel, variants: Any, session: dict, *args: Any, **kw: Any) -> Any:
     """One forward of the generation loop, as Hugging Face PEFT runs it for the model's methods."""
     virtual = 0 if variants.disabled else sum(getattr(r, "num_virtual_tokens", 0) for r in pm.peft_info.rules
                                               if in_cache(r))
@@ -106,12 +143,47 @@ def _step(pm: PeftModel, variants: Any, *args: Any, **kw: Any) -> Any:
     if not kw.get("use_cache") or cache is None:
         kw.pop("use_cache", None)
         kw.pop(name, None)
-        return variants.call(pm, args, kw)
+        return variants.call(pm, args, kw, session=session)
     filled = cache.get_seq_length() > 0
+    _check_cache(cache, filled)
     mask = kw.get("attention_mask")
     if virtual and filled and isinstance(mask, torch.Tensor) and mask.dim() == 2:
         kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], virtual), mask], 1)   # the cached tokens
-    return variants.call(pm, args, kw, cached=bool(virtual) and filled)
+    return variants.call(pm, args, kw, cached=bool(virtual) and filled, session=session)
+
+
+def _check_cache(cache: Any, filled: bool) -> None:
+    """The graphs take transformers' ``DynamicCache`` (a pytree of its key/value tensors). Sliding-window layers
+    of an empty one become plain ``DynamicLayer``\\ s: the window's bookkeeping (tokens seen so far, a Python int)
+    cannot live in a graph that is traced once for every step, while a layer holding every token is exact — the
+    model's sliding-window mask still limits attention to the window (memory grows with the sequence, as for
+    full attention). Other caches (static, quantized, offloaded, encoder-decoder) are refused, saying what to
+    use."""
+    from transformers.cache_utils import (
+        DynamicCache,
+        DynamicLayer,
+        DynamicSlidingWindowLayer,
+        EncoderDecoderCache,
+    )
+
+    if type(cache) is EncoderDecoderCache:        # self- and cross-attention: each a DynamicCache
+        _check_cache(cache.self_attention_cache, filled)
+        _check_cache(cache.cross_attention_cache, filled)
+        return
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
+        raise PeftfxError(f"generate() runs peftfx's traced graphs with transformers' DynamicCache; this call uses "
+                          f"a {type(cache).__name__}{' with offloading' if type(cache) is DynamicCache else ''}, "
+                          "which they cannot take. Leave cache_implementation unset (or 'dynamic') and pass no "
+                          "cache object — the tokens are the same — or pass use_cache=False.")
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicSlidingWindowLayer:
+            if filled:
+                raise PeftfxError("generate() was given a DynamicCache whose sliding-window layers already hold "
+                                  "tokens; peftfx's graphs need full layers. Pass no cache (or an empty one).")
+            cache.layers[i] = DynamicLayer()
+        elif type(layer) is not DynamicLayer:
+            raise PeftfxError(f"generate(): cache layer {i} is a {type(layer).__name__}; peftfx's graphs take "
+                              "DynamicLayer caches only. Pass no cache object, or use_cache=False.")
 
 
 def _register_cache_pytrees() -> None:
@@ -125,6 +197,12 @@ def _register_cache_pytrees() -> None:
         raise PeftfxError("generate() with a KV cache needs transformers ≥ 5 (its DynamicCache export support); "
                           "pass use_cache=False to decode without a cache.") from e
     register_dynamic_cache_export_support()
+    try:            # an encoder-decoder's cache: transformers' generic Cache registration (objects as they are)
+        from transformers.cache_utils import EncoderDecoderCache
+        from transformers.exporters.exporter_dynamo import register_pytree_node
+    except ImportError:        # pragma: no cover - an older transformers: encoder-decoder caches stay untraceable
+        return
+    register_pytree_node(EncoderDecoderCache)
 
 
 register_service("save_pretrained", save_pretrained)

@@ -130,11 +130,11 @@ def _tree_shapes(v: Any) -> Any:
 
     if isinstance(v, torch.Tensor):      # size-1 dims stay static (the call key tells such inputs apart)
         return {i: torch.export.Dim.AUTO for i in range(v.dim()) if i == 0 or v.shape[i] != 1} or None
-    if isinstance(v, (list, tuple)):
+    if type(v) in (list, tuple) or (isinstance(v, (list, tuple)) and type(v) not in pytree.SUPPORTED_NODES):
         return type(v)(_tree_shapes(x) for x in v)
-    if isinstance(v, dict):
+    if type(v) is dict or (isinstance(v, dict) and type(v) not in pytree.SUPPORTED_NODES):
         return {k: _tree_shapes(x) for k, x in v.items()}
-    node = pytree.SUPPORTED_NODES.get(type(v))
+    node = pytree.SUPPORTED_NODES.get(type(v))      # e.g. a ModelOutput (a dict registered as its own node)
     if node is None:
         return None
     return [_tree_shapes(c) for c in node.flatten_fn(v)[0]]

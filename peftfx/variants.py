@@ -34,8 +34,10 @@ import torch
 from torch import nn
 
 from ._errors import PeftfxError
+from ._stepgraph import run_step, session_key
 from .model import PeftModel, adapter_name, call_key
 from .passes.base import PassManager
+from .passes.cleanup import simplify_pass
 from .passes.rewrite import rewrite_pass
 from .passes.splice import splice_pass
 from .plan import plan
@@ -143,14 +145,17 @@ class Variants:
         out.update((k, v) for k, v in given.items() if k not in out and v is not None and k not in self._order)
         return out
 
-    def call(self, home: PeftModel, args: tuple, kwargs: dict[str, Any], *, cached: bool = False) -> Any:
+    def call(self, home: PeftModel, args: tuple, kwargs: dict[str, Any], *, cached: bool = False,
+             session: dict | None = None) -> Any:
         """Run the graph for this call. ``cached``: a generation step whose KV cache already holds the virtual
-        tokens of prompt tuning / p-tuning (they are not put before the sequence again; :mod:`peftfx.dropin`)."""
+        tokens of prompt tuning / p-tuning (they are not put before the sequence again; :mod:`peftfx.dropin`).
+        ``session``: a dict kept for one ``generate()`` call; variant graphs then run as
+        :class:`peftfx._stepgraph.StepGraph`\\ s (weights resolved once per session, the cache updated in place)."""
         kwargs = self.bind(args, kwargs)
         # Hugging Face's return_dict only shapes the output (ModelOutput or its to_tuple()): done here, so it needs
         # no graph of its own (torch.export also rejects a bool among a forward's **kwargs).
         return_dict = kwargs.pop("return_dict", None) if self._strict else None
-        key = call_key(kwargs, home.training, self.dynamic)
+        key = session_key(session, kwargs, home.training, self.dynamic)
         if self.disabled:
             key += ("base",)
         elif cached:
@@ -158,7 +163,12 @@ class Variants:
         gm = self.graph_for(home, key, kwargs)
         if gm is not home:                       # flags traced into the graph from the config (_config_flags)
             kwargs = {k: v for k, v in kwargs.items() if not (self._strict and k in _CONFIG_FLAGS)}
-        out = home._graph_forward(**kwargs) if gm is home else gm(**kwargs)
+        if gm is home:
+            out = home._graph_forward(**kwargs)
+        elif session is not None:
+            out = run_step(gm, kwargs, session)
+        else:
+            out = gm(**kwargs)
         if return_dict is False and hasattr(out, "to_tuple"):
             out = out.to_tuple()
         return out
@@ -219,6 +229,8 @@ class Variants:
             _rebind(pm, home, self.source)
             if not base:
                 _replay(pm, home, [k for k in kwargs], training, cached)
+            if any(callable(getattr(v, "get_seq_length", None)) for v in kwargs.values()):
+                simplify_pass(pm)          # a generation step: run once per token, so drop its no-op work
         pm.train(training)
         log.info("traced a %s-mode graph for inputs %s", "train" if training else "eval", list(kwargs))
         return pm
@@ -301,6 +313,10 @@ def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool, c
             sites.update((adapter_name(pm, m.site.key, m.rule.name), m.site)
                          for m in plan(pm, spec["rules"], allow_empty=True).matches)
     recorded = {n for n, r in info.adapters.items() if r.site.get("kind") != "virtual"}
+    # a weight this graph never reads (an encoder's, in a decoder step given encoder_outputs) needs no adapter here
+    read = {n.target for n in pm.graph.nodes if n.op == "get_attr" and n.users}
+    unread = {n for n in recorded - set(sites) if info.adapters[n].site.get("weight") not in read}
+    recorded -= unread
     if set(sites) != recorded:
         raise PeftfxError(f"{where} has other adapter sites than the model: missing there "
                           f"{sorted(recorded - set(sites))[:5]}, new there {sorted(set(sites) - recorded)[:5]}. The "
@@ -309,6 +325,8 @@ def _replay(pm: PeftModel, home: PeftModel, inputs: list[str], training: bool, c
     adapters = {}
     items = []
     for name, rec in info.adapters.items():
+        if name in unread:
+            continue
         rec = copy.copy(rec)
         adapters[name] = rec
         if name in sites:

@@ -290,3 +290,149 @@ def test_generate_inside_disable_adapter_is_the_base_models_generate():
         off = _generate(ours, ids, mask)
     assert torch.equal(off, _generate(base, ids, mask))              # no virtual tokens, no widened mask
     assert not torch.equal(_generate(ours, ids, mask), off)          # and back on after the block
+
+
+# -------------------------------------------------------------- the decode step: simplified, cache in place
+def test_decode_steps_equal_hf_peft_scores_and_cache_and_update_the_callers_cache():
+    """Each step's scores (1e-5) and the final KV cache (1e-5) equal HF PEFT's; the caller's DynamicCache is
+    updated in place (as by a Hugging Face forward), not replaced; the decode graph is the simplified one: no
+    concatenation onto an empty constant, SDPA on the unrepeated keys/values with enable_gqa (Llama 4 heads /
+    2 kv heads), no full-range slices left."""
+    from transformers import DynamicCache
+
+    base = M.llama()
+    hf, ours = _lora_pair(base)
+    hf.eval(), ours.eval()
+    ids, mask = _prompts()
+    runs = {}
+    for name, model in (("hf", hf), ("ours", ours)):
+        cache = DynamicCache(config=base.config)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0,
+                                 do_sample=False, cache=cache, output_scores=True, return_dict_in_generate=True)
+        runs[name] = (out, cache)
+    (want, hf_cache), (got, our_cache) = runs["hf"], runs["ours"]
+    assert torch.equal(got.sequences, want.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(got.scores, want.scores)) <= 1e-5
+    assert our_cache.get_seq_length() == hf_cache.get_seq_length() == 7 + NEW - 1
+    for mine, theirs in zip(our_cache.layers, hf_cache.layers):
+        assert (mine.keys - theirs.keys).abs().max() <= 1e-5 and (mine.values - theirs.values).abs().max() <= 1e-5
+    aten = torch.ops.aten
+    decode = [gm for key, gm in ours.peft_variants.graphs.items() if {p[0]: p for p in key[1]}["cache"][3][1]]
+    assert len(decode) == 1
+    nodes = list(decode[0].graph.nodes)
+    sdpa = [n for n in nodes if n.target is aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 2 and all(n.kwargs.get("enable_gqa") for n in sdpa)
+    assert all(n.args[1].target is aten.cat.default and n.args[1].meta["val"].shape[1] == 2 for n in sdpa)
+    assert not [n for n in nodes if n.target in (aten.lift_fresh_copy.default, aten.detach_.default)]
+    cats = [n for n in nodes if n.target is aten.cat.default]
+    assert all(0 not in a.meta["val"].shape for n in cats for a in n.args[0])
+    assert not [n for n in nodes if n.target is aten.slice.Tensor and n.args[2:4] == (0, 2**63 - 1)]
+
+
+def test_simplify_pass_removes_no_ops_and_keeps_what_an_in_place_op_could_tell_apart():
+    from peftfx.passes.cleanup import simplify_pass
+
+    class NoOps(nn.Module):
+        def forward(self, x):
+            e = torch.tensor([])
+            y = torch.cat([e, x[:, 0:]], 0) * 1 + 0
+            return y.to(torch.float32).sum(-1)
+
+    class InPlace(nn.Module):
+        def forward(self, x):
+            y = x * 1
+            y.add_(1)
+            return x + y
+
+    x = torch.randn(3, 4)
+    for mod, kept in ((NoOps(), set()), (InPlace(), {"mul"})):
+        gm = torch.export.export(mod, (x,)).module()
+        want = gm(x.clone())
+        before = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        simplify_pass(gm)
+        after = {str(n.target).split(".")[1] for n in gm.graph.nodes if n.op == "call_function"}
+        assert torch.equal(gm(x.clone()), want)
+        assert len(after) < len(before) or kept
+        assert kept <= after
+        if not kept:
+            assert not after & {"cat", "mul", "add", "slice", "to", "lift_fresh_copy"}, after
+
+
+# ---------------------------------------------------------------------------- other caches of transformers
+def _mistral_pair(window=5):
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    base = MistralForCausalLM(MistralConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                            max_position_embeddings=256, sliding_window=window)).eval()
+    ours = peftfx.apply(copy.deepcopy(base), LoRA(rank=4, alpha=8, targets=select.role("attn.q", "attn.v")),
+                        {"input_ids": M.ids(3, 10)})
+    hf = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    _copy_trainable(hf, ours, lambda n: n.replace("base_model.model.", "").replace(".lora_A.default.weight",
+                                                                                   ".lora.lora_A")
+                    .replace(".lora_B.default.weight", ".lora.lora_B"))
+    return hf.eval(), ours.eval()
+
+
+def test_sliding_window_model_generates_hf_peft_tokens():
+    """Mistral with a window of 5 tokens (prompts of 7, 5, 3 and 6 new tokens pass it): transformers' default
+    cache has sliding-window layers; peftfx runs them as full layers under the model's window mask."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    hf, ours = _mistral_pair()
+    ids, mask = _prompts()
+    want = _generate(hf, ids, mask)
+    assert torch.equal(_generate(ours, ids, mask), want)
+    assert ours.peft_variants.traces == 2
+    config = hf.base_model.model.config
+    config.sliding_window = None
+    try:
+        assert not torch.equal(_generate(hf, ids, mask), want)           # the window changes the tokens
+    finally:
+        config.sliding_window = 5
+    cache = DynamicCache(config=config)
+    assert any(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
+    with torch.no_grad():
+        hf(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    with pytest.raises(peftfx.PeftfxError, match="sliding-window layers already hold tokens"):
+        _generate(ours, ids, mask, cache=cache)
+
+
+def test_static_cache_is_refused_saying_what_to_use_and_that_gives_hf_peft_static_tokens():
+    base = M.llama()
+    hf, ours = _lora_pair(base)
+    hf.eval(), ours.eval()
+    ids, mask = _prompts()
+    with pytest.raises(peftfx.PeftfxError, match="Leave cache_implementation unset"):
+        _generate(ours, ids, mask, cache_implementation="static")
+    assert torch.equal(_generate(ours, ids, mask), _generate(hf, ids, mask, cache_implementation="static"))
+
+
+def test_encoder_decoder_generate_equals_hf_peft_greedy_and_beams():
+    """T5 with LoRA on q/v of the encoder, decoder and cross attention: the mixin's encoder call runs the adapted
+    graph (the whole model with a one-token decoder input), the decoder steps take the EncoderDecoderCache;
+    left-padded prompts, greedy and beam search equal HF PEFT's generate. use_cache=False is refused."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_heads=4, decoder_start_token_id=0)).eval()
+    ours = peftfx.apply(copy.deepcopy(base), LoRA(rank=4, alpha=8, targets=select.name("q", "v")),
+                        {"input_ids": M.ids(3, 10), "decoder_input_ids": M.ids(3, 4)})
+    hf = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
+    _copy_trainable(hf, ours, lambda n: n.replace("base_model.model.", "").replace(".lora_A.default.weight",
+                                                                                   ".lora.lora_A")
+                    .replace(".lora_B.default.weight", ".lora.lora_B"))
+    hf.eval(), ours.eval()
+    ids, mask = _prompts()
+    for kw in ({}, {"num_beams": 3}):
+        want = _generate(hf, ids, mask, **kw)
+        assert torch.equal(_generate(ours, ids, mask, **kw), want), kw
+    assert not torch.equal(want, _generate(base, ids, mask, num_beams=3))      # the adapter changes the tokens
+    with pytest.raises(peftfx.PeftfxError, match="use_cache=False is not supported"):
+        _generate(ours, ids, mask, use_cache=False)
