@@ -2,8 +2,10 @@
 
 ``torch.export`` with dynamic batch and sequence spends most of its time on symbolic-shape arithmetic; a static
 export of the same model is 2–3× faster. :func:`symbolic_export` exports at sizes chosen so that each dynamic
-size (the batch; each distinct sequence-like length, such as an encoder's and a decoder's, or a KV cache's) is a
-number that no model constant is a multiple of, then rewrites every integer of the graph that is a product of
+size (the batch: a prime ≥ 17; each distinct sequence-like length, such as an encoder's and a decoder's, or a KV
+cache's: near the example's, all shifted together, coprime to the batch) is a number > 16 that no model constant is
+a multiple of (a non-batch dimension of a KV cache or of a floating-point input whose size *is* a model constant —
+heads, head size, Whisper's mel bins — is taken as fixed, as torch.export finds), then rewrites every integer of the graph that is a product of
 those sizes (``k · B^i · S^j``, k ≤ 16 or a model constant: view/reshape/expand shapes, ``arange``/``full``/``slice``
 ends, …) into ``aten.sym_size.int`` nodes of the inputs and products of them — the graph the dynamic export would
 have made, with the same calling convention (pytree in/out spec) and node metadata.
@@ -13,7 +15,7 @@ Soundness: any of these failing falls back to the dynamic export (one ``logging.
    integer, a parameter or buffer dimension — is a multiple of a traced size, by the choice of sizes.)
 2. *Behaviour*: the model (eager) and the rewritten graph run on the inputs resized to a second batch and sequence
    (the example's rows and tokens repeated or cut; a KV cache copied, as the model updates it in place), with the
-   same random seed (dropout draws alike), on one thread (a few tokens: one thread is 5–8× faster than two on a busy
+   same random seed (dropout draws alike; small sizes first, the example's own if the model refuses those), on one thread (a few tokens: one thread is 5–8× faster than two on a busy
    2-core machine); their outputs must agree: max |Δ| ≤ 1e-5 + 1e-4 · max |eager|. This catches a size left static
    (a constant tensor of the traced length, a float of it), a Python branch on a size (``if seq > 10``), an integer
    taken for a size that is not one. A model on ``meta`` (no values; transformers' mask code calls ``.item()``,
