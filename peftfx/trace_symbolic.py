@@ -2,8 +2,10 @@
 
 ``torch.export`` with dynamic batch and sequence spends most of its time on symbolic-shape arithmetic; a static
 export of the same model is 2–3× faster. :func:`symbolic_export` exports at sizes chosen so that each dynamic
-size (the batch; each distinct sequence-like length, such as an encoder's and a decoder's, or a KV cache's) is a
-number that no model constant is a multiple of, then rewrites every integer of the graph that is a product of
+size (the batch: a prime ≥ 17; each distinct sequence-like length, such as an encoder's and a decoder's, or a KV
+cache's: near the example's, all shifted together, coprime to the batch) is a number > 16 that no model constant is
+a multiple of (a non-batch dimension of a KV cache or of a floating-point input whose size *is* a model constant —
+heads, head size, Whisper's mel bins — is taken as fixed, as torch.export finds), then rewrites every integer of the graph that is a product of
 those sizes (``k · B^i · S^j``, k ≤ 16 or a model constant: view/reshape/expand shapes, ``arange``/``full``/``slice``
 ends, …) into ``aten.sym_size.int`` nodes of the inputs and products of them — the graph the dynamic export would
 have made, with the same calling convention (pytree in/out spec) and node metadata.
@@ -13,7 +15,7 @@ Soundness: any of these failing falls back to the dynamic export (one ``logging.
    integer, a parameter or buffer dimension — is a multiple of a traced size, by the choice of sizes.)
 2. *Behaviour*: the model (eager) and the rewritten graph run on the inputs resized to a second batch and sequence
    (the example's rows and tokens repeated or cut; a KV cache copied, as the model updates it in place), with the
-   same random seed (dropout draws alike), on one thread (a few tokens: one thread is 5–8× faster than two on a busy
+   same random seed (dropout draws alike; small sizes first, the example's own if the model refuses those), on one thread (a few tokens: one thread is 5–8× faster than two on a busy
    2-core machine); their outputs must agree: max |Δ| ≤ 1e-5 + 1e-4 · max |eager|. This catches a size left static
    (a constant tensor of the traced length, a float of it), a Python branch on a size (``if seq > 10``), an integer
    taken for a size that is not one. A model on ``meta`` (no values; transformers' mask code calls ``.item()``,
@@ -32,6 +34,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import math
 import operator
 import os
 from collections.abc import Callable
@@ -103,7 +106,8 @@ def _leaf_dims(kwargs: dict[str, Any], spec: dict[str, Any], consts: set[int]) -
     def walk(v, s, inner):
         if isinstance(v, torch.Tensor):
             dims = set(s) if isinstance(s, dict) else set()
-            out.append((v, {d for d in dims if d == 0 or not inner or int(v.shape[d]) not in consts}))
+            fixed = inner or v.is_floating_point()      # features: Whisper's (batch, mel bins, frames)
+            out.append((v, {d for d in dims if d == 0 or not fixed or int(v.shape[d]) not in consts}))
         elif isinstance(v, (list, tuple)) and type(v) in (list, tuple):
             for i, x in enumerate(v):
                 walk(x, s[i] if isinstance(s, (list, tuple)) and i < len(s) else None, inner)
@@ -181,11 +185,12 @@ def _choose_sizes(groups, consts: set[int]) -> dict[tuple[str, int], int]:
         sizes[g] = n
         taken.add(n)
     seq = sorted(g for g in groups if g[0] == "seq")
-    if seq:
-        base = seq[0][1]
-        for p in _PRIMES:
-            vals = [p + (g[1] - base) for g in seq]
-            if all(clean(v, taken) for v in vals) and len(set(vals)) == len(vals):
+    if seq:     # near the example's lengths (a convolution over audio needs its length), coprime to the batch
+        base = max(seq[0][1], _SMALL_K + 1)
+        for p in itertools.chain.from_iterable((base + i, base - i) for i in range(256)):
+            vals = [p + (g[1] - seq[0][1]) for g in seq]
+            if all(clean(v, taken) and all(math.gcd(v, b) == 1 for b in taken) for v in vals) \
+                    and len(set(vals)) == len(vals):
                 sizes.update(zip(seq, vals))
                 break
         else:
@@ -395,7 +400,7 @@ def _behaviour(model: nn.Module, gm: fx.GraphModule, inputs: dict[str, Any], pre
                 want: list | None = _outputs(model(**copy.deepcopy(inputs)))  # a KV cache input is updated in place
             except Exception as e:  # the model itself refuses the second shape: nothing to check against
                 if not on_meta:
-                    raise _Fallback(f"the model does not run at the check sizes: {type(e).__name__}: "
+                    raise _Refused(f"the model does not run at the check sizes: {type(e).__name__}: "
                                     f"{str(e).splitlines()[0][:200] if str(e) else ''}") from e
                 want = None
             torch.manual_seed(0)
@@ -452,18 +457,24 @@ def _predicted(gm: fx.GraphModule, sizes, check, consts) -> list[tuple]:
     return shapes
 
 
-def _check_sizes(groups, sizes) -> dict[Any, int]:
-    """Small sizes, each different from its traced one, with the sequence groups' differences kept."""
-    out = {}
+def _check_sizes(groups, sizes) -> list[dict[Any, int]]:
+    """Sizes to check at, each different from its traced one, the sequence groups' differences kept: small ones
+    first (cheap), then the example's own (a model that needs long inputs, such as audio through convolutions)."""
+    small, own = {}, {}
+    seq = sorted(g for g in groups if g[0] == "seq")
+    same = any(sizes[g] == g[1] for g in seq)
     for g in groups:
         if g[0] == "batch":
-            out[g] = 3 if g[1] != 3 else 4
-    seq = sorted(g for g in groups if g[0] == "seq")
-    if seq:
-        shift = 5 - seq[0][1] if seq[0][1] != 5 else 1
-        for g in seq:
-            out[g] = g[1] + shift
-    return out
+            small[g] = 3
+            own[g] = g[1] if g[1] != sizes[g] else g[1] + 1
+        else:
+            small[g] = g[1] + (5 - seq[0][1] if seq[0][1] != 5 else 1)
+            own[g] = g[1] - 1 if same else g[1]
+    return [small, own]
+
+
+class _Refused(_Fallback):
+    """The eager model does not run at these check sizes."""
 
 
 def _static_then_symbolic(model: nn.Module, kwargs: dict[str, Any], spec: dict[str, Any]) -> fx.GraphModule:
@@ -480,11 +491,16 @@ def _static_then_symbolic(model: nn.Module, kwargs: dict[str, Any], spec: dict[s
         raise _Fallback(f"static export at the chosen sizes failed: {type(e).__name__}") from e
     unlifted = ep.module()
     _drop_guards(unlifted)
-    check = _check_sizes(groups, sizes)
-    predicted = _predicted(unlifted, sizes, check, consts)
+    checks = _check_sizes(groups, sizes)
     _rewrite(unlifted, sizes, groups, leaves, consts)
     unlifted.graph.lint()
     gm = fx.GraphModule(unlifted, unlifted.graph)  # recompiled; no input-constraint hook of the static shapes
-    _behaviour(model, gm, _resized(kwargs, leaves, groups, check), predicted)
+    for i, check in enumerate(checks):
+        try:
+            _behaviour(model, gm, _resized(kwargs, leaves, groups, check), _predicted(gm, sizes, check, consts))
+            break
+        except _Refused:
+            if i == len(checks) - 1:
+                raise
     _remark(gm, _leaf_dims(traced, spec, consts), groups, sizes, consts)
     return gm

@@ -265,3 +265,21 @@ def test_an_unexpected_error_falls_back_to_the_dynamic_export(caplog, monkeypatc
     pm.eval()
     x = _ids(3, 11, vocab=100)
     assert (pm(x) - model(x)).abs().max().item() <= TOL
+
+
+def test_whisper_audio_features_keep_their_mel_bins_static():
+    """Whisper's (batch, mel bins, frames) features: the bins are a model constant (the first convolution's
+    channels) and stay static, the batch and the decoder length are symbolic."""
+    from tests.sweep import harness as H
+
+    case = H.build("whisper")
+    pm = _trace(case.model, case.example)
+    assert TS.info() == {"symbolic": 1, "fallback": 0}
+    feats = next(n.meta["val"].shape for n in pm.graph.nodes if n.op == "placeholder" and n.target == "input_features")
+    assert isinstance(feats[0], torch.SymInt) and list(feats[1:]) == [16, 64]
+
+    def inputs(b, t):
+        return {"input_features": torch.randn(b, 16, 64, generator=torch.Generator().manual_seed(b)),
+                "decoder_input_ids": _ids(b, t, vocab=100)}
+
+    _assert_matches_eager(case.model, pm, inputs, [(1, 3), (3, 9), (4, 5)])
