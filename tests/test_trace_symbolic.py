@@ -247,7 +247,7 @@ def test_a_second_shape_check_on_meta_compares_shapes():
 
 def test_off_switch(monkeypatch):
     monkeypatch.setenv("PEFTFX_SYMBOLIC_TRACE", "0")
-    peftfx.trace(M.llama(), _lm_inputs(2, 8))
+    peftfx.trace(M.TinyTransformer(), (_ids(2, 8, vocab=100),))
     assert TS.info() == {"symbolic": 0, "fallback": 0}
 
 
