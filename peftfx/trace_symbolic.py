@@ -37,6 +37,7 @@ import logging
 import math
 import operator
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -96,18 +97,23 @@ def _fallback(model: nn.Module, why: str, dynamic_export: Callable[[], fx.GraphM
 
 
 # ----------------------------------------------------------------------------------------------- the inputs
-def _leaf_dims(kwargs: dict[str, Any], spec: dict[str, Any], consts: set[int]) -> list[tuple[Any, set[int]]]:
+def _leaf_dims(kwargs: dict[str, Any], spec: dict[str, Any], consts: set[int],
+               assumed: list[tuple[int, int]] | None = None) -> list[tuple[Any, set[int]]]:
     """(leaf, dynamic dims) for every pytree leaf of ``((), kwargs)``, in flatten order. Inside a registered
     container (a KV cache) ``spec`` marks every dimension; one whose size is a model constant (heads, head size)
-    is taken as fixed by the model, as torch.export would find (a cache length equal to a model constant is
-    therefore traced static, and the behaviour check at a second length sends it to the dynamic export)."""
+    is taken as fixed by the model, as torch.export would find. Those (leaf index, dim) go into ``assumed``:
+    :func:`_probe_fixed` then proves the model does fix them (a cache length that happens to equal a model
+    constant is not fixed, and sends the trace to the dynamic export)."""
     out: list[tuple[Any, set[int]]] = []
 
     def walk(v, s, inner):
         if isinstance(v, torch.Tensor):
             dims = set(s) if isinstance(s, dict) else set()
             fixed = inner or v.is_floating_point()      # features: Whisper's (batch, mel bins, frames)
-            out.append((v, {d for d in dims if d == 0 or not fixed or int(v.shape[d]) not in consts}))
+            keep = {d for d in dims if d == 0 or not fixed or int(v.shape[d]) not in consts}
+            if assumed is not None:
+                assumed.extend((len(out), d) for d in sorted(dims - keep))
+            out.append((v, keep))
         elif isinstance(v, (list, tuple)) and type(v) in (list, tuple):
             for i, x in enumerate(v):
                 walk(x, s[i] if isinstance(s, (list, tuple)) and i < len(s) else None, inner)
@@ -436,6 +442,46 @@ def _behaviour(model: nn.Module, gm: fx.GraphModule, inputs: dict[str, Any], pre
             raise _Fallback("the rewritten graph's output differs from the model's at the check sizes")
 
 
+def _probe_fixed(model: nn.Module, inputs: dict[str, Any], assumed: list[tuple[int, int]]) -> None:
+    """Every dimension :func:`_leaf_dims` kept static because its size equals a model constant must be one the
+    model fixes: one class at a time (same dim, same size: a cache's heads in every layer), those sizes one larger
+    at the check sizes, and the eager model must refuse them. A class the model accepts (a KV cache whose length
+    happens to equal the number of layers) is a dynamic size the graph would have pinned: fall back. A model on
+    ``meta`` cannot be probed (it does not run eagerly there): any such dimension falls back."""
+    if not assumed:
+        return
+    if any(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers())):
+        raise _Fallback("a dimension kept static because its size equals a model constant cannot be probed on meta")
+    flat, spec = pytree.tree_flatten(((), inputs))
+    classes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, d in assumed:
+        classes.setdefault((d, int(flat[i].shape[d])), []).append((i, d))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    try:
+        for (d, n), occ in classes.items():
+            leaves = list(flat)
+            for i, _ in occ:
+                leaves[i] = _resize(leaves[i], d, n + 1)
+            probe = pytree.tree_unflatten(leaves, spec)[1]
+            try:
+                with torch.random.fork_rng(devices=[]), torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model(**copy.deepcopy(probe))
+            except Exception as e:  # noqa: BLE001 - any refusal means the model fixes that dimension, as assumed
+                log.debug("dimension %d of size %d is fixed by the model: %s", d, n, type(e).__name__)
+                continue
+            raise _Fallback(f"dimension {d} of size {n} (a model constant) is not fixed by the model: it also runs "
+                            f"with {n + 1}")
+    finally:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+
+
 def _predicted(gm: fx.GraphModule, sizes, check, consts) -> list[tuple]:
     """The shapes of the graph's tensor outputs at the ``check`` sizes, as the rewrite reads the traced ones."""
     monomials, ks = _expressions(sizes, consts)
@@ -479,7 +525,8 @@ class _Refused(_Fallback):
 
 def _static_then_symbolic(model: nn.Module, kwargs: dict[str, Any], spec: dict[str, Any]) -> fx.GraphModule:
     consts = _model_constants(model)
-    leaves = _leaf_dims(kwargs, spec, consts)
+    assumed: list[tuple[int, int]] = []
+    leaves = _leaf_dims(kwargs, spec, consts, assumed)
     groups = _groups(leaves)
     if not groups:
         raise _Fallback("no dynamic dimension")
@@ -502,5 +549,6 @@ def _static_then_symbolic(model: nn.Module, kwargs: dict[str, Any], spec: dict[s
         except _Refused:
             if i == len(checks) - 1:
                 raise
+    _probe_fixed(model, _resized(kwargs, leaves, groups, check), assumed)
     _remark(gm, _leaf_dims(traced, spec, consts), groups, sizes, consts)
     return gm

@@ -155,6 +155,30 @@ def test_decode_step_with_a_kv_cache():
     _assert_matches_eager(model, pm, inputs, [(1, 3), (3, 10), (4, 17)])   # logits and the updated cache
 
 
+def test_a_cache_length_equal_to_a_model_constant_is_probed_and_falls_back(caplog):
+    """A cache dimension whose size equals a model constant is kept static as heads and head size are; the model
+    must refuse another size there. A past length of 2 in a 2-layer model is accepted at 3: the graph would pin
+    it, so the trace falls back to the dynamic export and then runs at other past lengths (the T5 decode steps
+    of generate() once failed this way)."""
+    from peftfx.dropin import _register_cache_pytrees
+
+    _register_cache_pytrees()
+    model = M.llama()
+    assert model.config.num_hidden_layers == 2
+
+    def inputs(b, past):
+        with torch.no_grad():
+            cache = model(input_ids=_ids(b, past), use_cache=True).past_key_values
+        return {"input_ids": _ids(b, 1, seed=9), "attention_mask": torch.ones(b, past + 1, dtype=torch.long),
+                "cache": cache, "use_cache": True}
+
+    with caplog.at_level(logging.INFO, logger="peftfx.trace_symbolic"):
+        pm = _trace(model, inputs(3, 2), training=False)
+    assert TS.info() == {"symbolic": 0, "fallback": 1}
+    assert "not fixed by the model" in caplog.text
+    _assert_matches_eager(model, pm, inputs, [(3, 3), (2, 5)])
+
+
 def test_batch_one_example_is_widened_and_stays_symbolic():
     model = M.llama()
     pm = _trace(model, _lm_inputs(1, 8))
