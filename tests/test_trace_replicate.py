@@ -274,6 +274,7 @@ def test_per_layer_flags_and_layer_dependent_attributes_fall_back(monkeypatch, c
     from transformers import GPT2Config, GPT2LMHeadModel
     g = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=128,
                                    scale_attn_by_inverse_layer_idx=True)).eval()
+    g.config.use_cache = False        # eager returns no cache either (its leaves count once cache pytrees exist)
     assert [lst.kinds for lst in trace_replicate._plan(g, {})[0]] == []     # every layer its own scaling: no list
     rep, replicated = _trace(g, ex, monkeypatch, True)
     assert replicated == 0
