@@ -110,3 +110,70 @@ def sensitivity(path: str, feeds: Sequence[Mapping[str, np.ndarray]], per_channe
             ref += float((y ** 2).sum())
         out[n.name] = float(np.sqrt(err / ref)) if ref > 0 else 0.0
     return out
+
+
+def expose_attention_projections(model) -> int:
+    """Rewrite each ONNX Runtime ``Attention`` (input projection packed inside: ``x·[Wq|Wk|Wv] + b``, then
+    attention) as ``MatMul`` + ``Add`` + ``Split`` + ``MultiHeadAttention`` on an onnx_ir model, in place, so the
+    q/k/v projection becomes a weight matmul that int8 can take (ORT's own ``QAttention`` would drop the attention
+    bias input that carries the padding mask). Same arithmetic; only nodes without ``mask_index``, past,
+    ``unidirectional`` or rotary are rewritten, and only where the packed weight is a constant (an initializer or a
+    ``Concat`` of initializers). Measured on all-MiniLM-L6-v2 (1 thread, int8): 1×128 9.9 → 7.2 ms, 8×128
+    112 → 83 ms. Returns the number rewritten."""
+    import onnx_ir as ir
+
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Attention" or node.domain != "com.microsoft":
+            continue
+        ins = [*node.inputs, *([None] * 6)][:6]
+        x, w, bias, mask, past, attn_bias = ins
+        attrs = {k: v.value for k, v in node.attributes.items()}
+        if mask is not None or past is not None or attrs.get("unidirectional", 0) or attrs.get("do_rotary", 0) \
+                or len(node.inputs) > 6 or len(node.outputs) > 1:
+            continue
+        weight = _constant(w)
+        if weight is None or weight.ndim != 2:
+            continue
+        sizes = [int(s) for s in attrs.get("qkv_hidden_sizes") or [weight.shape[1] // 3] * 3]
+        packed = _initializer(model, f"{node.name}_qkv_weight", weight)
+        nodes = [ir.node("MatMul", [x, packed])]
+        if bias is not None:
+            nodes.append(ir.node("Add", [nodes[-1].outputs[0], bias]))
+        split = ir.node("Split", [nodes[-1].outputs[0],
+                                  _initializer(model, f"{node.name}_qkv_sizes", np.array(sizes, np.int64))],
+                        attributes={"axis": -1}, num_outputs=3)
+        mha_attrs = {"num_heads": attrs["num_heads"]}
+        mha_attrs.update({k: attrs[k] for k in ("scale", "mask_filter_value") if k in attrs})
+        mha = ir.node("MultiHeadAttention", [*split.outputs, None, None, attn_bias], attributes=mha_attrs,
+                      domain="com.microsoft")
+        mha.outputs[0].dtype, mha.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+        model.graph.insert_before(node, [*nodes, split, mha])
+        name, is_output = node.outputs[0].name, node.outputs[0].is_graph_output()
+        node.outputs[0].replace_all_uses_with(mha.outputs[0], replace_graph_outputs=True)
+        if is_output:
+            node.outputs[0].name, mha.outputs[0].name = f"{name}_packed", name
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def _constant(value) -> np.ndarray | None:
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    prod = value.producer()
+    if prod is None or prod.op_type != "Concat" or any(i is None or i.const_value is None for i in prod.inputs):
+        return None
+    return np.concatenate([i.const_value.numpy() for i in prod.inputs], axis=prod.attributes["axis"].value)
+
+
+def _initializer(model, name: str, array: np.ndarray):
+    import onnx_ir as ir
+
+    array = np.ascontiguousarray(array)
+    value = ir.Value(name=name, const_value=ir.tensor(array))
+    value.dtype, value.shape = ir.DataType.from_numpy(array.dtype), ir.Shape(array.shape)
+    model.graph.register_initializer(value)
+    return value

@@ -124,10 +124,13 @@ class _Reader:
 def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
     """Quantize the float32 ONNX file ``src`` into ``dst`` (dynamic or static int8, per ``cfg``): its weight matmuls
     only (:func:`~peftfx.export._int8_sites.weight_matmuls`), less those whose int8 error on ``feeds`` (the inputs to
-    measure sensitivity on; the calibration set when there is one) exceeds ``cfg.keep_float``. Returns ``{"quantized":
+    measure sensitivity on; the calibration set when there is one) exceeds ``cfg.keep_float``. ORT ``Attention``
+    nodes are first unpacked so their q/k/v projection is such a matmul
+    (:func:`~peftfx.export._int8_sites.expose_attention_projections`). Returns ``{"quantized":
     n, "kept_float": {node: error}, "sensitivity": {node: error}}`` (errors
     measured only when ``cfg.keep_float`` is set)."""
     import onnx
+    import onnx_ir as ir
     from onnxruntime.quantization import (
         QuantFormat,
         QuantType,
@@ -135,9 +138,19 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
         quantize_static,
     )
 
-    from ._int8_sites import name_nodes, sensitivity, weight_matmuls
+    from ._int8_sites import (
+        expose_attention_projections,
+        name_nodes,
+        sensitivity,
+        weight_matmuls,
+    )
 
-    proto = onnx.load(src)
+    model = ir.load(src)
+    if os.path.exists(src + ".data"):
+        ir.external_data.load_to_model(model)
+    split = expose_attention_projections(model)
+    proto = ir.to_proto(model)
+    del model
     del proto.graph.value_info[:]     # fused graphs keep shapes that onnx's re-inference (run by ORT's quantizer) disputes
     name_nodes(proto)
     nodes = [n.name for n in weight_matmuls(proto)]
@@ -149,7 +162,7 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
     ql = logging.getLogger()          # ORT's quantizer logs "consider pre-processing" on the root logger
     level = ql.level
     ql.setLevel(max(level, logging.ERROR))
-    info: dict[str, Any] = {"kept_float": {}}
+    info: dict[str, Any] = {"kept_float": {}, "attention_unpacked": split}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
