@@ -59,15 +59,19 @@ def _quant_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
-def sensitivity(path: str, feeds: Sequence[Mapping[str, np.ndarray]], per_channel: bool, static: bool,
+def sensitivity(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], per_channel: bool, static: bool,
                 nodes: Sequence[str] | None = None) -> dict[str, float]:
-    """Node name → relative rms error of its int8 product on ``feeds`` (see the module doc). ``nodes``: the weight
-    matmuls to measure (default all)."""
+    """Node name → relative rms error of its int8 product on ``feeds`` (see the module doc). ``model``: a file path
+    or a ModelProto (< 2 GB; not modified). ``nodes``: the weight matmuls to measure (default all)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    proto = onnx.load(path)
+    if isinstance(model, (str, os.PathLike)):
+        proto = onnx.load(os.fspath(model))
+    else:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
     targets = [n for n in weight_matmuls(proto) if nodes is None or n.name in nodes]
     if not targets or not feeds:
         return {}
@@ -78,19 +82,13 @@ def sensitivity(path: str, feeds: Sequence[Mapping[str, np.ndarray]], per_channe
             proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
                if t.name in {n.input[1] for n in targets}}
-    probe = path[:-len(".onnx")] + ".probe.onnx"
-    try:
-        onnx.save(proto, probe)
-        del proto
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # the captured names must stay
-        session = ort.InferenceSession(probe, opts, providers=["CPUExecutionProvider"])
-        wanted = {i.name for i in session.get_inputs()}
-        runs = [dict(zip(inputs, session.run(inputs, {k: v for k, v in f.items() if k in wanted}))) for f in feeds]
-    finally:
-        if os.path.exists(probe):
-            os.remove(probe)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # the captured names must stay
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    del proto
+    wanted = {i.name for i in session.get_inputs()}
+    runs = [dict(zip(inputs, session.run(inputs, {k: v for k, v in f.items() if k in wanted}))) for f in feeds]
     ranges: dict[str, Any] = {}
     if static:
         for name in inputs:

@@ -156,7 +156,6 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
     nodes = [n.name for n in weight_matmuls(proto)]
     src = src[:-len(".onnx")] + ".noshapes.onnx"
     onnx.save(proto, src)
-    del proto
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT,   # outputs of ORT's fused ops have no inferred type
              "MatMulConstBOnly": True}
     ql = logging.getLogger()          # ORT's quantizer logs "consider pre-processing" on the root logger
@@ -175,7 +174,7 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
                 reader = _Reader(cfg.calibration, names, {n: rt.input_dtype(n) for n in names})
                 rows = reader.rows
             if cfg.keep_float is not None and rows:
-                errors = sensitivity(src, rows, cfg.per_channel, static=cfg.calibration is not None, nodes=nodes)
+                errors = sensitivity(proto, rows, cfg.per_channel, static=cfg.calibration is not None, nodes=nodes)
                 info["sensitivity"] = {k: round(v, 5) for k, v in sorted(errors.items(), key=lambda kv: -kv[1])}
                 info["kept_float"] = {k: v for k, v in info["sensitivity"].items() if v > cfg.keep_float}
             chosen = [n for n in nodes if n not in info["kept_float"]]
@@ -199,6 +198,7 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
     finally:
         ql.setLevel(level)
         os.remove(src)
+        del proto
     return info
 
 
