@@ -14,10 +14,13 @@ B random). Rows:
     vs unfused; ``--models decode`` runs it alone (results/export_decode.*; a subset of models writes
     results/export_<models>.*)
   * peftfx_none / peftfx_basic / peftfx_all: ``export_onnx(optimize=…)``, verified in ORT (verification included in
-    the export time); peftfx_int8: ``dtype="int8"`` (dynamic)
+    the export time); peftfx_int8: ``dtype="int8"`` (dynamic, defaults: per channel, keep_float 0.05); MiniLM also
+    peftfx_int8_per_tensor_all (per tensor, every weight matmul), peftfx_int8_keep_0.04, peftfx_int8_static (16
+    training texts as the calibration set)
 Latency: batch 1 and 8 × 128 tokens, every row interleaved (A B C …, then reversed), medians, at each thread count
 (torch and ORT alike; ORT without spin-waiting). int8 accuracy on MiniLM: argmax agreement with the float32 PyTorch
-model on the quickstart's held-out set. Results: bench/results/export.{json,md}.
+model on the quickstart's held-out set (each int8 row). The load average (``os.getloadavg``) is recorded at the start
+and after each model: the machine is shared. Results: bench/results/export.{json,md}.
 """
 from __future__ import annotations
 
