@@ -202,3 +202,26 @@ def test_keep_float_keeps_the_most_sensitive_matmuls_in_float32(bert, tmp_path):
     with pytest.raises(ExportError, match="no weight matmul is left to quantize"):
         export_onnx(pm, tmp_path / "none.onnx", ex, dtype="int8", quantization=Int8(keep_float=1e-9))
     assert not os.path.exists(tmp_path / "none.onnx")
+
+
+def test_int8_agreement_on_a_fixed_held_out_set(tmp_path):
+    """Argmax agreement of the default int8 file with float32 PyTorch on 64 fixed, padded sequences the export never
+    saw, for a small BERT classifier trained on a learnable rule (label = first token mod 4), LoRA merged:
+    ≥ 0.95 — a threshold a broken quantization (e.g. the padding mask dropped, or activations clipped) fails."""
+    base = M.bert(labels=4)
+    train = M.ids(64, 12, seed=11)
+    M.train_with_labels(base, train, train[:, 0] % 4, steps=40, lr=3e-3)
+    ex = {"input_ids": M.ids(2, 12), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    pm = M.randomise_lora(peftfx.apply(base.eval(), LoRA(rank=4, alpha=8), ex), std=0.05).eval()
+    held = M.ids(64, 16, seed=23)
+    mask = torch.ones_like(held)
+    for i in range(64):
+        mask[i, 6 + i % 10:] = 0                       # lengths 6 … 15: the padding mask must reach attention
+    with torch.no_grad():
+        ref = pm(input_ids=held, attention_mask=mask).logits.numpy()
+    assert (ref.argmax(-1) == (held[:, 0] % 4).numpy()).mean() > 0.5      # the classifier learnt something
+    r = export_onnx(pm, tmp_path / "q.onnx", ex, dtype="int8")
+    got = Runtime(r.path).run({"input_ids": held.numpy(), "attention_mask": mask.numpy()})["logits"]
+    agreement = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    assert agreement >= 0.95, agreement
+    assert np.abs(got - ref).max() <= INT8_REL * np.abs(ref).max()
