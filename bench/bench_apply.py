@@ -1,10 +1,13 @@
-"""apply() compile time, cold: peftfx with block replication, peftfx tracing the whole model, HF get_peft_model.
+"""apply() compile time: peftfx as it traces by default, peftfx as it traced before, HF get_peft_model; cold and on
+a trace-cache hit.
 
     python bench/bench_apply.py [--repeats 3] [--threads 2] [--meta-repeats 1]
 
 Cold means the in-process trace cache is off (``PEFTFX_TRACE_CACHE=0``): every apply() runs ``torch.export``.
-"replicated" is the default (``peftfx.trace_replicate``: each distinct block traced once, then copied);
-"whole" sets ``PEFTFX_TRACE_REPLICATE=0``. Per model the three are interleaved (rotating order), each on a fresh
+"new" is the default (``peftfx.trace_replicate``: each distinct block traced once, then copied, and
+``peftfx.trace_symbolic``: a static export re-marked symbolic); "before" sets ``PEFTFX_TRACE_REPLICATE=0`` and
+``PEFTFX_SYMBOLIC_TRACE=0`` (one dynamic torch.export of the whole model); "hit" is apply() with the cache on, on a
+model of an architecture applied once before. Per model the four are interleaved (rotating order), each on a fresh
 deep copy of the same base model, medians of ``--repeats``; LoRA r=8 α=16 on the attention q/v projections (GPT-2's
 fused ``c_attn`` whole, as HF PEFT takes it), trainable counts asserted equal to HF PEFT's. Models: Llama 4×512
 (random init), all-MiniLM-L6-v2 (real weights, the bundled package), GPT-2 small (random init, 12×768), and the
@@ -49,22 +52,27 @@ def bench_model(base, hf_targets, fan_in_fan_out, roles, repeats):
     ids = torch.randint(0, 1000, (2, 32))
     rule = peftfx.LoRA(rank=8, alpha=16, targets=peftfx.select.role(*roles))
 
-    def ours(replicate):
+    def ours(new, cache=False):
         def run(m):
-            os.environ["PEFTFX_TRACE_REPLICATE"] = "1" if replicate else "0"
-            return peftfx.apply(m, rule, {"input_ids": ids})
+            os.environ["PEFTFX_TRACE_REPLICATE"] = os.environ["PEFTFX_SYMBOLIC_TRACE"] = "1" if new else "0"
+            os.environ["PEFTFX_TRACE_CACHE"] = "1" if cache else "0"
+            try:
+                return peftfx.apply(m, rule, {"input_ids": ids})
+            finally:
+                os.environ["PEFTFX_TRACE_CACHE"] = "0"
         return run
 
     def hf(m):
         return get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=hf_targets, lora_dropout=0.0,
                                             fan_in_fan_out=fan_in_fan_out))
 
-    fns = {"replicated": ours(True), "whole": ours(False), "hf": hf}
+    fns = {"new": ours(True), "before": ours(False), "hit": ours(True, cache=True), "hf": hf}
+    ours(True, cache=True)(copy.deepcopy(base))       # the cache holds this architecture for "hit"
     times = {k: [] for k in fns}
     counts = {}
     order = list(fns)
     for i in range(repeats + 1):                      # round 0 warms up (imports, first-call costs), not counted
-        for k in order[i % 3:] + order[: i % 3]:
+        for k in order[i % len(order):] + order[: i % len(order)]:
             m = copy.deepcopy(base)
             t0 = time.perf_counter()
             out = fns[k](m)
@@ -98,14 +106,15 @@ print(json.dumps({"apply_s": dt, "peak_rss_mb": hwm_mb(), "rss_after_imports_mb"
 
 
 def bench_meta(threads, repeats):
-    runs = {"replicated": [], "whole": []}
+    runs = {"new": [], "before": []}
     for i in range(repeats):
-        for k in (("replicated", "whole") if i % 2 == 0 else ("whole", "replicated")):
-            env = dict(os.environ, PEFTFX_TRACE_REPLICATE="1" if k == "replicated" else "0", PEFTFX_TRACE_CACHE="0")
+        for k in (("new", "before") if i % 2 == 0 else ("before", "new")):
+            flag = "1" if k == "new" else "0"
+            env = dict(os.environ, PEFTFX_TRACE_REPLICATE=flag, PEFTFX_SYMBOLIC_TRACE=flag, PEFTFX_TRACE_CACHE="0")
             out = subprocess.run([sys.executable, "-c", META_SNIPPET, str(threads)], capture_output=True, text=True,
                                  check=True, env=env)
             runs[k].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert runs["replicated"][0]["nodes"] == runs["whole"][0]["nodes"]
+    assert runs["new"][0]["adapters"] == runs["before"][0]["adapters"]     # node counts differ: sym_size nodes
     return {k: {"apply_s": statistics.median(r["apply_s"] for r in v), "peak_rss_mb": max(r["peak_rss_mb"] for r in v),
                 "nodes": v[0]["nodes"], "adapters": v[0]["adapters"]} for k, v in runs.items()}
 
@@ -122,20 +131,20 @@ def main():
 
     transformers.logging.set_verbosity_error()
     results = {"threads": args.threads, "repeats": args.repeats, "load_average": os.getloadavg()}
-    table = [("model", "peftfx replicated s", "peftfx whole s", "HF get_peft_model s", "replicated/HF",
-              "whole/HF", "whole/replicated")]
+    table = [("model", "peftfx new s", "peftfx before s", "cache hit s", "HF get_peft_model s", "new/HF",
+              "before/HF", "hit/HF", "before/new")]
     for name, (model, targets, fif, roles) in models().items():
         r = bench_model(model, targets, fif, roles, args.repeats)
         results[name] = r
-        table.append((name, f"{r['replicated']:.2f}", f"{r['whole']:.2f}", f"{r['hf']:.3f}",
-                      f"{r['replicated'] / r['hf']:.0f}×", f"{r['whole'] / r['hf']:.0f}×",
-                      f"{r['whole'] / r['replicated']:.2f}×"))
+        table.append((name, f"{r['new']:.2f}", f"{r['before']:.2f}", f"{r['hit']:.3f}", f"{r['hf']:.3f}",
+                      f"{r['new'] / r['hf']:.0f}×", f"{r['before'] / r['hf']:.0f}×", f"{r['hit'] / r['hf']:.1f}×",
+                      f"{r['before'] / r['new']:.2f}×"))
         print(name, json.dumps(r))
     meta = bench_meta(args.threads, args.meta_repeats)
     results["llama-7b-meta"] = meta
-    rep, whole = meta["replicated"], meta["whole"]
+    rep, whole = meta["new"], meta["before"]
     table.append(("llama-7B meta (peak RSS MB)", f"{rep['apply_s']:.2f} ({rep['peak_rss_mb']:.0f})",
-                  f"{whole['apply_s']:.2f} ({whole['peak_rss_mb']:.0f})", "", "", "",
+                  f"{whole['apply_s']:.2f} ({whole['peak_rss_mb']:.0f})", "", "", "", "", "",
                   f"{whole['apply_s'] / rep['apply_s']:.2f}×"))
     results["load_average_after"] = os.getloadavg()
     write("apply", results, table)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ._errors import TraceError
 from .model import PeftModel, call_key
+from .passes.base import PassManager
 from .passes.cleanup import cleanup_pass
 from .passes.dropout import mode_dropout_pass
 from .trace_cache import cached_export
@@ -253,8 +254,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
     pm.peft_info.device = _first_device(model)
     pm.__dict__["_peftfx_origin"] = (model, call_key(kwargs, training, dynamic), dynamic)
     _annotate(pm)
-    cleanup_pass(pm)
-    mode_dropout_pass(pm)
+    PassManager([cleanup_pass.bind(), mode_dropout_pass.bind()])(pm)       # one recompile for both
     pm.train(was_training)
     log.debug("traced %s in %.2fs (%d nodes)", type(model).__name__, time.perf_counter() - t0,
               len(pm.graph.nodes))

@@ -21,7 +21,7 @@ from torch import fx
 from ..sites import Site
 from ._graph import walk_back, walk_single
 from .base import RoleContext, register_detector
-from .slices import as_slice, rows_read
+from .slices import as_slice, rows_read, selects_rows
 
 __all__ = ["detect_mlp"]
 
@@ -98,6 +98,8 @@ def _fused_gate_up(g: nx.DiGraph, p: Site, down: Site) -> bool:
     if mul is None or len(mul.args) < 2 or not all(isinstance(a, fx.Node) for a in mul.args[:2]):
         return False
     out = p.out_features
+    if not all(selects_rows(a, p.node) for a in mul.args[:2]):      # both halves must take rows of their own
+        return False
     rows = [rows_read(a, p.node) for a in mul.args[:2]]
     if any(r is None or r.numel() in (0, out) for r in rows) or set(rows[0].tolist()) & set(rows[1].tolist()):
         return False

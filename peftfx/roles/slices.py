@@ -30,7 +30,7 @@ from torch import fx
 
 from ._graph import PRODUCTS, SOFTMAX, is_tensor
 
-__all__ = ["slice_of", "rows_read", "as_slice"]
+__all__ = ["slice_of", "rows_read", "as_slice", "selects_rows"]
 
 aten = torch.ops.aten
 
@@ -45,6 +45,8 @@ _SAME = {aten.contiguous.default, aten.clone.default, aten.alias.default, aten.d
          aten.lift_fresh_copy.default, aten.dropout.default, aten.native_dropout.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
            aten.tensor_split.sections, aten.split.sizes}
+_SELECTS = {aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.index.Tensor, aten.index_select.default,
+            aten.gather.default}
 _STOPS = PRODUCTS | SOFTMAX | {aten.scaled_dot_product_attention.default}
 
 
@@ -100,6 +102,15 @@ def rows_read(operand: Any, site: fx.Node) -> torch.Tensor | None:
         return None
     rows = m.rows if isinstance(m, _Set) else torch.unique(m[m >= 0])
     return rows
+
+
+def selects_rows(operand: Any, site: fx.Node) -> bool:
+    """Whether an op that can drop rows (a slice, select, split, index) lies between ``site`` and ``operand``: a
+    cheap test before :func:`rows_read`, which otherwise can only answer "all rows" (or None)."""
+    if not isinstance(operand, fx.Node):
+        return False
+    return any(n.op == "call_function" and (n.target in _SPLITS or n.target in _SELECTS)
+               for n in _region(site, operand))
 
 
 def _out_features(site: fx.Node) -> int | None:
