@@ -127,6 +127,22 @@ def test_t5_keeps_encoder_and_decoder_lengths_apart(monkeypatch):
     assert traced_axes(pm, inputs(2, 8, 5)) == traced_axes(dyn, inputs(2, 8, 5)) is not None
 
 
+def test_lengths_equal_in_the_example_only_are_probed_and_kept_apart(caplog):
+    """Source and target of 8 tokens each (the common example): one symbol would tie them for every later call.
+    The model runs with them different, so the trace falls back to the dynamic export, whose graph keeps them
+    apart; input ids and their mask, which the model does tie, do not make it fall back (the test above)."""
+    model = M.t5()
+
+    def inputs(b, s, t):
+        return {"input_ids": _ids(b, s), "attention_mask": _padded(b, s), "decoder_input_ids": _ids(b, t, seed=5)}
+
+    with caplog.at_level(logging.INFO, logger="peftfx.trace_symbolic"):
+        pm = _trace(model, inputs(2, 8, 8))
+    assert TS.info() == {"symbolic": 0, "fallback": 1}
+    assert "equal in the example only" in caplog.text
+    _assert_matches_eager(model, pm, inputs, [(2, 9, 4), (3, 5, 11)])
+
+
 def test_vit_batch_symbolic_image_static():
     model = M.vit()
     pm = _trace(model, {"pixel_values": torch.randn(2, 3, 32, 32)})
