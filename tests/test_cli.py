@@ -82,7 +82,9 @@ def test_inspect_lists_the_sites_of_a_rules_file(work, capsys):
 def test_merge_export_with_kv_cache_then_run_and_generate(work, capsys):
     d, pms = work
     out_path = d / "gen.onnx"
-    code, out, err = _run(capsys, "merge-export", MODEL, "--adapter", d / "a", "-o", out_path, "--kv-cache")
+    # --optimize none in this file: the fusions are tests/export/test_optimize.py's subject; export still verifies
+    code, out, err = _run(capsys, "merge-export", MODEL, "--adapter", d / "a", "-o", out_path, "--kv-cache",
+                          "--optimize", "none")
     assert code == 0, err
     for stage in ("load model", "load adapter a", "merge, export, verify", "parity vs PyTorch: max abs",
                   "CPUExecutionProvider", "past_key_values.0.key"):
@@ -107,7 +109,7 @@ def test_adapter_inputs_write_one_file_per_adapter(work, capsys):
     d, pms = work
     out_path = d / "multi" / "base.onnx"
     code, out, err = _run(capsys, "merge-export", MODEL, "--adapter", d / "a", "--adapter", d / "b", "-o", out_path,
-                          "--adapter-inputs", "--json")
+                          "--adapter-inputs", "--json", "--optimize", "none")
     assert code == 0, err
     res = json.loads(out)
     assert sorted(os.listdir(d / "multi")) == ["a.onnx_adapter", "b.onnx_adapter", "base.onnx"]
@@ -239,7 +241,8 @@ def test_merge_export_loads_the_recorded_head_class_and_carries_the_tokenizer(tm
     assert recorded["auto_mapping"]["base_model_class"] == "LlamaForSequenceClassification"
     assert recorded["task_type"] == "SEQ_CLS" and str(tmp_path) in recorded["base_model_name_or_path"]
     onnx_path = out_dir / "model.onnx"
-    code, out, err = _run(capsys, "merge-export", base_dir, "--adapter", adapter_dir, "-o", onnx_path)
+    code, out, err = _run(capsys, "merge-export", base_dir, "--adapter", adapter_dir, "-o", onnx_path,
+                          "--optimize", "none")
     assert code == 0, err
     files = set(os.listdir(out_dir))
     assert {"model.onnx", "config.json", "tokenizer.json"} <= files and not any(f.startswith(".") for f in files)

@@ -254,7 +254,8 @@ def test_a_fresh_process_loads_every_method(base, tmp_path):
 # ------------------------------------------------------------------------------------------ export
 def test_onnx_runtime_equals_eager(applied, base, tmp_path):
     merged = peftfx.merge(applied.peft)
-    report = peftfx.export_onnx(merged, tmp_path / f"{applied.name}.onnx", {"input_ids": base.ids})  # self-verifies
+    # optimize="none": ONNX Runtime's fusions are tests/export's subject; export_onnx still verifies in ORT
+    report = peftfx.export_onnx(merged, tmp_path / f"{applied.name}.onnx", {"input_ids": base.ids}, optimize="none")
     x = M.ids(3, 7, vocab=VOCAB, seed=2)          # a shape unlike the traced example's
     ref = _logits(applied.peft, x).numpy()
     got = peftfx.Runtime(report.path).run(input_ids=x)["logits"]

@@ -167,7 +167,8 @@ def test_shared_layer_houlsby_exports_to_onnx(tmp_path):
     calls = [n for n in ours.graph.nodes if n.op == "call_module" and "adapter" in n.meta.get("peftfx", {})]
     assert len(calls) == 2 and len(ours.peft_info.adapters) == 1
     ours.eval()
-    report = peftfx.export_onnx(ours, tmp_path / "m.onnx", {"input_ids": ids})
+    # optimize="none": the fusions are tests/export/test_optimize.py's subject; verification in ORT still runs
+    report = peftfx.export_onnx(ours, tmp_path / "m.onnx", {"input_ids": ids}, optimize="none")
     assert report.max_abs < 1e-4
     x = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(2))
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])

@@ -314,7 +314,7 @@ def test_lora_and_ia3_compose_on_convs_round_trip_and_export(tmp_path):
     again = peftfx.load_adapter(copy.deepcopy(base), tmp_path / "a", X)
     assert (_run(again) - out).abs().max().item() < TOL_W
     assert (_run(peftfx.merge(again)) - out).abs().max().item() < TOL             # LoRA then IA3, folded in order
-    report = peftfx.export_onnx(again, str(tmp_path / "cnn.onnx"), X)            # merged, verified in ORT
+    report = peftfx.export_onnx(again, str(tmp_path / "cnn.onnx"), X, optimize="none")  # merged, verified in ORT
     assert report.checks and report.max_abs < 1e-4
 
 

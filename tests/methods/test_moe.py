@@ -244,7 +244,8 @@ def test_export_onnx_ort_parity(arch, impl, tmp_path):
                                    IA3()], EX)
     _randomize(pm, std=0.2)
     pm.eval()
-    report = peftfx.export_onnx(pm, tmp_path / "moe.onnx", EX)
+    # optimize="none": the fusions are tests/export/test_optimize.py's subject; verification in ORT still runs
+    report = peftfx.export_onnx(pm, tmp_path / "moe.onnx", EX, optimize="none")
     assert report.max_abs <= 1e-4
     sess = ort.InferenceSession(str(tmp_path / "moe.onnx"), providers=["CPUExecutionProvider"])
     ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(7))   # unlike the example
