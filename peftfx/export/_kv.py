@@ -21,9 +21,12 @@ from .._errors import ExportError
 from ..model import AdapterRecord
 from ._build import keep_modes
 
-__all__ = ["CacheLayout", "build_step_model", "past_names", "present_names"]
+__all__ = ["CacheLayout", "build_step_model", "cache_shape", "past_names", "present_names"]
 
 PREFIX = "lm"
+
+
+LAYOUTS = {"bsd": "[batch, sequence, kv_heads*head_dim]", "bnsh": "[batch, kv_heads, sequence, head_dim]"}
 
 
 @dataclass(frozen=True)
@@ -31,15 +34,24 @@ class CacheLayout:
     layers: int
     kv_heads: int
     head_dim: int
+    heads: int = 0          # query heads (0: unknown)
+    order: str = "bsd"      # the file's cache layout: "bsd" as traced, "bnsh" after the fused-attention rewrite
 
     @property
     def width(self) -> int:
         return self.kv_heads * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
-                "layout": "[batch, sequence, kv_heads*head_dim]",
+        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "heads": self.heads,
+                "layout": LAYOUTS[self.order],
                 "inputs": past_names(self.layers), "outputs": present_names(self.layers)}
+
+
+def cache_shape(kv: dict[str, Any], batch: int, sequence: int) -> tuple[int, ...]:
+    """The shape of one cache tensor of a file's ``peftfx.kv_cache`` metadata (either layout)."""
+    if kv.get("layout") == LAYOUTS["bnsh"]:
+        return (batch, int(kv["kv_heads"]), sequence, int(kv["head_dim"]))
+    return (batch, sequence, int(kv["kv_heads"]) * int(kv["head_dim"]))
 
 
 def past_names(layers: int) -> list[str]:
@@ -121,7 +133,11 @@ def cache_layout(source: nn.Module, input_ids: torch.Tensor, cache_arg: str) -> 
     if k is None or k.dim() != 4:
         raise ExportError("the model's cache layers hold no [batch, heads, sequence, head_dim] keys; kv_cache export "
                           "supports the standard DynamicCache layout.")
-    return CacheLayout(len(layers), int(k.shape[1]), int(k.shape[3]))
+    cfg = getattr(source, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = next((int(v) for a in ("num_attention_heads", "n_head", "num_heads")
+                  if isinstance(v := getattr(cfg, a, None), int)), 0)
+    return CacheLayout(len(layers), int(k.shape[1]), int(k.shape[3]), heads)
 
 
 def build_step_model(pm, source: nn.Module, input_ids: torch.Tensor):

@@ -35,7 +35,7 @@ from typing import Any
 
 from .._errors import ExportError
 
-__all__ = ["FUSED_DOMAINS", "LEVELS", "fused_ops", "optimize_file", "resolve_level"]
+__all__ = ["FUSED_DOMAINS", "LEVELS", "fused_ops", "optimize_file", "optimize_kv_attention", "resolve_level"]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,27 @@ def optimize_file(path: str, level: str, target: str = "cpu", strict: bool = Tru
     info["seconds"] = time.perf_counter() - t
     log.info("optimize=%s (%s): %s in %.2fs", info["level"], info["pipeline"], info["fused"], info["seconds"])
     return info
+
+
+def optimize_kv_attention(path: str, info: dict[str, Any], layout, config: Any = None):
+    """For a ``kv_cache=True`` file fused at level ``"all"``: each layer's cached attention → ONNX Runtime's
+    ``GroupQueryAttention`` (:mod:`peftfx.export._kv_fusion`), the cache in its ``[batch, kv_heads, sequence,
+    head_dim]`` layout. Returns the file's cache layout; ``info["kv_attention"]`` says what was done, or why the
+    file keeps its unfused attention (a graph the rewrite cannot handle soundly is left unchanged, with a warning)."""
+    from ._kv_fusion import KvFusionRefused, fuse_kv_attention
+
+    if info.get("level") != "all":
+        return layout
+    t = time.perf_counter()
+    try:
+        layout, fused = fuse_kv_attention(path, layout, layout.heads, config)
+        info["kv_attention"] = {"fused": fused, "layout": layout.to_dict()["layout"]}
+        info["fused"] = fused_ops(path)
+    except KvFusionRefused as e:
+        info["kv_attention"] = {"refused": str(e)}
+        log.warning("the key/value-cache attention stays unfused (GroupQueryAttention not applied): %s", e)
+    info["seconds"] += time.perf_counter() - t
+    return layout
 
 
 class _Unfusable(Exception):

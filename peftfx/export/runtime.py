@@ -298,9 +298,11 @@ class Runtime:
         self._check("input_ids", ids)
         if max_new_tokens < 1:
             return ids
-        pasts, presents, width = self.kv["inputs"], self.kv["outputs"], self.kv["kv_heads"] * self.kv["head_dim"]
+        from ._kv import cache_shape
+
+        pasts, presents = self.kv["inputs"], self.kv["outputs"]
         dtype = self.input_dtype(pasts[0])
-        feeds: dict[str, Any] = {n: np.zeros((ids.shape[0], 0, width), dtype) for n in pasts}
+        feeds: dict[str, Any] = {n: np.zeros(cache_shape(self.kv, ids.shape[0], 0), dtype) for n in pasts}
         tokens, current = [ids], ids
         done = np.zeros(ids.shape[0], dtype=bool)
         self.step_times = []
