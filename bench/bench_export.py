@@ -221,6 +221,7 @@ def decode(threads, repeats):
     unfused ("none"), medians of interleaved runs."""
     from peftfx import export_onnx
     from peftfx.export import Runtime
+    from peftfx.export._kv_fusion import cache_shape
 
     m = build_llama()
     d = tempfile.mkdtemp(prefix="peftfx-bench-decode-")
@@ -237,12 +238,11 @@ def decode(threads, repeats):
         for t in threads:
             sessions = {k: Runtime(p, device="cpu", threads=t, spin=False) for k, p in rts.items()}
             kv = sessions["none"].kv
-            width = kv["kv_heads"] * kv["head_dim"]
             for past in (32, 128, 512):
                 prompt = np.random.default_rng(past).integers(0, 32000, (1, past), dtype=np.int64)
                 steps = {}
                 for k, rt in sessions.items():
-                    empty = {n: np.zeros((1, 0, width), np.float32) for n in kv["inputs"]}
+                    empty = {n: np.zeros(cache_shape(rt.kv, 1, 0), np.float32) for n in kv["inputs"]}
                     pre = rt.run({"input_ids": prompt, **empty})
                     steps[k] = {"input_ids": np.array([[7]], dtype=np.int64),
                                 **{i: pre[o] for i, o in zip(kv["inputs"], kv["outputs"])}}

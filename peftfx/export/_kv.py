@@ -20,13 +20,11 @@ from torch import nn
 from .._errors import ExportError
 from ..model import AdapterRecord
 from ._build import keep_modes
+from ._kv_fusion import LAYOUTS
 
-__all__ = ["CacheLayout", "build_step_model", "cache_shape", "past_names", "present_names"]
+__all__ = ["CacheLayout", "build_step_model", "past_names", "present_names"]
 
 PREFIX = "lm"
-
-
-LAYOUTS = {"bsd": "[batch, sequence, kv_heads*head_dim]", "bnsh": "[batch, kv_heads, sequence, head_dim]"}
 
 
 @dataclass(frozen=True)
@@ -45,13 +43,6 @@ class CacheLayout:
         return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "heads": self.heads,
                 "layout": LAYOUTS[self.order],
                 "inputs": past_names(self.layers), "outputs": present_names(self.layers)}
-
-
-def cache_shape(kv: dict[str, Any], batch: int, sequence: int) -> tuple[int, ...]:
-    """The shape of one cache tensor of a file's ``peftfx.kv_cache`` metadata (either layout)."""
-    if kv.get("layout") == LAYOUTS["bnsh"]:
-        return (batch, int(kv["kv_heads"]), sequence, int(kv["head_dim"]))
-    return (batch, sequence, int(kv["kv_heads"]) * int(kv["head_dim"]))
 
 
 def past_names(layers: int) -> list[str]:

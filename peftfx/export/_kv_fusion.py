@@ -31,11 +31,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["KvFusionRefused", "fuse_kv_attention", "unsupported_config"]
+__all__ = ["LAYOUTS", "KvFusionRefused", "cache_shape", "fuse_kv_attention", "unsupported_config"]
 
-FUSED_LAYOUT = "[batch, kv_heads, sequence, head_dim]"
+# a file's cache layout (``peftfx.kv_cache`` metadata "layout"): as traced by _kv.py, and after this rewrite
+LAYOUTS = {"bsd": "[batch, sequence, kv_heads*head_dim]", "bnsh": "[batch, kv_heads, sequence, head_dim]"}
 _REPEAT = {"Unsqueeze", "Expand", "Reshape"}
 _VIEW = {"Reshape", "Transpose"}
+
+
+def cache_shape(kv: dict[str, Any], batch: int, sequence: int) -> tuple[int, ...]:
+    """The shape of one cache tensor of a file with ``peftfx.kv_cache`` metadata ``kv`` (either layout)."""
+    if kv.get("layout") == LAYOUTS["bnsh"]:
+        return (batch, int(kv["kv_heads"]), sequence, int(kv["head_dim"]))
+    return (batch, sequence, int(kv["kv_heads"]) * int(kv["head_dim"]))
 
 
 class KvFusionRefused(Exception):
@@ -59,10 +67,11 @@ def unsupported_config(config: Any) -> str | None:
     return None
 
 
-def fuse_kv_attention(path: str, layout, heads: int, config: Any = None):
+def fuse_kv_attention(path: str, layout, heads: int, config: Any = None, check=None):
     """Rewrite the cached attention of the ``kv_cache=True`` file at ``path`` in place (temporary file + rename).
 
     ``layout`` is the export's :class:`~peftfx.export._kv.CacheLayout`; ``heads`` the number of query heads.
+    ``check(tmp_path)`` (optional) must accept the rewritten file before it replaces ``path`` (it raises otherwise).
     Returns ``(new layout, {"GroupQueryAttention": layers})``; raises :class:`KvFusionRefused` (file unchanged)."""
     import onnx
 
@@ -76,12 +85,11 @@ def fuse_kv_attention(path: str, layout, heads: int, config: Any = None):
     tmp = path + ".kvfused.onnx"
     try:
         onnx.save(proto, tmp)        # initializers stay where they were (embedded, or in the same external file)
-        from .optimize import _loads, _Unfusable
-
-        try:
-            _loads(tmp)
-        except _Unfusable as e:
-            raise KvFusionRefused(str(e)) from None
+        if check is not None:
+            try:
+                check(tmp)
+            except Exception as e:  # noqa: BLE001 - the caller's check says why in its message
+                raise KvFusionRefused(str(e)) from None
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -257,11 +265,9 @@ def _layer(gr: _Graph, k_past: str, v_past: str, k_present: str, v_present: str)
 def _rewrite(proto, layout, heads: int) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
-    from ._kv import past_names, present_names
-
     graph = proto.graph
     gr = _Graph(graph)
-    pasts, presents = past_names(layout.layers), present_names(layout.layers)
+    pasts, presents = layout.to_dict()["inputs"], layout.to_dict()["outputs"]
     inputs = {i.name for i in graph.input}
     if not set(pasts) <= inputs or not set(presents) <= gr.outputs:
         raise KvFusionRefused("the file does not have the cache inputs/outputs of a kv_cache=True export")

@@ -13,7 +13,7 @@ import torch
 
 from .._errors import ExportError
 from ._build import BATCH, SEQUENCE, flatten_outputs, keep_modes, resize_inputs, strip_adapters
-from ._kv import cache_shape
+from ._kv_fusion import cache_shape
 
 __all__ = ["verify_export", "compare", "verification_cases"]
 

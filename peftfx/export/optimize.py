@@ -228,7 +228,7 @@ def optimize_kv_attention(path: str, info: dict[str, Any], layout, config: Any =
         return layout
     t = time.perf_counter()
     try:
-        layout, fused = fuse_kv_attention(path, layout, layout.heads, config)
+        layout, fused = fuse_kv_attention(path, layout, layout.heads, config, check=_loads)
         info["kv_attention"] = {"fused": fused, "layout": layout.to_dict()["layout"]}
         info["fused"] = fused_ops(path)
     except KvFusionRefused as e:

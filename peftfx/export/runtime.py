@@ -298,7 +298,7 @@ class Runtime:
         self._check("input_ids", ids)
         if max_new_tokens < 1:
             return ids
-        from ._kv import cache_shape
+        from ._kv_fusion import cache_shape
 
         pasts, presents = self.kv["inputs"], self.kv["outputs"]
         dtype = self.input_dtype(pasts[0])
