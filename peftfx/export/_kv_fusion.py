@@ -90,11 +90,55 @@ def fuse_kv_attention(path: str, layout, heads: int, config: Any = None, check=N
                 check(tmp)
             except Exception as e:  # noqa: BLE001 - the caller's check says why in its message
                 raise KvFusionRefused(str(e)) from None
+        _same_as_before(path, tmp, layout, replace(layout, order="bnsh"))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return replace(layout, order="bnsh"), {"GroupQueryAttention": layout.layers}
+
+
+def _same_as_before(before: str, after: str, old, new, tol: float = 1e-4) -> None:
+    """The rewritten file computes what the file did (ONNX Runtime, CPU): a prefill of 3 tokens at batch 2 and one
+    cached step; logits and present caches (in their layouts) within ``tol`` (relative to the largest value)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    rng = np.random.default_rng(0)
+    runs = []
+    for path, lay in ((before, old), (after, new)):
+        try:
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT's own error types
+            raise KvFusionRefused(f"ONNX Runtime cannot load the rewritten file: {str(e).splitlines()[0][:200]}") \
+                from None
+        kv = lay.to_dict()
+        floats = next(i.type for i in sess.get_inputs() if i.name == kv["inputs"][0])
+        dtype = np.float16 if "float16" in floats else np.float32
+        ids = rng.integers(0, 2, (2, 3)) if not runs else runs[0][0]
+        past = {n: np.zeros(cache_shape(kv, 2, 0), dtype) for n in kv["inputs"]}
+        outs = []
+        for x in (ids, ids[:, -1:]):
+            try:
+                got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input_ids": x, **past})))
+            except Exception as e:  # noqa: BLE001
+                raise KvFusionRefused(f"the rewritten file does not run: {str(e).splitlines()[0][:200]}") from None
+            past = {i: got[o] for i, o in zip(kv["inputs"], kv["outputs"])}
+            outs.append([got["logits"]] + [_as_bsd(got[o], kv) for o in kv["outputs"]])
+        runs.append((ids, outs))
+    for a, b in zip(runs[0][1], runs[1][1]):
+        for x, y in zip(a, b):
+            err = float(np.abs(x.astype(np.float64) - y).max()) / max(1.0, float(np.abs(x).max()))
+            if not err <= tol:
+                raise KvFusionRefused(f"the fused attention differs from the file's own by {err:.2e} (relative) "
+                                      "on a test prefill and step")
+
+
+def _as_bsd(x: np.ndarray, kv: dict) -> np.ndarray:
+    if kv["layout"] == LAYOUTS["bnsh"]:
+        return x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
+    return x
 
 
 # ------------------------------------------------------------------------------------------------- graph helpers
@@ -184,21 +228,27 @@ def _present_chain(gr: _Graph, concat, present: str) -> list:
     raise KvFusionRefused(f"{present} is not the concatenated cache of its layer (reshaped/transposed)")
 
 
-def _forward_repeat(gr: _Graph, start: str, end_ops: set[str], present_chain: list) -> tuple[Any, str, list]:
-    """From the concatenated cache through ``repeat_kv`` (Unsqueeze/Expand/Reshape) to the first op in ``end_ops``.
-    The present output's own chain is not part of it."""
+def _forward_layout(gr: _Graph, start: str, end_ops: set[str], present_chain: list) -> tuple[Any, str, list[int]]:
+    """From the concatenated cache (``[batch, kv_heads, seq, head_dim]``) through ``repeat_kv`` and head
+    reshapes/transposes (Unsqueeze/Expand/Reshape/Transpose) to the first op in ``end_ops``: ``(that op, the value
+    it reads, the composed permutation of the transposes on the way)``. The present output's own chain is not part
+    of it. Reshapes are taken to split/merge heads (the fused file is checked numerically against this one)."""
     skip = {id(n) for n in present_chain}
-    cur, seen = start, []
+    cur, perm = start, [0, 1, 2, 3]
     while True:
         users = [n for n in gr.consumers.get(cur, []) if id(n) not in skip]
         if len(users) != 1:
             raise KvFusionRefused(f"the concatenated cache {start} feeds {len(users)} attention paths (expected 1)")
         node = users[0]
         if node.op_type in end_ops:
-            return node, cur, seen
-        if node.op_type not in _REPEAT or node.input[0] != cur:
+            return node, cur, perm
+        if node.op_type not in _REPEAT | {"Transpose"} or node.input[0] != cur:
             raise KvFusionRefused(f"the cache {start} reaches a {node.op_type} before the attention matmul")
-        seen.append(node)
+        if node.op_type == "Transpose":
+            p = list(_attr(node, "perm", []))
+            if sorted(p) != [0, 1, 2, 3]:
+                raise KvFusionRefused(f"a transpose {p} of the cache is not one of heads and sequence")
+            perm = [perm[i] for i in p]
         cur = node.output[0]
 
 
@@ -206,12 +256,11 @@ def _layer(gr: _Graph, k_past: str, v_past: str, k_present: str, v_present: str)
     cat_k, _ = _cache_concat(gr, k_past)
     cat_v, _ = _cache_concat(gr, v_past)
     chain_k, chain_v = _present_chain(gr, cat_k, k_present), _present_chain(gr, cat_v, v_present)
-    # keys: repeat → Transpose(0,1,3,2) → [Mul scale] → MatMul(q, ·)
-    node, cur, _ = _forward_repeat(gr, cat_k.output[0], {"Transpose"}, chain_k)
-    if list(_attr(node, "perm", [])) != [0, 1, 3, 2]:
-        raise KvFusionRefused("the keys are not transposed for q·kᵀ")
-    scale, cur = 1.0, node.output[0]
-    node = gr.only_user(cur)
+    # keys: repeat (and head reshapes/transposes: kᵀ) → [Mul scale] → MatMul(q, ·)
+    node, cur, perm = _forward_layout(gr, cat_k.output[0], {"MatMul", "Mul", "Div"}, chain_k)
+    if perm != [0, 1, 3, 2]:
+        raise KvFusionRefused(f"the keys reach q·kᵀ transposed by {perm}, not as kᵀ")
+    scale = 1.0
     while node is not None and _scale_factor(gr, node) is not None:
         scale *= _scale_factor(gr, node)[0]
         cur = node.output[0]
@@ -249,15 +298,20 @@ def _layer(gr: _Graph, k_past: str, v_past: str, k_present: str, v_present: str)
     if node is None or node.op_type != "MatMul" or node.input[0] != probs:
         raise KvFusionRefused("the attention probabilities do not go into a MatMul with the values")
     mix = node
-    vnode, vcur, _ = _forward_repeat(gr, cat_v.output[0], {"MatMul"}, chain_v)
-    if vnode is not mix or mix.input[1] != vcur:
+    vnode, vcur, perm = _forward_layout(gr, cat_v.output[0], {"MatMul"}, chain_v)
+    if vnode is not mix or mix.input[1] != vcur or perm != [0, 1, 2, 3]:
         raise KvFusionRefused("the values of the attention are not the layer's concatenated cache")
-    t = gr.only_user(mix.output[0])
-    if t is None or t.op_type != "Transpose" or list(_attr(t, "perm", [])) != [0, 2, 1, 3]:
-        raise KvFusionRefused("the attention output is not transposed back to [batch, sequence, heads, head_dim]")
-    r = gr.only_user(t.output[0])
-    if r is None or r.op_type != "Reshape":
-        raise KvFusionRefused("the attention output is not reshaped to [batch, sequence, hidden]")
+    # the output [batch, heads, seq, head_dim] → transposes/reshapes → [batch, seq, heads·head_dim] (a Reshape)
+    cur, perm, r = mix.output[0], [0, 1, 2, 3], None
+    while (t := gr.only_user(cur)) is not None and t.op_type in _VIEW and t.input[0] == cur:
+        if t.op_type == "Transpose":
+            p = list(_attr(t, "perm", []))
+            if sorted(p) != [0, 1, 2, 3]:
+                break
+            perm = [perm[i] for i in p]
+        r, cur = t, t.output[0]
+    if r is None or r.op_type != "Reshape" or perm != [0, 2, 1, 3]:
+        raise KvFusionRefused("the attention output is not transposed/reshaped back to [batch, sequence, hidden]")
     return {"q": q, "k": cat_k.input[1], "v": cat_v.input[1], "out": r.output[0], "scale": scale,
             "old_out": r, "present_k": chain_k[0], "present_v": chain_v[0]}
 
