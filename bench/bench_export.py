@@ -10,8 +10,9 @@ B random). Rows:
   * hf_route: HF PEFT on the same weights, ``merge_and_unload`` + ``torch.onnx.export(dynamo=True)``
   * hf_exporter_cpu: transformers' ``OnnxExporter`` with ``OnnxConfig(dynamic=True, ort_fusions="cpu")`` of that merged
     model (the best route users have today)
-  * decode (Llama): one cached decode step at past 32/128/512, ``kv_cache=True`` file fused (``optimize="all"``)
-    vs unfused; ``--models decode`` runs it alone (results/export_decode.*; a subset of models writes
+  * decode (Llama): one cached decode step at past 32/128/512, ``kv_cache=True`` file fused (``optimize="all"``:
+    the pattern fusions, then each layer's cached attention as one ``GroupQueryAttention``, cache
+    ``[batch, kv_heads, seq, head_dim]``) vs unfused (``"none"``), the step's inputs prepared by a prefill; ``--models decode`` runs it alone (results/export_decode.*; a subset of models writes
     results/export_<models>.*)
   * peftfx_none / peftfx_basic / peftfx_all: ``export_onnx(optimize=…)``, verified in ORT (verification included in
     the export time); peftfx_int8: ``dtype="int8"`` (dynamic, defaults: per channel, keep_float 0.05); MiniLM also
@@ -234,7 +235,10 @@ def decode(threads, repeats):
             r = export_onnx(m["pm"], p, m["ex"], kv_cache=True, source=m["base"], optimize=level)
             out[f"export_s_{level}"] = time.perf_counter() - t0
             out[f"fused_{level}"] = r.optimize.get("fused")
+            out[f"kv_attention_{level}"] = r.optimize.get("kv_attention")
+            out[f"cache_layout_{level}"] = r.kv_cache["layout"]
             rts[level] = p
+        out["load_average_start"] = os.getloadavg()
         for t in threads:
             sessions = {k: Runtime(p, device="cpu", threads=t, spin=False) for k, p in rts.items()}
             kv = sessions["none"].kv
@@ -250,6 +254,7 @@ def decode(threads, repeats):
                                   repeats=repeats * 3, warmup=3)
                 out[f"threads_{t}_past_{past}"] = {"none_ms": 1e3 * med["none"], "all_ms": 1e3 * med["all"],
                                                    "all/none": med["all"] / med["none"]}
+        out["load_average_end"] = os.getloadavg()
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return out
@@ -310,7 +315,7 @@ def _table(res, models):
     for k, v in res.get("decode", {}).items():
         if k.startswith("threads_"):
             th, past = k.split("_")[1], k.split("_")[3]
-            rows.append(("llama", f"decode step, past {past}: all vs none", "", th,
+            rows.append(("llama", f"decode step, past {past}: all (GroupQueryAttention) vs none", "", th,
                          f"{v['all_ms']:.2f} vs {v['none_ms']:.2f}", f"{v['all/none']:.2f}"))
     write("export" if set(models) == {"minilm", "llama", "decode"} else "export_" + "_".join(models), res, rows)
 
