@@ -15,7 +15,10 @@ Levels (``optimize=``):
   microsoft/onnxruntime#33873). For CPU, peftfx then turns each ``SkipLayerNormalization`` back into ``Add`` +
   ``LayerNormalization`` (measured: ORT 1.32's CPU kernel of the fused op is ~10× slower, 18 % of MiniLM's time;
   ``_unfuse_skip_layernorm``). Where transformers' exporters are not installed, ``"all"`` is ``"basic"`` (+ that
-  CPU rewrite).
+  CPU rewrite). A ``kv_cache=True`` file then gets each layer's cached attention as one ``GroupQueryAttention``
+  (:func:`optimize_kv_attention`, :mod:`peftfx.export._kv_fusion`), its cache inputs/outputs laid out
+  ``[batch, kv_heads, sequence, head_dim]``; a graph it cannot rewrite soundly keeps its attention (warning, reason
+  in ``info["kv_attention"]``).
 
 Both rewrite the graph with ops that compute exactly what they replace; the fused file is then verified in ONNX
 Runtime against PyTorch like every export. What peftfx adds: the stage runs on a verified-to-be file in the export's
