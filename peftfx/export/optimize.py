@@ -221,13 +221,13 @@ def optimize_file(path: str, level: str, target: str = "cpu", strict: bool = Tru
 
 
 def optimize_kv_attention(path: str, info: dict[str, Any], layout, config: Any = None):
-    """For a ``kv_cache=True`` file fused at level ``"all"``: each layer's cached attention → ONNX Runtime's
+    """For a ``kv_cache=True`` file fused at level ``"all"`` for CPU: each layer's cached attention → ONNX Runtime's
     ``GroupQueryAttention`` (:mod:`peftfx.export._kv_fusion`), the cache in its ``[batch, kv_heads, sequence,
     head_dim]`` layout. Returns the file's cache layout; ``info["kv_attention"]`` says what was done, or why the
     file keeps its unfused attention (a graph the rewrite cannot handle soundly is left unchanged, with a warning)."""
     from ._kv_fusion import KvFusionRefused, fuse_kv_attention
 
-    if info.get("level") != "all":
+    if info.get("level") != "all" or info.get("target") != "cpu":     # measured and checked on CPU only
         return layout
     t = time.perf_counter()
     try:
