@@ -254,10 +254,45 @@ def decode(threads, repeats):
                                   repeats=repeats * 3, warmup=3)
                 out[f"threads_{t}_past_{past}"] = {"none_ms": 1e3 * med["none"], "all_ms": 1e3 * med["all"],
                                                    "all/none": med["all"] / med["none"]}
+        out["profile_past_512_threads_1"] = {k: decode_profile(p, 512) for k, p in rts.items()}
         out["load_average_end"] = os.getloadavg()
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return out
+
+
+def decode_profile(path, past, steps=30):
+    """ONNX Runtime's own profile of ``steps`` cached decode steps at ``past`` (1 thread; the prefill runs in another
+    session): kernel milliseconds per step, in all and for the 8 op types that take most."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+
+    from peftfx.export import Runtime
+    from peftfx.export._kv_fusion import cache_shape
+
+    rt = Runtime(path, device="cpu", threads=1, spin=False)
+    kv = rt.kv
+    prompt = np.random.default_rng(past).integers(0, 32000, (1, past), dtype=np.int64)
+    pre = rt.run({"input_ids": prompt, **{n: np.zeros(cache_shape(kv, 1, 0), np.float32) for n in kv["inputs"]}})
+    step = {"input_ids": np.array([[7]], dtype=np.int64), **{i: pre[o] for i, o in zip(kv["inputs"], kv["outputs"])}}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = os.path.join(os.path.dirname(path), "profile")
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    for _ in range(steps):
+        sess.run(None, step)
+    trace = sess.end_profiling()
+    with open(trace) as f:
+        events = json.load(f)
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / steps
+    return {"kernel_ms_per_step": sum(per_op.values()),
+            "top_ops_ms": {k: round(v, 3) for k, v in per_op.most_common(8)}}
 
 
 def main():
@@ -317,6 +352,11 @@ def _table(res, models):
             th, past = k.split("_")[1], k.split("_")[3]
             rows.append(("llama", f"decode step, past {past}: all (GroupQueryAttention) vs none", "", th,
                          f"{v['all_ms']:.2f} vs {v['none_ms']:.2f}", f"{v['all/none']:.2f}"))
+    prof = res.get("decode", {}).get("profile_past_512_threads_1")
+    if prof:
+        rows.append(("llama", "decode step, past 512, ORT kernel ms/step: all vs none", "", "1",
+                     f"{prof['all']['kernel_ms_per_step']:.2f} vs {prof['none']['kernel_ms_per_step']:.2f}",
+                     f"{prof['all']['kernel_ms_per_step'] / prof['none']['kernel_ms_per_step']:.2f}"))
     write("export" if set(models) == {"minilm", "llama", "decode"} else "export_" + "_".join(models), res, rows)
 
 
