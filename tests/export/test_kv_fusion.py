@@ -203,3 +203,17 @@ def test_refused_export_keeps_unfused_attention(tmp_path, caplog):
     assert r.kv_cache["layout"] == "[batch, sequence, kv_heads*head_dim]"
     assert r.max_abs < TOL
     assert any("stays unfused" in m for m in caplog.messages)
+
+
+def test_batched_multi_token_continuation_is_a_clear_error(files):
+    """ONNX Runtime's GroupQueryAttention takes several new tokens over a non-empty past only at batch 1: the
+    Runtime raises ExportError naming the kernel's condition (the unfused file runs it)."""
+    from peftfx import ExportError
+
+    _, _, reports = files
+    rt = Runtime(reports["all"].path)
+    ids = M.ids(2, 6, seed=8)
+    first = rt.run({"input_ids": ids[:, :3].numpy(),
+                    **{n: np.zeros(cache_shape(rt.kv, 2, 0), np.float32) for n in rt.kv["inputs"]}})
+    with pytest.raises(ExportError, match="batch_size must be 1 when sequence_length > 1"):
+        rt.run({"input_ids": ids[:, 3:].numpy(), **{i: first[o] for i, o in zip(rt.kv["inputs"], rt.kv["outputs"])}})
