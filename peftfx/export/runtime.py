@@ -287,7 +287,9 @@ class Runtime:
                  adapter: str | None = None) -> np.ndarray:
         """Greedy decoding with the key/value cache: one prefill over the prompt, then one single-token step per new
         token feeding the previous step's ``present.*`` back as ``past_key_values.*``. Returns prompt + new tokens
-        (rows that produced ``eos_token_id`` are padded with it). Prompts in a batch must have equal length.
+        (rows that produced ``eos_token_id`` are padded with it). Prompts in a batch must have equal length (the file
+        has no attention mask). The cache is fed in the file's layout (``peftfx.kv_cache`` ``layout``: as traced, or
+        GroupQueryAttention's ``[batch, kv_heads, sequence, head_dim]`` after ``optimize="all"``).
         ``self.step_times`` holds the seconds of each step (prefill first)."""
         if not self.kv:
             raise ExportError(f"{os.path.basename(self.path)} has no key/value cache inputs; export it with "
