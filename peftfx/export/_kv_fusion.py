@@ -118,10 +118,15 @@ def _same_as_before(before: str, after: str, old, new, tol: float = 1e-4) -> Non
         dtype = np.float16 if "float16" in floats else np.float32
         ids = rng.integers(0, 2, (2, 3)) if not runs else runs[0][0]
         past = {n: np.zeros(cache_shape(kv, 2, 0), dtype) for n in kv["inputs"]}
+        # other inputs (adapter parameters of adapter_inputs=True, before their defaults are added): fixed values
+        extra = {i.name: np.random.default_rng(len(i.name)).normal(0, 0.1, i.shape).astype(np.float32)
+                 for i in sess.get_inputs() if i.name != "input_ids" and i.name not in kv["inputs"]
+                 and all(isinstance(d, int) for d in i.shape) and "float" in i.type}
         outs = []
         for x in (ids, ids[:, -1:]):
             try:
-                got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input_ids": x, **past})))
+                got = dict(zip([o.name for o in sess.get_outputs()],
+                               sess.run(None, {"input_ids": x, **past, **extra})))
             except Exception as e:  # noqa: BLE001
                 raise KvFusionRefused(f"the rewritten file does not run: {str(e).splitlines()[0][:200]}") from None
             past = {i: got[o] for i, o in zip(kv["inputs"], kv["outputs"])}

@@ -217,3 +217,16 @@ def test_batched_multi_token_continuation_is_a_clear_error(files):
                     **{n: np.zeros(cache_shape(rt.kv, 2, 0), np.float32) for n in rt.kv["inputs"]}})
     with pytest.raises(ExportError, match="batch_size must be 1 when sequence_length > 1"):
         rt.run({"input_ids": ids[:, 3:].numpy(), **{i: first[o] for i, o in zip(rt.kv["inputs"], rt.kv["outputs"])}})
+
+
+def test_adapter_inputs_file_fuses_and_verifies(tmp_path):
+    """adapter_inputs=True (LoRA parameters as graph inputs) with the cache: the attention fuses, and the export's
+    verification (prefill + cached step with the adapter fed, against PyTorch) passes."""
+    base = _lively(M.llama(layers=2, hidden=32, heads=2, kv_heads=1, inter=64), seed=4)
+    ids = M.ids(2, 8)
+    pm = M.randomise_lora(peftfx.apply(base, LoRA(rank=2, targets=select.role("attn.q")), {"input_ids": ids}))
+    r = export_onnx(pm, tmp_path / "ai.onnx", {"input_ids": ids}, kv_cache=True, source=base, adapter_inputs=True)
+    assert r.optimize["kv_attention"]["fused"] == {"GroupQueryAttention": 2}
+    assert r.adapter_inputs and all(n in r.inputs for n in r.adapter_inputs)
+    assert {c["case"] for c in r.checks} >= {"batch 2 × seq 8 +1 cached step"}
+    assert r.max_abs < TOL
