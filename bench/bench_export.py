@@ -10,8 +10,9 @@ B random). Rows:
   * hf_route: HF PEFT on the same weights, ``merge_and_unload`` + ``torch.onnx.export(dynamo=True)``
   * hf_exporter_cpu: transformers' ``OnnxExporter`` with ``OnnxConfig(dynamic=True, ort_fusions="cpu")`` of that merged
     model (the best route users have today)
-  * decode (Llama): one cached decode step at past 32/128/512, ``kv_cache=True`` file fused (``optimize="all"``)
-    vs unfused; ``--models decode`` runs it alone (results/export_decode.*; a subset of models writes
+  * decode (Llama): one cached decode step at past 32/128/512, ``kv_cache=True`` file fused (``optimize="all"``:
+    the pattern fusions, then each layer's cached attention as one ``GroupQueryAttention``, cache
+    ``[batch, kv_heads, seq, head_dim]``) vs unfused (``"none"``), the step's inputs prepared by a prefill; ``--models decode`` runs it alone (results/export_decode.*; a subset of models writes
     results/export_<models>.*)
   * peftfx_none / peftfx_basic / peftfx_all: ``export_onnx(optimize=…)``, verified in ORT (verification included in
     the export time); peftfx_int8: ``dtype="int8"`` (dynamic, defaults: per channel, keep_float 0.05); MiniLM also
@@ -221,6 +222,7 @@ def decode(threads, repeats):
     unfused ("none"), medians of interleaved runs."""
     from peftfx import export_onnx
     from peftfx.export import Runtime
+    from peftfx.export._kv_fusion import cache_shape
 
     m = build_llama()
     d = tempfile.mkdtemp(prefix="peftfx-bench-decode-")
@@ -233,16 +235,18 @@ def decode(threads, repeats):
             r = export_onnx(m["pm"], p, m["ex"], kv_cache=True, source=m["base"], optimize=level)
             out[f"export_s_{level}"] = time.perf_counter() - t0
             out[f"fused_{level}"] = r.optimize.get("fused")
+            out[f"kv_attention_{level}"] = r.optimize.get("kv_attention")
+            out[f"cache_layout_{level}"] = r.kv_cache["layout"]
             rts[level] = p
+        out["load_average_start"] = os.getloadavg()
         for t in threads:
             sessions = {k: Runtime(p, device="cpu", threads=t, spin=False) for k, p in rts.items()}
             kv = sessions["none"].kv
-            width = kv["kv_heads"] * kv["head_dim"]
             for past in (32, 128, 512):
                 prompt = np.random.default_rng(past).integers(0, 32000, (1, past), dtype=np.int64)
                 steps = {}
                 for k, rt in sessions.items():
-                    empty = {n: np.zeros((1, 0, width), np.float32) for n in kv["inputs"]}
+                    empty = {n: np.zeros(cache_shape(rt.kv, 1, 0), np.float32) for n in kv["inputs"]}
                     pre = rt.run({"input_ids": prompt, **empty})
                     steps[k] = {"input_ids": np.array([[7]], dtype=np.int64),
                                 **{i: pre[o] for i, o in zip(kv["inputs"], kv["outputs"])}}
@@ -250,9 +254,45 @@ def decode(threads, repeats):
                                   repeats=repeats * 3, warmup=3)
                 out[f"threads_{t}_past_{past}"] = {"none_ms": 1e3 * med["none"], "all_ms": 1e3 * med["all"],
                                                    "all/none": med["all"] / med["none"]}
+        out["profile_past_512_threads_1"] = {k: decode_profile(p, 512) for k, p in rts.items()}
+        out["load_average_end"] = os.getloadavg()
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return out
+
+
+def decode_profile(path, past, steps=30):
+    """ONNX Runtime's own profile of ``steps`` cached decode steps at ``past`` (1 thread; the prefill runs in another
+    session): kernel milliseconds per step, in all and for the 8 op types that take most."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+
+    from peftfx.export import Runtime
+    from peftfx.export._kv_fusion import cache_shape
+
+    rt = Runtime(path, device="cpu", threads=1, spin=False)
+    kv = rt.kv
+    prompt = np.random.default_rng(past).integers(0, 32000, (1, past), dtype=np.int64)
+    pre = rt.run({"input_ids": prompt, **{n: np.zeros(cache_shape(kv, 1, 0), np.float32) for n in kv["inputs"]}})
+    step = {"input_ids": np.array([[7]], dtype=np.int64), **{i: pre[o] for i, o in zip(kv["inputs"], kv["outputs"])}}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = os.path.join(os.path.dirname(path), "profile")
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    for _ in range(steps):
+        sess.run(None, step)
+    trace = sess.end_profiling()
+    with open(trace) as f:
+        events = json.load(f)
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / steps
+    return {"kernel_ms_per_step": sum(per_op.values()),
+            "top_ops_ms": {k: round(v, 3) for k, v in per_op.most_common(8)}}
 
 
 def main():
@@ -310,8 +350,13 @@ def _table(res, models):
     for k, v in res.get("decode", {}).items():
         if k.startswith("threads_"):
             th, past = k.split("_")[1], k.split("_")[3]
-            rows.append(("llama", f"decode step, past {past}: all vs none", "", th,
+            rows.append(("llama", f"decode step, past {past}: all (GroupQueryAttention) vs none", "", th,
                          f"{v['all_ms']:.2f} vs {v['none_ms']:.2f}", f"{v['all/none']:.2f}"))
+    prof = res.get("decode", {}).get("profile_past_512_threads_1")
+    if prof:
+        rows.append(("llama", "decode step, past 512, ORT kernel ms/step: all vs none", "", "1",
+                     f"{prof['all']['kernel_ms_per_step']:.2f} vs {prof['none']['kernel_ms_per_step']:.2f}",
+                     f"{prof['all']['kernel_ms_per_step'] / prof['none']['kernel_ms_per_step']:.2f}"))
     write("export" if set(models) == {"minilm", "llama", "decode"} else "export_" + "_".join(models), res, rows)
 
 

@@ -331,6 +331,7 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from .export import Runtime
+    from .export._kv_fusion import cache_shape
 
     if args.output and not args.output.endswith((".npy", ".npz")):
         raise _fail(f"--output must end with .npy (logits) or .npz (every output), got {args.output!r}.")
@@ -370,8 +371,7 @@ def cmd_run(args) -> int:
     else:
         past = (rt.kv or {}).get("inputs", [])
         for name in past:
-            feeds[name] = np.zeros((feeds["input_ids"].shape[0], 0, rt.kv["kv_heads"] * rt.kv["head_dim"]),
-                                   rt.input_dtype(name))
+            feeds[name] = np.zeros(cache_shape(rt.kv, feeds["input_ids"].shape[0], 0), rt.input_dtype(name))
         outs = rt.run(feeds, adapter=adapter)
         times["run"] = time.perf_counter() - t
         result = {k: _describe(v) for k, v in outs.items() if not k.startswith("present.")}
@@ -440,11 +440,13 @@ def _bench_feeds(rt, batch: int, seq: int):
     """Random token ids in the model's vocabulary, an all-ones mask, zero token types; an empty past."""
     import numpy as np
 
+    from .export._kv_fusion import cache_shape
+
     gen = np.random.default_rng(batch * 1000 + seq)
     feeds: dict[str, Any] = {}
     for name in rt.inputs:
         if name in (rt.kv or {}).get("inputs", []):
-            feeds[name] = np.zeros((batch, 0, rt.kv["kv_heads"] * rt.kv["head_dim"]), rt.input_dtype(name))
+            feeds[name] = np.zeros(cache_shape(rt.kv, batch, 0), rt.input_dtype(name))
         elif name == "input_ids":
             feeds[name] = gen.integers(0, rt.vocab.get(name, 100), (batch, seq), dtype=np.int64)
         elif name in ("attention_mask", "token_type_ids", "position_ids"):

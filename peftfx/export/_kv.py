@@ -6,7 +6,10 @@ tensor per layer and per key/value, builds the model's own ``DynamicCache`` from
 the updated cache as tensors again. Each cache tensor is laid out ``[batch, past_sequence, kv_heads·head_dim]`` —
 three dimensions, so :func:`peftfx.trace` keeps batch and sequence dynamic. The step graph then receives the
 PeftModel's own parameters (by name) and its adapters, spliced at the sites with the same keys, so it computes
-exactly what the PeftModel computes, now with a cache. A past of length 0 is the prefill.
+exactly what the PeftModel computes, now with a cache. A past of length 0 is the prefill. The optimisation stage
+(``optimize="all"``, CPU) may then rewrite the attention to ONNX Runtime's ``GroupQueryAttention``, whose cache is
+``[batch, kv_heads, sequence, head_dim]`` (``_kv_fusion.py``); :class:`CacheLayout` ``order`` and the file's
+``peftfx.kv_cache`` metadata ``layout`` say which one a file has.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from torch import nn
 from .._errors import ExportError
 from ..model import AdapterRecord
 from ._build import keep_modes
+from ._kv_fusion import LAYOUTS
 
 __all__ = ["CacheLayout", "build_step_model", "past_names", "present_names"]
 
@@ -31,14 +35,16 @@ class CacheLayout:
     layers: int
     kv_heads: int
     head_dim: int
+    heads: int = 0          # query heads (0: unknown)
+    order: str = "bsd"      # the file's cache layout: "bsd" as traced, "bnsh" after the fused-attention rewrite
 
     @property
     def width(self) -> int:
         return self.kv_heads * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
-                "layout": "[batch, sequence, kv_heads*head_dim]",
+        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "heads": self.heads,
+                "layout": LAYOUTS[self.order],
                 "inputs": past_names(self.layers), "outputs": present_names(self.layers)}
 
 
@@ -121,7 +127,11 @@ def cache_layout(source: nn.Module, input_ids: torch.Tensor, cache_arg: str) -> 
     if k is None or k.dim() != 4:
         raise ExportError("the model's cache layers hold no [batch, heads, sequence, head_dim] keys; kv_cache export "
                           "supports the standard DynamicCache layout.")
-    return CacheLayout(len(layers), int(k.shape[1]), int(k.shape[3]))
+    cfg = getattr(source, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = next((int(v) for a in ("num_attention_heads", "n_head", "num_heads")
+                  if isinstance(v := getattr(cfg, a, None), int)), 0)
+    return CacheLayout(len(layers), int(k.shape[1]), int(k.shape[3]), heads)
 
 
 def build_step_model(pm, source: nn.Module, input_ids: torch.Tensor):

@@ -13,6 +13,7 @@ import torch
 
 from .._errors import ExportError
 from ._build import BATCH, SEQUENCE, flatten_outputs, keep_modes, resize_inputs, strip_adapters
+from ._kv_fusion import cache_shape
 
 __all__ = ["verify_export", "compare", "verification_cases"]
 
@@ -139,7 +140,7 @@ def _verify_kv(rt, pm, plan: dict, tol: float) -> list[dict]:
                                       {BATCH: 1, SEQUENCE: long})["input_ids"]):
         case = f"batch {prompt.shape[0]} × seq {prompt.shape[1]}"
         dtype = np.float16 if rt.input_dtype(plan["names"][1]) == np.float16 else np.float32
-        past = {n: np.zeros((prompt.shape[0], 0, layout.width), dtype) for n in plan["names"][1:]}
+        past = {n: np.zeros(cache_shape(layout.to_dict(), prompt.shape[0], 0), dtype) for n in plan["names"][1:]}
         out = rt.run({"input_ids": prompt.cpu().numpy(), **past, **feeds_adapter})
         ref = _logits(pm(input_ids=prompt))
         checks.append(compare(case + " prefill", "logits", out["logits"], ref, tol))

@@ -229,7 +229,7 @@ def _prepare(pm: PeftModel, inputs: dict, kv_cache: bool, source, adapter_inputs
         if "input_ids" not in inputs:
             raise ExportError("kv_cache=True needs example_inputs with 'input_ids'.")
         work, inputs, layout = build_step_model(work, source, inputs["input_ids"])
-        plan.update(kv=layout, prefix=PREFIX + ".")
+        plan.update(kv=layout, prefix=PREFIX + ".", kv_config=getattr(source, "config", None))
         names = ["input_ids"] + past_names(layout.layers)
         stages["cache graph"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -304,6 +304,13 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
 
     level, target, strict = plan.get("optimize", ("none", "cpu", True))
     plan["optimized"] = optimize_file(tmp, level, target, strict=strict)
+    if plan["kv"] is not None:
+        from .optimize import optimize_kv_attention
+
+        plan["kv"] = optimize_kv_attention(tmp, plan["optimized"], plan["kv"], plan.get("kv_config"))
+        if plan["kv"].order == "bnsh":          # the past sequence axis moved from 1 to 2
+            plan["axes"] = {n: ({0: a[0], 2: a[1]} if n in plan["names"][1:] and 1 in a else a)
+                            for n, a in plan["axes"].items()}
     stages["optimize"] = plan["optimized"]["seconds"]
     t = time.perf_counter()
     _postprocess(tmp, plan, dtype, opset, big)

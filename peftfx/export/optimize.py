@@ -15,7 +15,10 @@ Levels (``optimize=``):
   microsoft/onnxruntime#33873). For CPU, peftfx then turns each ``SkipLayerNormalization`` back into ``Add`` +
   ``LayerNormalization`` (measured: ORT 1.32's CPU kernel of the fused op is ~10× slower, 18 % of MiniLM's time;
   ``_unfuse_skip_layernorm``). Where transformers' exporters are not installed, ``"all"`` is ``"basic"`` (+ that
-  CPU rewrite).
+  CPU rewrite). A ``kv_cache=True`` file then gets each layer's cached attention as one ``GroupQueryAttention``
+  (:func:`optimize_kv_attention`, :mod:`peftfx.export._kv_fusion`), its cache inputs/outputs laid out
+  ``[batch, kv_heads, sequence, head_dim]``; a graph it cannot rewrite soundly keeps its attention (warning, reason
+  in ``info["kv_attention"]``).
 
 Both rewrite the graph with ops that compute exactly what they replace; the fused file is then verified in ONNX
 Runtime against PyTorch like every export. What peftfx adds: the stage runs on a verified-to-be file in the export's
@@ -35,7 +38,7 @@ from typing import Any
 
 from .._errors import ExportError
 
-__all__ = ["FUSED_DOMAINS", "LEVELS", "fused_ops", "optimize_file", "resolve_level"]
+__all__ = ["FUSED_DOMAINS", "LEVELS", "fused_ops", "optimize_file", "optimize_kv_attention", "resolve_level"]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +218,27 @@ def optimize_file(path: str, level: str, target: str = "cpu", strict: bool = Tru
     info["seconds"] = time.perf_counter() - t
     log.info("optimize=%s (%s): %s in %.2fs", info["level"], info["pipeline"], info["fused"], info["seconds"])
     return info
+
+
+def optimize_kv_attention(path: str, info: dict[str, Any], layout, config: Any = None):
+    """For a ``kv_cache=True`` file fused at level ``"all"`` for CPU: each layer's cached attention → ONNX Runtime's
+    ``GroupQueryAttention`` (:mod:`peftfx.export._kv_fusion`), the cache in its ``[batch, kv_heads, sequence,
+    head_dim]`` layout. Returns the file's cache layout; ``info["kv_attention"]`` says what was done, or why the
+    file keeps its unfused attention (a graph the rewrite cannot handle soundly is left unchanged, with a warning)."""
+    from ._kv_fusion import KvFusionRefused, fuse_kv_attention
+
+    if info.get("level") != "all" or info.get("target") != "cpu":     # measured and checked on CPU only
+        return layout
+    t = time.perf_counter()
+    try:
+        layout, fused = fuse_kv_attention(path, layout, layout.heads, config, check=_loads)
+        info["kv_attention"] = {"fused": fused, "layout": layout.to_dict()["layout"]}
+        info["fused"] = fused_ops(path)
+    except KvFusionRefused as e:
+        info["kv_attention"] = {"refused": str(e)}
+        log.warning("the key/value-cache attention stays unfused (GroupQueryAttention not applied): %s", e)
+    info["seconds"] += time.perf_counter() - t
+    return layout
 
 
 class _Unfusable(Exception):

@@ -287,7 +287,9 @@ class Runtime:
                  adapter: str | None = None) -> np.ndarray:
         """Greedy decoding with the key/value cache: one prefill over the prompt, then one single-token step per new
         token feeding the previous step's ``present.*`` back as ``past_key_values.*``. Returns prompt + new tokens
-        (rows that produced ``eos_token_id`` are padded with it). Prompts in a batch must have equal length.
+        (rows that produced ``eos_token_id`` are padded with it). Prompts in a batch must have equal length (the file
+        has no attention mask). The cache is fed in the file's layout (``peftfx.kv_cache`` ``layout``: as traced, or
+        GroupQueryAttention's ``[batch, kv_heads, sequence, head_dim]`` after ``optimize="all"``).
         ``self.step_times`` holds the seconds of each step (prefill first)."""
         if not self.kv:
             raise ExportError(f"{os.path.basename(self.path)} has no key/value cache inputs; export it with "
@@ -298,9 +300,11 @@ class Runtime:
         self._check("input_ids", ids)
         if max_new_tokens < 1:
             return ids
-        pasts, presents, width = self.kv["inputs"], self.kv["outputs"], self.kv["kv_heads"] * self.kv["head_dim"]
+        from ._kv_fusion import cache_shape
+
+        pasts, presents = self.kv["inputs"], self.kv["outputs"]
         dtype = self.input_dtype(pasts[0])
-        feeds: dict[str, Any] = {n: np.zeros((ids.shape[0], 0, width), dtype) for n in pasts}
+        feeds: dict[str, Any] = {n: np.zeros(cache_shape(self.kv, ids.shape[0], 0), dtype) for n in pasts}
         tokens, current = [ids], ids
         done = np.zeros(ids.shape[0], dtype=bool)
         self.step_times = []

@@ -58,9 +58,12 @@ def test_cache_graph_io_and_verification(exported):
     arch, base, pm, report = exported
     layers = base.config.num_hidden_layers if arch == "llama" else base.config.n_layer
     assert report.kv_cache["layers"] == layers == 2
-    width = report.kv_cache["kv_heads"] * report.kv_cache["head_dim"]
-    assert report.inputs["past_key_values.0.key"] == ["batch", "past_sequence", width]
-    assert report.outputs["present.1.value"] == ["batch", "sequence + past_sequence", width]
+    kv, hd = report.kv_cache["kv_heads"], report.kv_cache["head_dim"]
+    # the default optimize="all" rewrites the cached attention to GroupQueryAttention: its cache layout
+    assert report.kv_cache["layout"] == "[batch, kv_heads, sequence, head_dim]"
+    assert report.optimize["kv_attention"]["fused"] == {"GroupQueryAttention": layers}
+    assert report.inputs["past_key_values.0.key"] == ["batch", kv, "past_sequence", hd]
+    assert report.outputs["present.1.value"] == ["batch", kv, "sequence + past_sequence", hd]
     assert {c["case"] for c in report.checks} >= {"batch 2 × seq 8 prefill", "batch 2 × seq 8 +1 cached step",
                                                   "batch 1 × seq 16 prefill", "batch 1 × seq 16 +1 cached step"}
     assert report.max_abs < 1e-4

@@ -1,0 +1,232 @@
+"""Fused attention in the key/value-cache file (``optimize="all"``): each layer's cached attention becomes one
+ONNX Runtime ``GroupQueryAttention`` with the cache in ``[batch, kv_heads, sequence, head_dim]``.
+
+References: the unfused file (``optimize="none"``) in ONNX Runtime and the PeftModel in PyTorch (full recompute,
+no cache). Tolerance 1e-4 (float32; measured ~3e-7). Refusals leave the file byte for byte as it was."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import peftfx
+from peftfx import LoRA, select
+from peftfx.export import Runtime, export_onnx
+from peftfx.export._kv_fusion import (
+    KvFusionRefused,
+    cache_shape,
+    fuse_kv_attention,
+    unsupported_config,
+)
+from peftfx.export.optimize import fused_ops, optimize_file
+from tests import models as M
+
+TOL = 1e-4
+STEPS = 4
+
+
+def _lively(model, std=0.3, seed=0):
+    """Larger weights than the 0.02 init, so greedy tokens differ from step to step."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    base = _lively(M.llama(layers=2, hidden=64, heads=4, kv_heads=2))
+    ids = M.ids(2, 8)
+    pm = peftfx.apply(base, LoRA(rank=4, targets=select.role("attn.q") | select.role("attn.v")), {"input_ids": ids})
+    M.randomise_lora(pm)
+    d = tmp_path_factory.mktemp("kvfusion")
+    reports = {lv: export_onnx(pm, d / f"{lv}.onnx", {"input_ids": ids}, kv_cache=True, source=base, optimize=lv)
+               for lv in ("none", "all")}
+    pre = d / "all_before_kv.onnx"          # optimize="all"'s pattern fusions, before the cache-attention rewrite
+    shutil.copy(reports["none"].path, pre)
+    optimize_file(str(pre), "all", "cpu")
+    return base, pm.eval(), reports | {"pre": pre}
+
+
+def _to_bnsh(x, kv):
+    b, s, _ = x.shape
+    return x.reshape(b, s, kv["kv_heads"], kv["head_dim"]).transpose(0, 2, 1, 3)
+
+
+def test_fused_op_count_and_layout(files):
+    _, _, reports = files
+    fused, plain = reports["all"], reports["none"]
+    assert fused.optimize["kv_attention"]["fused"] == {"GroupQueryAttention": 2}
+    assert fused_ops(fused.path)["GroupQueryAttention"] == 2 == fused.kv_cache["layers"]
+    assert "GroupQueryAttention" not in fused_ops(plain.path)
+    graph = onnx.load(fused.path).graph
+    assert not [n for n in graph.node if n.op_type == "Softmax"]          # no attention left outside the fused op
+    assert fused.kv_cache["layout"] == "[batch, kv_heads, sequence, head_dim]"
+    assert plain.kv_cache["layout"] == "[batch, sequence, kv_heads*head_dim]"
+    assert list(fused.inputs) == list(plain.inputs) and list(fused.outputs) == list(plain.outputs)   # names, order
+    assert fused.inputs["past_key_values.1.value"] == ["batch", 2, "past_sequence", 16]
+    assert fused.outputs["present.0.key"] == ["batch", 2, "sequence + past_sequence", 16]
+    assert fused.max_abs < TOL                                         # the export's own verification passed
+
+
+@pytest.mark.parametrize("batch,prompt_len", [(2, 7), (1, 12)])
+def test_decode_steps_equal_unfused_file_and_pytorch(files, batch, prompt_len):
+    _, pm, reports = files
+    rts = {lv: Runtime(reports[lv].path) for lv in ("none", "all")}
+    kv = {lv: rt.kv for lv, rt in rts.items()}
+    ids = M.ids(batch, prompt_len, seed=5)
+    feeds = {lv: {n: np.zeros(cache_shape(kv[lv], batch, 0), np.float32) for n in kv[lv]["inputs"]} for lv in rts}
+    cur, seq = ids.numpy(), ids
+    for step in range(STEPS + 1):                                       # the prefill, then one-token steps
+        out = {lv: rt.run({"input_ids": cur, **feeds[lv]}) for lv, rt in rts.items()}
+        np.testing.assert_allclose(out["all"]["logits"], out["none"]["logits"], atol=TOL, rtol=0)
+        for name in kv["all"]["outputs"]:
+            np.testing.assert_allclose(out["all"][name], _to_bnsh(out["none"][name], kv["none"]), atol=TOL, rtol=0)
+            assert out["all"][name].shape[2] == seq.shape[1]
+        with torch.no_grad():
+            ref = pm(input_ids=seq).logits[:, -cur.shape[1]:].numpy()
+        np.testing.assert_allclose(out["all"]["logits"], ref, atol=TOL, rtol=0)
+        nxt = out["all"]["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        for lv in rts:
+            feeds[lv] = dict(zip(kv[lv]["inputs"], (out[lv][o] for o in kv[lv]["outputs"])))
+        cur, seq = nxt, torch.cat([seq, torch.from_numpy(nxt)], 1)
+
+
+def test_batch1_multi_token_continuation(files):
+    """A prompt continued by several tokens over a past (ONNX Runtime's kernel takes this at batch 1)."""
+    _, pm, reports = files
+    rt = Runtime(reports["all"].path)
+    ids = M.ids(1, 10, seed=7)
+    first = rt.run({"input_ids": ids[:, :6].numpy(),
+                    **{n: np.zeros(cache_shape(rt.kv, 1, 0), np.float32) for n in rt.kv["inputs"]}})
+    out = rt.run({"input_ids": ids[:, 6:].numpy(), **{i: first[o] for i, o in zip(rt.kv["inputs"], rt.kv["outputs"])}})
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits[:, 6:].numpy()
+    np.testing.assert_allclose(out["logits"], ref, atol=TOL, rtol=0)
+
+
+def test_generate_tokens_equal_pytorch_greedy(files):
+    _, pm, reports = files
+    prompt = M.ids(2, 5, seed=3)
+    got = Runtime(reports["all"].path).generate(prompt, 16)
+    plain = Runtime(reports["none"].path).generate(prompt, 16)
+    cur = prompt
+    with torch.no_grad():
+        for _ in range(16):
+            cur = torch.cat([cur, pm(input_ids=cur).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    np.testing.assert_array_equal(got, cur.numpy())
+    np.testing.assert_array_equal(got, plain)
+    assert min(len(set(row[5:].tolist())) for row in got) >= 4          # a real sequence, not one token repeated
+
+
+def _layout(reports):
+    from peftfx.export._kv import CacheLayout
+
+    kv = reports["none"].kv_cache
+    return CacheLayout(kv["layers"], kv["kv_heads"], kv["head_dim"], kv["heads"])
+
+
+def test_refuses_sliding_window_and_keeps_file(files, tmp_path):
+    base, _, reports = files
+    path = tmp_path / "m.onnx"
+    shutil.copy(reports["pre"], path)
+    before = path.read_bytes()
+
+    class Cfg:
+        sliding_window = 4
+        layer_types = ("sliding_attention", "full_attention")
+
+    assert "sliding-window" in unsupported_config(Cfg())
+    assert unsupported_config(base.config) is None
+    with pytest.raises(KvFusionRefused, match="sliding-window attention"):
+        fuse_kv_attention(str(path), _layout(reports), 4, Cfg())
+    assert path.read_bytes() == before
+
+
+def test_refuses_unknown_op_before_softmax_and_keeps_file(files, tmp_path):
+    """Soft-capped scores (a Tanh between q·kᵀ and the softmax) are not GroupQueryAttention's attention."""
+    _, _, reports = files
+    proto = onnx.load(reports["pre"])
+    soft = next(n for n in proto.graph.node if n.op_type == "Softmax")
+    tanh = onnx.helper.make_node("Tanh", [soft.input[0]], ["capped_scores"])
+    soft.input[0] = "capped_scores"
+    nodes = list(proto.graph.node)
+    nodes.insert(nodes.index(soft), tanh)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    path = tmp_path / "capped.onnx"
+    onnx.save(proto, path)
+    before = path.read_bytes()
+    with pytest.raises(KvFusionRefused, match="Tanh"):
+        fuse_kv_attention(str(path), _layout(reports), 4)
+    assert path.read_bytes() == before
+
+
+def test_rewrite_of_the_pattern_fused_file(files, tmp_path):
+    """The pass alone, on optimize="all"'s file: same op count as the export, and the right layout back."""
+    _, _, reports = files
+    path = tmp_path / "m.onnx"
+    shutil.copy(reports["pre"], path)
+    layout, fused = fuse_kv_attention(str(path), _layout(reports), 4)
+    assert fused == {"GroupQueryAttention": 2} and layout.order == "bnsh"
+    assert fused_ops(path) == fused_ops(reports["all"].path)
+
+
+def test_refuses_wrong_head_count(files, tmp_path):
+    _, _, reports = files
+    path = tmp_path / "m.onnx"
+    shutil.copy(reports["pre"], path)
+    with pytest.raises(KvFusionRefused, match="not a multiple"):
+        fuse_kv_attention(str(path), _layout(reports), 3)
+
+
+def test_refused_export_keeps_unfused_attention(tmp_path, caplog):
+    """End to end: Mistral (sliding-window attention) exports at optimize="all" with its attention unfused (the
+    reason in the report and a warning), the 3-D cache layout, and passes its verification."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    base = _lively(MistralForCausalLM(MistralConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=128, max_position_embeddings=256, sliding_window=4096)).eval(), seed=2)
+    ids = M.ids(2, 8)
+    pm = peftfx.apply(base, LoRA(rank=2, targets=select.role("attn.q")), {"input_ids": ids})
+    with caplog.at_level("WARNING"):
+        r = export_onnx(pm, tmp_path / "sw.onnx", {"input_ids": ids}, kv_cache=True, source=base, optimize="all")
+    assert "sliding-window" in r.optimize["kv_attention"]["refused"]
+    assert "GroupQueryAttention" not in fused_ops(r.path)
+    assert r.kv_cache["layout"] == "[batch, sequence, kv_heads*head_dim]"
+    assert r.max_abs < TOL
+    assert any("stays unfused" in m for m in caplog.messages)
+
+
+def test_batched_multi_token_continuation_is_a_clear_error(files):
+    """ONNX Runtime's GroupQueryAttention takes several new tokens over a non-empty past only at batch 1: the
+    Runtime raises ExportError naming the kernel's condition (the unfused file runs it)."""
+    from peftfx import ExportError
+
+    _, _, reports = files
+    rt = Runtime(reports["all"].path)
+    ids = M.ids(2, 6, seed=8)
+    first = rt.run({"input_ids": ids[:, :3].numpy(),
+                    **{n: np.zeros(cache_shape(rt.kv, 2, 0), np.float32) for n in rt.kv["inputs"]}})
+    with pytest.raises(ExportError, match="batch_size must be 1 when sequence_length > 1"):
+        rt.run({"input_ids": ids[:, 3:].numpy(), **{i: first[o] for i, o in zip(rt.kv["inputs"], rt.kv["outputs"])}})
+
+
+def test_adapter_inputs_file_fuses_and_verifies(tmp_path):
+    """adapter_inputs=True (LoRA parameters as graph inputs) with the cache: the attention fuses, and the export's
+    verification (prefill + cached step with the adapter fed, against PyTorch) passes."""
+    base = _lively(M.llama(layers=2, hidden=32, heads=2, kv_heads=1, inter=64), seed=4)
+    ids = M.ids(2, 8)
+    pm = M.randomise_lora(peftfx.apply(base, LoRA(rank=2, targets=select.role("attn.q")), {"input_ids": ids}))
+    r = export_onnx(pm, tmp_path / "ai.onnx", {"input_ids": ids}, kv_cache=True, source=base, adapter_inputs=True)
+    assert r.optimize["kv_attention"]["fused"] == {"GroupQueryAttention": 2}
+    assert r.adapter_inputs and all(n in r.inputs for n in r.adapter_inputs)
+    assert {c["case"] for c in r.checks} >= {"batch 2 × seq 8 +1 cached step"}
+    assert r.max_abs < TOL
