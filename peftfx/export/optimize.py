@@ -237,6 +237,11 @@ def optimize_kv_attention(path: str, info: dict[str, Any], layout, config: Any =
     except KvFusionRefused as e:
         info["kv_attention"] = {"refused": str(e)}
         log.warning("the key/value-cache attention stays unfused (GroupQueryAttention not applied): %s", e)
+    except Exception as e:  # a graph the matcher did not foresee: the file is still unchanged
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        info["kv_attention"] = {"refused": f"unexpected {type(e).__name__}: {first}"}
+        log.warning("the key/value-cache attention stays unfused (GroupQueryAttention not applied): %s",
+                    info["kv_attention"]["refused"], exc_info=log.isEnabledFor(logging.DEBUG))
     info["seconds"] += time.perf_counter() - t
     return layout
 

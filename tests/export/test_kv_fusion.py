@@ -230,3 +230,28 @@ def test_adapter_inputs_file_fuses_and_verifies(tmp_path):
     assert r.adapter_inputs and all(n in r.inputs for n in r.adapter_inputs)
     assert {c["case"] for c in r.checks} >= {"batch 2 × seq 8 +1 cached step"}
     assert r.max_abs < TOL
+
+
+def test_an_unforeseen_error_in_the_rewrite_keeps_the_file_and_says_why(files, tmp_path, monkeypatch, caplog):
+    """A graph the matcher did not foresee (here: the rewrite raising IndexError) must not fail the export: the
+    file stays byte-identical with its unfused attention, and the report and a warning name the error."""
+    from peftfx.export import _kv_fusion
+    from peftfx.export.optimize import optimize_kv_attention
+
+    _, _, reports = files
+    path = tmp_path / "m.onnx"
+    shutil.copy(reports["pre"], path)
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(_kv_fusion, "_rewrite", boom)
+    layout = _layout(reports)
+    info = {"level": "all", "target": "cpu", "seconds": 0.0}
+    with caplog.at_level("WARNING"):
+        out = optimize_kv_attention(str(path), info, layout)
+    assert out is layout
+    assert info["kv_attention"]["refused"] == "unexpected IndexError: list index out of range"
+    assert path.read_bytes() == before
+    assert any("stays unfused" in m for m in caplog.messages)
