@@ -23,12 +23,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _setup():
+def _setup(**llama):
+    """A tiny Llama (``tests.models.llama(**llama)``) with LoRA on q/v, B drawn so the adapters start non-zero."""
     import peftfx
     from peftfx import LoRA
     from tests import models as M
 
-    base = M.llama()
+    base = M.llama(**llama)
     pm = peftfx.apply(base, LoRA(rank=4, alpha=8), {"input_ids": M.ids(), "labels": M.ids()})
     with torch.no_grad():
         for m in pm.adapter_modules().values():
@@ -43,6 +44,16 @@ def _data(rank: int, step: int):
     return {"input_ids": ids, "labels": ids}
 
 
+def _sgd(module: torch.nn.Module, loss_at) -> None:
+    """``STEPS`` steps of SGD (``LR``) on ``module``'s trainable parameters; ``loss_at(step)`` is each step's loss."""
+    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=LR)
+    for step in range(STEPS):
+        loss = loss_at(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -53,12 +64,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         base0 = {k: v.clone() for k, v in pm.state_dict().items() if ".lora." not in k}
         ddp = torch.nn.parallel.DistributedDataParallel(pm)
         log = ddp._get_ddp_logging_data()
-        opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=LR)
-        for step in range(STEPS):
-            loss = ddp(**_data(rank, step)).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _sgd(ddp, lambda step: ddp(**_data(rank, step)).loss)
         fsdp = _fsdp2_run(rank)
         torch.save({"lora": {k: v for k, v in pm.state_dict().items() if ".lora." in k}, "fsdp2": fsdp,
                     "base_same": all(torch.equal(v, pm.state_dict()[k]) for k, v in base0.items()),
@@ -78,12 +84,7 @@ def _fsdp2_run(rank: int):
     torch.manual_seed(0)
     pm = _setup()
     fully_shard(pm)
-    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=LR)
-    for step in range(STEPS):
-        loss = pm(**_data(rank, step)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd(pm, lambda step: pm(**_data(rank, step)).loss)
     return {n: p.full_tensor().detach().clone() for n, p in pm.named_parameters() if ".lora." in n}
 
 
@@ -101,12 +102,7 @@ def test_ddp_two_processes_sync_only_adapter_gradients(tmp_path):
     # reference: one process, each step on both ranks' batches (mean loss of equal halves = DDP's average)
     torch.manual_seed(0)
     pm = _setup()
-    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=LR)
-    for step in range(STEPS):
-        loss = sum(pm(**_data(r, step)).loss for r in (0, 1)) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd(pm, lambda step: sum(pm(**_data(r, step)).loss for r in (0, 1)) / 2)
     ref = {k: v for k, v in pm.state_dict().items() if ".lora." in k}
     start = _setup().state_dict()
     assert max((ref[k] - r0["lora"][k]).abs().max().item() for k in ref) < 1e-6

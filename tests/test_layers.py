@@ -9,7 +9,6 @@ process training on both ranks' data within 1e-6."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ import peftfx
 from peftfx import Houlsby, LoRA, PeftfxError
 from peftfx.layers import LayerBlock, blocks, partition
 from tests import models as M
+from tests.test_ddp import STEPS, _data, _free_port, _setup, _sgd
 
 TOL = 1e-6
 
@@ -218,28 +218,9 @@ def test_fsdp_blocks_refuse_a_weight_read_outside_its_block():
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
-STEPS, LR = 3, 0.05
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fsdp_setup():
     torch.manual_seed(0)
-    base = M.llama()
-    pm = peftfx.apply(base, LoRA(rank=4, alpha=8), {"input_ids": M.ids(), "labels": M.ids()})
-    with torch.no_grad():
-        for m in pm.adapter_modules().values():
-            torch.nn.init.normal_(m.lora_B, generator=torch.Generator().manual_seed(3), std=0.05)
-    return pm.train()          # the graph apply() traced (train mode, these inputs): the one FSDP2 shards
-
-
-def _fsdp_data(rank: int, step: int):
-    ids = M.ids(batch=2, seq=8, seed=100 + 10 * step + rank)
-    return {"input_ids": ids, "labels": ids}
+    return _setup().train()        # the graph apply() traced (train mode, these inputs): the one FSDP2 shards
 
 
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -274,12 +255,7 @@ def _fsdp_train(rank: int, checkpoint: bool) -> dict:
 
     for b in pm.model.layers.children():
         b.register_forward_pre_hook(probe)
-    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=LR)
-    for step in range(STEPS):
-        loss = pm(**_fsdp_data(rank, step)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd(pm, lambda step: pm(**_data(rank, step)).loss)
     lora = {n: p.full_tensor().detach().clone() for n, p in pm.named_parameters() if ".lora." in n}
     pm.eval()                                         # eval mode, other inputs: a variant graph, run on the units
     with torch.no_grad():
@@ -295,12 +271,7 @@ def test_fsdp2_per_block_two_processes(tmp_path):
     # reference: one process, each step on both ranks' batches (the mean of equal halves = FSDP's averaged grads)
     torch.manual_seed(0)
     pm = _fsdp_setup()
-    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=LR)
-    for step in range(STEPS):
-        loss = sum(pm(**_fsdp_data(r, step)).loss for r in (0, 1)) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd(pm, lambda step: sum(pm(**_data(r, step)).loss for r in (0, 1)) / 2)
     ref = {k: v for k, v in pm.state_dict().items() if ".lora." in k}
     pm.eval()
     with torch.no_grad():
@@ -325,11 +296,7 @@ WORLD4, LAYERS4 = 4, 4
 
 
 def _fsdp4_setup():
-    pm = peftfx.apply(M.llama(layers=LAYERS4), LoRA(rank=4, alpha=8), {"input_ids": M.ids(), "labels": M.ids()})
-    with torch.no_grad():
-        for m in pm.adapter_modules().values():
-            torch.nn.init.normal_(m.lora_B, generator=torch.Generator().manual_seed(3), std=0.05)
-    return pm.train()
+    return _setup(layers=LAYERS4).train()
 
 
 def _fsdp4_worker(rank: int, port: int, out: str) -> None:
@@ -367,13 +334,8 @@ def _fsdp4_train(rank: int, variant: str) -> dict:
         release_original(pm)
     sizes["released"] = original_bytes(pm)
     sizes["n_origin"] = len(list(pm.__dict__["_peftfx_origin"][0].parameters()))
-    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=LR)
     with GatheredPeak(pm) as peak:
-        for step in range(STEPS):
-            loss = pm(**_fsdp_data(rank, step)).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _sgd(pm, lambda step: pm(**_data(rank, step)).loss)
     lora = {n: p.full_tensor().detach().clone() for n, p in pm.named_parameters() if ".lora." in n}
     return {"lora": lora, "local": local_bytes(pm), "peak": peak.bytes, **sizes}
 
@@ -393,12 +355,7 @@ def test_fsdp2_four_processes_per_block_vs_root_unit(tmp_path):
     mp.spawn(_fsdp4_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD4, join=True)
     pm = _fsdp4_setup()                                # reference: one process, each step on all ranks' batches
     start = {k: v.clone() for k, v in pm.state_dict().items() if ".lora." in k}
-    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=LR)
-    for step in range(STEPS):
-        loss = sum(pm(**_fsdp_data(r, step)).loss for r in range(WORLD4)) / WORLD4
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd(pm, lambda step: sum(pm(**_data(r, step)).loss for r in range(WORLD4)) / WORLD4)
     ref = {k: v for k, v in pm.state_dict().items() if ".lora." in k}
     assert max((ref[k] - start[k]).abs().max().item() for k in ref) > 1e-3      # it did train
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD4)]
