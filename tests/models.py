@@ -163,3 +163,14 @@ def randomise_lora(pm, std=0.3, seed=0):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return pm
+
+
+def lively(model, std, seed=0):
+    """Seeded random matrices (every 2-D parameter) of scale ``std``: a random model with the default 0.02 init
+    greedily repeats one token, larger weights make every generated step differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model

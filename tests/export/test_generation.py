@@ -17,16 +17,6 @@ from tests import models as M
 NEW = 32
 
 
-def _lively(model, std=0.5, seed=0):
-    """Random models with the default 0.02 init greedily repeat one token; larger weights make every step count."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
 def _greedy_pytorch(pm, prompt, n):
     """No cache: the whole sequence is recomputed for every token."""
     cur = prompt
@@ -39,7 +29,7 @@ def _greedy_pytorch(pm, prompt, n):
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def exported(request, tmp_path_factory):
     arch = request.param
-    base = _lively(getattr(M, arch)())
+    base = M.lively(getattr(M, arch)(), 0.5)
     ids = M.ids(2, 8)
     targets = select.role("attn.qkv") if arch == "gpt2" else select.role("attn.q") | select.role("attn.v")
     pm = peftfx.apply(base, LoRA(rank=4, alpha=8, targets=targets), {"input_ids": ids})

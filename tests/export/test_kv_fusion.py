@@ -28,19 +28,9 @@ TOL = 1e-4
 STEPS = 4
 
 
-def _lively(model, std=0.3, seed=0):
-    """Larger weights than the 0.02 init, so greedy tokens differ from step to step."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    base = _lively(M.llama(layers=2, hidden=64, heads=4, kv_heads=2))
+    base = M.lively(M.llama(layers=2, hidden=64, heads=4, kv_heads=2), 0.3)
     ids = M.ids(2, 8)
     pm = peftfx.apply(base, LoRA(rank=4, targets=select.role("attn.q") | select.role("attn.v")), {"input_ids": ids})
     M.randomise_lora(pm)
@@ -191,9 +181,9 @@ def test_refused_export_keeps_unfused_attention(tmp_path, caplog):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    base = _lively(MistralForCausalLM(MistralConfig(
+    base = M.lively(MistralForCausalLM(MistralConfig(
         num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=128, max_position_embeddings=256, sliding_window=4096)).eval(), seed=2)
+        vocab_size=128, max_position_embeddings=256, sliding_window=4096)).eval(), 0.3, seed=2)
     ids = M.ids(2, 8)
     pm = peftfx.apply(base, LoRA(rank=2, targets=select.role("attn.q")), {"input_ids": ids})
     with caplog.at_level("WARNING"):
@@ -222,7 +212,7 @@ def test_batched_multi_token_continuation_is_a_clear_error(files):
 def test_adapter_inputs_file_fuses_and_verifies(tmp_path):
     """adapter_inputs=True (LoRA parameters as graph inputs) with the cache: the attention fuses, and the export's
     verification (prefill + cached step with the adapter fed, against PyTorch) passes."""
-    base = _lively(M.llama(layers=2, hidden=32, heads=2, kv_heads=1, inter=64), seed=4)
+    base = M.lively(M.llama(layers=2, hidden=32, heads=2, kv_heads=1, inter=64), 0.3, seed=4)
     ids = M.ids(2, 8)
     pm = M.randomise_lora(peftfx.apply(base, LoRA(rank=2, targets=select.role("attn.q")), {"input_ids": ids}))
     r = export_onnx(pm, tmp_path / "ai.onnx", {"input_ids": ids}, kv_cache=True, source=base, adapter_inputs=True)
