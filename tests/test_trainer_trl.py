@@ -227,18 +227,27 @@ def _twins(base, tok, perturb=True):
     return pm, hf
 
 
-def _sft_losses(model, tok, out):
+_TRL_ARGS = {"use_cpu": True, "report_to": [], "logging_steps": 1, "save_strategy": "no", "seed": 0,
+             "disable_tqdm": True, "dataloader_num_workers": 0, "bf16": False, "gradient_checkpointing": False}
+
+
+def _trl_logs(trainer_cls, config_cls, rows, out, trainer_kw, **config) -> list[dict]:
+    """Train a TRL trainer on ``rows`` (CPU, seed 0, no saving, every step logged); the log entries with a loss."""
     from datasets import Dataset
+
+    args = config_cls(output_dir=str(out), **_TRL_ARGS, **config)
+    trainer = trainer_cls(args=args, train_dataset=Dataset.from_list(rows), **trainer_kw)
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def _sft_losses(model, tok, out):
     from trl import SFTConfig, SFTTrainer
 
-    ds = Dataset.from_list([{"text": t} for t in ["the cat sat on the mat", "a dog ran fast", "the red cat ran",
-                                                   "a blue dog sat slow"]])
-    args = SFTConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-                     use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
-                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    rows = [{"text": t} for t in ["the cat sat on the mat", "a dog ran fast", "the red cat ran", "a blue dog sat slow"]]
+    logs = _trl_logs(SFTTrainer, SFTConfig, rows, out, {"model": model, "processing_class": tok},
+                     max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2)
+    return [h["loss"] for h in logs]
 
 
 def test_trl_sft_trainer_losses_equal_hf_peft(tmp_path):
@@ -259,18 +268,14 @@ def test_trl_sft_trainer_losses_equal_hf_peft(tmp_path):
 
 
 def _dpo_losses(model, ref, tok, out, **cfg):
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    ds = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in [
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in [
         ("the cat", "sat on the mat", "ran fast"), ("a dog", "ran fast", "sat slow"), ("the red cat", "sat", "ran"),
-        ("a blue dog", "ran on the mat", "sat on a cat")]])
-    args = DPOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-                     use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
-                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False, **cfg)
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
-    trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        ("a blue dog", "ran on the mat", "sat on a cat")]]
+    logs = _trl_logs(DPOTrainer, DPOConfig, rows, out, {"model": model, "ref_model": ref, "processing_class": tok},
+                     max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, **cfg)
+    return [h["loss"] for h in logs]
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -309,18 +314,14 @@ def test_base_model_is_the_adapted_backbone():
 
 
 def _kto_losses(model, ref, tok, out, **cfg):
-    from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
-    ds = Dataset.from_list([{"prompt": p, "completion": c, "label": lab} for p, c, lab in [
+    rows = [{"prompt": p, "completion": c, "label": lab} for p, c, lab in [
         ("the cat", "sat on the mat", True), ("a dog", "sat slow", False), ("the red cat", "sat", True),
-        ("a blue dog", "sat on a cat", False)]])
-    args = KTOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-                     use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
-                     dataloader_num_workers=0, bf16=False, gradient_checkpointing=False, **cfg)
-    trainer = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
-    trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        ("a blue dog", "sat on a cat", False)]]
+    logs = _trl_logs(KTOTrainer, KTOConfig, rows, out, {"model": model, "ref_model": ref, "processing_class": tok},
+                     max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, **cfg)
+    return [h["loss"] for h in logs]
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -343,20 +344,15 @@ def test_trl_kto_trainer_with_disable_adapter_reference_equals_hf_peft(tmp_path)
 
 
 def _grpo_run(model, tok, out):
-    from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     def reward(completions, **_):           # a reward with spread inside each group: how often "cat" appears
         return [float(c.split().count("cat")) + 0.1 * len(c.split()) for c in completions]
 
-    ds = Dataset.from_list([{"prompt": p} for p in ["the cat", "a dog", "the red cat", "a blue dog"]])
-    args = GRPOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=5, learning_rate=5e-2, use_cpu=True, report_to=[], logging_steps=1,
-                      save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0, bf16=False,
-                      gradient_checkpointing=False)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
+    rows = [{"prompt": p} for p in ["the cat", "a dog", "the red cat", "a blue dog"]]
+    logs = _trl_logs(GRPOTrainer, GRPOConfig, rows, out,
+                     {"model": model, "reward_funcs": reward, "processing_class": tok}, max_steps=3,
+                     per_device_train_batch_size=4, num_generations=4, max_completion_length=5, learning_rate=5e-2)
     return [h["loss"] for h in logs], [h["reward"] for h in logs]
 
 
