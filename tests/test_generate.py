@@ -73,15 +73,19 @@ def _generate(model, ids, mask, **kw):
 
 
 # ------------------------------------------------------------------------------ the methods, greedy
+def _hf_lora_name(n: str) -> str:
+    """HF PEFT's LoRA parameter name → peftfx's (``…q_proj.lora_A.default.weight`` → ``…q_proj.lora.lora_A``)."""
+    return n.replace("base_model.model.", "").replace(".lora_A.default.weight", ".lora.lora_A") \
+        .replace(".lora_B.default.weight", ".lora.lora_B")
+
+
 def _lora_pair(base):
     from peft import LoraConfig, get_peft_model
 
     ours = peftfx.apply(copy.deepcopy(base), LoRA(rank=4, alpha=8, targets=select.role("attn.q", "attn.v")),
                         {"input_ids": M.ids(3, 10)})
     hf = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    _copy_trainable(hf, ours, lambda n: n.replace("base_model.model.", "").replace(".lora_A.default.weight",
-                                                                                   ".lora.lora_A")
-                    .replace(".lora_B.default.weight", ".lora.lora_B"))
+    _copy_trainable(hf, ours, _hf_lora_name)
     return hf, ours
 
 
@@ -361,19 +365,13 @@ def test_simplify_pass_removes_no_ops_and_keeps_what_an_in_place_op_could_tell_a
 
 # ---------------------------------------------------------------------------- other caches of transformers
 def _mistral_pair(window=5):
-    from peft import LoraConfig, get_peft_model
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     base = MistralForCausalLM(MistralConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                                             max_position_embeddings=256, sliding_window=window)).eval()
-    ours = peftfx.apply(copy.deepcopy(base), LoRA(rank=4, alpha=8, targets=select.role("attn.q", "attn.v")),
-                        {"input_ids": M.ids(3, 10)})
-    hf = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    _copy_trainable(hf, ours, lambda n: n.replace("base_model.model.", "").replace(".lora_A.default.weight",
-                                                                                   ".lora.lora_A")
-                    .replace(".lora_B.default.weight", ".lora.lora_B"))
+    hf, ours = _lora_pair(base)
     return hf.eval(), ours.eval()
 
 
@@ -425,9 +423,7 @@ def test_encoder_decoder_generate_equals_hf_peft_greedy_and_beams():
     ours = peftfx.apply(copy.deepcopy(base), LoRA(rank=4, alpha=8, targets=select.name("q", "v")),
                         {"input_ids": M.ids(3, 10), "decoder_input_ids": M.ids(3, 4)})
     hf = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
-    _copy_trainable(hf, ours, lambda n: n.replace("base_model.model.", "").replace(".lora_A.default.weight",
-                                                                                   ".lora.lora_A")
-                    .replace(".lora_B.default.weight", ".lora.lora_B"))
+    _copy_trainable(hf, ours, _hf_lora_name)
     hf.eval(), ours.eval()
     ids, mask = _prompts()
     for kw in ({}, {"num_beams": 3}):
