@@ -12,6 +12,7 @@ import peftfx
 from peftfx import IA3, LoRA, select
 from peftfx.roles import assign_roles
 from peftfx.sites import find_sites
+from tests.methods.test_lora import _randomise_and_copy
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -28,20 +29,6 @@ def _albert(layers=3):
 
 def _ids():
     return torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
-
-
-def _randomise_and_copy(hf, ours, suffix="lora"):
-    g = torch.Generator().manual_seed(7)
-    copied = 0
-    with torch.no_grad():
-        for name, mod in hf.named_modules():
-            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-                mod.lora_B["default"].weight.copy_(torch.randn(mod.lora_B["default"].weight.shape, generator=g) * 0.1)
-                ad = ours.get_submodule(name.replace("base_model.model.", "", 1) + "." + suffix)
-                ad.lora_A.copy_(mod.lora_A["default"].weight)
-                ad.lora_B.copy_(mod.lora_B["default"].weight)
-                copied += 1
-    return copied
 
 
 def test_shared_module_is_one_site_with_every_call():

@@ -20,7 +20,7 @@ def _hf_lora(model, targets, rank=4, alpha=8, **kw):
                                             init_lora_weights=True, **kw))
 
 
-def _randomise_and_copy(hf, ours, prefix_map=lambda k: k):
+def _randomise_and_copy(hf, ours):
     """Give HF's LoRA B random values (A is already random), then copy A/B into ours by module path."""
     g = torch.Generator().manual_seed(7)
     copied = 0
@@ -28,8 +28,7 @@ def _randomise_and_copy(hf, ours, prefix_map=lambda k: k):
         for name, mod in hf.named_modules():
             if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
                 mod.lora_B["default"].weight.copy_(torch.randn(mod.lora_B["default"].weight.shape, generator=g) * 0.1)
-                path = name.replace("base_model.model.", "", 1)
-                ad = ours.get_submodule(prefix_map(path) + ".lora")
+                ad = ours.get_submodule(name.replace("base_model.model.", "", 1) + ".lora")
                 ad.lora_A.copy_(mod.lora_A["default"].weight)
                 ad.lora_B.copy_(mod.lora_B["default"].weight)
                 copied += 1
