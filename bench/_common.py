@@ -13,6 +13,19 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+#: Source the subprocess snippets that apply peftfx to the 7B-shaped Llama on ``meta`` start from (after their own
+#: imports and settings): its config ``cfg``, and ``hwm_mb()``, the peak RSS of that process image (VmHWM;
+#: ru_maxrss would carry the parent's peak across fork+exec).
+LLAMA_7B_META = r"""
+from transformers import LlamaConfig, LlamaForCausalLM
+cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000)
+def hwm_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+"""
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call for each fn, run A B C, C B A, A B C … so machine noise hits all alike and no
     function always runs first (caches and frequency boosts favour the first of a round)."""

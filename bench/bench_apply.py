@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import llama, write
+from bench._common import LLAMA_7B_META, llama, write
 
 
 def models():
@@ -86,13 +86,8 @@ def bench_model(base, hf_targets, fan_in_fan_out, roles, repeats):
 
 META_SNIPPET = r"""
 import json, os, sys, time, torch, peftfx
-from transformers import LlamaConfig, LlamaForCausalLM
 torch.set_num_threads(int(sys.argv[1]))
-cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=32000)
-def hwm_mb():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+""" + LLAMA_7B_META + r"""
 rss0 = hwm_mb()
 with torch.device("meta"):
     model = LlamaForCausalLM(cfg)

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import interleaved, write  # noqa: E402
+from bench._common import LLAMA_7B_META, interleaved, write  # noqa: E402
 
 
 def models():
@@ -94,9 +94,7 @@ def bench_model(name, base, hf_targets, fan_in_fan_out, repeats):
 
 META_SNIPPET = r"""
 import json, time, torch, peftfx
-from transformers import LlamaConfig, LlamaForCausalLM
-cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=32000)
+""" + LLAMA_7B_META + r"""
 spent = []
 _export = torch.export.export
 def timed_export(*a, **k):
@@ -106,9 +104,6 @@ def timed_export(*a, **k):
     finally:
         spent.append(time.perf_counter() - t)
 torch.export.export = timed_export
-def hwm_mb():   # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across fork+exec
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
 rss0 = hwm_mb()
 out = {"rss_after_imports_mb": rss0}
 for dynamic in (True, False):

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import llama, write
+from bench._common import LLAMA_7B_META, llama, write
 
 os.environ["PEFTFX_TRACE_CACHE"] = "0"
 
@@ -97,12 +97,7 @@ os.environ["PEFTFX_TRACE_CACHE"] = "0"
 torch.set_num_threads(int(sys.argv[1]))
 import peftfx
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
-cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=32000)
-def hwm_mb():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+""" + LLAMA_7B_META + r"""
 rule = peftfx.LoRA(rank=8, alpha=16, targets=peftfx.select.role("attn.q") | peftfx.select.role("attn.v"))
 def ours(symbolic):
     def run(m):
