@@ -31,7 +31,9 @@ def merge_and_unload(pm: PeftModel) -> nn.Module:
     """A copy of the module ``pm`` was traced from (its own class, config and generation utilities) whose weights
     hold every adapter merged by the adapter's own ``merge`` (the same one :func:`peftfx.merge` runs). ``pm`` and
     the original module are unchanged. Adapters that cannot merge (Houlsby, virtual tokens) are an error: they
-    are not weights of the original architecture."""
+    are not weights of the original architecture. When ``pm`` has activation checkpointing on, the returned module
+    has its own (Hugging Face's ``gradient_checkpointing_enable``, non-reentrant) turned on, so training it further
+    keeps checkpointing."""
     require_peft(pm, "merge_and_unload")
     origin = pm.__dict__.get("_peftfx_origin")
     if origin is None:
@@ -53,6 +55,10 @@ def merge_and_unload(pm: PeftModel) -> nn.Module:
     out.load_state_dict(state, strict=False)
     for p in out.parameters():
         p.requires_grad_(True)
+    if pm.is_gradient_checkpointing and getattr(out, "supports_gradient_checkpointing", False):
+        # trained further, the merged model checkpoints as the peftfx model did (non-reentrant, as peftfx.layers)
+        enable = getattr(out, "activation_checkpointing_enable", None) or out.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return out
 
 

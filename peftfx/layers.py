@@ -473,6 +473,19 @@ def _checkpointing_on(pm: PeftModel) -> bool:
     return bool(s is not None and s.layered and s.checkpoint)
 
 
+def _carry_checkpointing(src: PeftModel, dst: PeftModel) -> None:
+    """A copy of ``src`` (``copy.deepcopy``; :meth:`PeftModel.fork`, which merge, unmerge and fold return) keeps
+    activation checkpointing when ``src`` has it on, under settings of its own (switching one off leaves the other
+    on). Only the flag is carried: the copy builds its own layered view on its first train-mode call, and FSDP2's
+    per-block units (``layered(pm, sharded=True)``) are not — a copy's blocks are not FSDP2 units. A service for
+    :class:`PeftModel` (no import circle)."""
+    if src is dst or not _checkpointing_on(src):
+        return
+    mine = _settings(dst, create=True)
+    mine.layered = mine.checkpoint = True
+
+
 register_service("layered_forward", _layered_forward)
 register_service("gradient_checkpointing", gradient_checkpointing)
 register_service("gradient_checkpointing_on", _checkpointing_on)
+register_service("carry_checkpointing", _carry_checkpointing)

@@ -217,7 +217,8 @@ class PeftModel(fx.GraphModule):
     def fork(self, graph: fx.Graph | None = None) -> "PeftModel":
         """A new PeftModel over a copy of this graph, sharing every parameter and adapter module.
 
-        Passes that must not touch the caller's model (merge, unmerge) work on a fork."""
+        Passes that must not touch the caller's model (merge, unmerge) work on a fork. It keeps activation
+        checkpointing when this model has it on (:func:`peftfx.gradient_checkpointing`)."""
         if graph is None:
             graph = fx.Graph()
             out = graph.graph_copy(self.graph, {})
@@ -237,12 +238,13 @@ class PeftModel(fx.GraphModule):
             twin.__dict__["_peftfx_variants"] = self.peft_variants.fresh()
             twin.__dict__["_peftfx_signature"] = self.__dict__.get("_peftfx_signature")
             type(twin).forward.__signature__ = twin.__dict__["_peftfx_signature"]
+        _carry_checkpointing(self, twin)
         twin.train(self.training)
         return twin
 
     def __deepcopy__(self, memo: dict) -> "PeftModel":
         """``copy.deepcopy`` keeps what ``GraphModule.__deepcopy__`` drops: ``peft_info``, the forward hooks
-        (input constants, QLoRA recompute) and the train/eval state of the graph."""
+        (input constants, QLoRA recompute), the train/eval state of the graph and activation checkpointing."""
         res = super().__deepcopy__(memo)
         res.peft_info = copy.deepcopy(self.peft_info, memo)
         res._graph_mode = self._graph_mode
@@ -260,6 +262,7 @@ class PeftModel(fx.GraphModule):
         if getattr(self, "_peftfx_recompute", None) is not None:
             res._peftfx_recompute = []
         res.training = self.training
+        _carry_checkpointing(self, res)
         return res
 
     def adapter_modules(self) -> dict[str, nn.Module]:
@@ -286,6 +289,13 @@ _FROM_SOURCE = frozenset({"config", "generation_config", "name_or_path", "main_i
                           "_supports_cache_class", "_is_stateful", "hf_device_map", "is_parallelizable",
                           "model_parallel", "supports_gradient_checkpointing", "is_gradient_checkpointing",
                           "add_model_tags", "get_input_embeddings", "get_output_embeddings"})
+
+
+def _carry_checkpointing(src: PeftModel, dst: PeftModel) -> None:
+    """A copy (fork, deepcopy) keeps ``src``'s activation checkpointing (:mod:`peftfx.layers`, when loaded)."""
+    carry = _SERVICES.get("carry_checkpointing")
+    if carry is not None:
+        carry(src, dst)
 
 
 def _graph_runner(flat: Any) -> Any:

@@ -294,7 +294,7 @@ def _host_randomness_off(model: nn.Module, training: bool):
                     continue
                 seen.add(id(obj))
                 spec_off = getattr(obj, "apply_spec_augment", True) is False    # Whisper's default: masks unused
-                for name, value in list(vars(obj).items()):
+                for name, value in list(getattr(obj, "__dict__", {}).items()):   # a dict config has none
                     if not _HOST_RANDOM.fullmatch(name) or (spec_off and name.startswith("mask_")):
                         continue
                     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:

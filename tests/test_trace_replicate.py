@@ -209,13 +209,13 @@ class _Block(nn.Module):
 class _Toy(nn.Module):
     """Blocks in a ModuleList; ``mode`` picks a forward that a replication must not get wrong."""
 
-    def __init__(self, mode, n=4, scales=None):
+    def __init__(self, mode, n=4, scales=None, config=None):
         super().__init__()
         torch.manual_seed(0)
         self.mode = mode
         self.blocks = nn.ModuleList(_Block(scale=(scales or [1.0] * n)[i], index=i) for i in range(n))
         self.head = nn.Linear(16, 3)
-        self.config = types.SimpleNamespace(num_hidden_layers=n)    # read by mode "last_config"
+        self.config = types.SimpleNamespace(num_hidden_layers=n) if config is None else config  # mode "last_config"
         self.n_layers = n                                           # read by mode "last_attr"
 
     def forward(self, x):
@@ -228,7 +228,8 @@ class _Toy(nn.Module):
             elif self.mode == "index":           # the block index used in arithmetic
                 x = blk(x) + blk.index
             elif self.mode == "last_config":     # the last block, counted by the config, runs differently
-                x = blk(x, last=i == self.config.num_hidden_layers - 1)
+                n = self.config["num_hidden_layers"] if isinstance(self.config, dict) else self.config.num_hidden_layers
+                x = blk(x, last=i == n - 1)
             elif self.mode == "last_attr":       # ... counted by a model attribute
                 x = blk(x, last=i == self.n_layers - 1)
             else:
@@ -263,6 +264,25 @@ def test_plain_blocks_and_blocks_of_two_kinds_replicate(monkeypatch):
         rep, replicated = _trace(model, ex, monkeypatch, True)
         assert replicated == 1
         _outputs_equal(rep.eval(), model, [ex, other])
+
+
+@pytest.mark.parametrize("mode", ["plain", "last_config"])
+def test_a_config_held_as_a_dict(mode, monkeypatch):
+    """A ``config`` that is a plain dict (no attributes: ``vars`` refuses it; tracing raised TypeError) is read
+    through its items: per-layer entries make kinds (alternating ``layer_types``: a prefix of 4, not 2), the layer
+    count is cut with the list (the last block, counted by the config, traced as the last: the whole model is
+    traced) and restored. Train mode too (LayerDrop/SpecAugment are looked for on configs). Outputs: the eager
+    model's at two shapes (≤ 1e-6)."""
+    config = {"num_hidden_layers": 6, "layer_types": ["a", "b"] * 3}
+    model = _Toy(mode, n=6, config=config)
+    assert [lst.keep for lst in trace_replicate._plan(model, {})[0]] == [4]
+    ex, other = {"x": torch.randn(2, 5, 16)}, {"x": torch.randn(3, 7, 16)}
+    for train in (False, True):
+        model.train(train)
+        rep, replicated = _trace(model, ex, monkeypatch, True)
+        assert replicated == (mode == "plain")
+        assert model.config == {"num_hidden_layers": 6, "layer_types": ["a", "b"] * 3}
+        _outputs_equal(rep.eval(), model.eval(), [ex, other])
 
 
 def test_per_layer_flags_and_layer_dependent_attributes_fall_back(monkeypatch, caplog):
