@@ -25,8 +25,10 @@ with ``OMP_WAIT_POLICY=PASSIVE`` (set by this script before torch loads, unless 
 results). Without it, 2-thread eager interleaved with 2-thread ORT sessions took 1111–1382 ms per 1×128 call (35 ms
 at 1 thread; 53 ms with PASSIVE, same load): libgomp's workers busy-wait after each parallel region and, on a
 loaded 2-core machine, hold the cores the other pool's threads need. ``pytorch_eager_alone`` is eager timed with no
-ORT session alive (before the sessions of that thread count are made), beside the interleaved ``pytorch_eager``. int8 accuracy on MiniLM: argmax agreement with the float32 PyTorch
-model on the quickstart's held-out set (each int8 row). The load average (``os.getloadavg``) is recorded at the start
+ORT session alive (before the sessions of that thread count are made), beside the interleaved ``pytorch_eager``.
+Where float32 ORT time goes against eager (GEMMs, attention forms, session options): bench/bench_ort_fp32.py.
+int8 accuracy on MiniLM: argmax agreement with the float32 PyTorch model on the quickstart's held-out set (each
+int8 row). The load average (``os.getloadavg``) is recorded at the start
 and after each model: the machine is shared. Results: bench/results/export.{json,md}.
 """
 from __future__ import annotations
