@@ -191,8 +191,10 @@ def profile(path, batch, runs):
     feed = {k: v.numpy() for k, v in _feeds(batch).items()}
     for _ in range(runs + 2):
         s.run(None, feed)
-    with open(s.end_profiling()) as f:
+    trace = s.end_profiling()
+    with open(trace) as f:
         events = json.load(f)
+    os.remove(trace)
     starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
     per_op = collections.Counter()
     for e in events:
