@@ -19,15 +19,27 @@ B random). Rows:
     peftfx_int8_per_tensor_all (per tensor, every weight matmul), peftfx_int8_keep_0.04, peftfx_int8_static (16
     training texts as the calibration set)
 Latency: batch 1 and 8 × 128 tokens, every row interleaved (A B C …, then reversed), medians, at each thread count
-(torch and ORT alike; ORT without spin-waiting). int8 accuracy on MiniLM: argmax agreement with the float32 PyTorch
-model on the quickstart's held-out set (each int8 row). The load average (``os.getloadavg``) is recorded at the start
+(torch and ORT alike: ``torch.set_num_threads(t)`` and ``intra_op_num_threads=t``). No variant's idle threads may
+spin while another is timed: ORT sessions run with ``session.intra_op.allow_spinning=0``, and PyTorch's OpenMP pool
+with ``OMP_WAIT_POLICY=PASSIVE`` (set by this script before torch loads, unless the caller set it; recorded in the
+results). Without it, 2-thread eager interleaved with 2-thread ORT sessions took 1111–1382 ms per 1×128 call (35 ms
+at 1 thread; 53 ms with PASSIVE, same load): libgomp's workers busy-wait after each parallel region and, on a
+loaded 2-core machine, hold the cores the other pool's threads need. ``pytorch_eager_alone`` is eager timed with no
+ORT session alive (before the sessions of that thread count are made), beside the interleaved ``pytorch_eager``.
+Where float32 ORT time goes against eager (GEMMs, attention forms, session options): bench/bench_ort_fp32.py.
+int8 accuracy on MiniLM: argmax agreement with the float32 PyTorch model on the quickstart's held-out set (each
+int8 row). The load average (``os.getloadavg``) is recorded at the start
 and after each model: the machine is shared. Results: bench/results/export.{json,md}.
 """
 from __future__ import annotations
 
+import os
+
+# before torch (libgomp reads it when it loads): PyTorch's idle OpenMP workers sleep instead of busy-waiting (see above)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
-import os
 import shutil
 import sys
 import tempfile
@@ -178,26 +190,37 @@ def feeds(m, batch):
 
 
 def latency(m, paths, merged, threads, repeats):
+    import gc
+
     from peftfx.export import Runtime
 
     torch.set_num_threads(threads)
-    out = {}
+    gc.collect()            # the previous thread count's sessions (and their pools) are gone before eager runs alone
+    out = {"load_average_start": os.getloadavg()}
+    kw = {"use_cache": False} if m["name"] == "llama" else {}
+
+    def eager_fn(x):
+        def eager():
+            with torch.inference_mode():
+                merged(**x, **kw)
+        return eager
+
+    alone = {b: interleaved({"pytorch_eager_alone": eager_fn(feeds(m, b))}, repeats=repeats, warmup=2)
+             for b in (1, 8)}
     sessions = {k: Runtime(p, device="cpu", threads=threads, spin=False) for k, p in paths.items()}
     for batch in (1, 8):
         x = feeds(m, batch)
         xn = {k: v.numpy() for k, v in x.items()}
-        kw = {"use_cache": False} if m["name"] == "llama" else {}
-
-        def eager(x=x, kw=kw):
-            with torch.inference_mode():
-                merged(**x, **kw)
-
-        fns = {"pytorch_eager": eager} | {k: (lambda rt=rt, xn=xn: rt.session.run(None, xn)) for k, rt in sessions.items()}
-        med = interleaved(fns, repeats=repeats, warmup=2)
+        fns = {"pytorch_eager": eager_fn(x)} | {k: (lambda rt=rt, xn=xn: rt.session.run(None, xn))
+                                                for k, rt in sessions.items()}
+        med = alone[batch] | interleaved(fns, repeats=repeats, warmup=2)
         out[f"b{batch}"] = {k: {"ms": 1e3 * v, "vs_eager": v / med["pytorch_eager"]} for k, v in med.items()}
         if "hf_exporter_cpu" in med:
             for k in ("peftfx_basic", "peftfx_all"):
                 out[f"b{batch}"][k]["vs_hf_exporter_cpu"] = med[k] / med["hf_exporter_cpu"]
+    del sessions
+    gc.collect()
+    out["load_average_end"] = os.getloadavg()
     return out
 
 
@@ -305,7 +328,8 @@ def main():
     import transformers
 
     transformers.logging.set_verbosity_error()
-    results = {"repeats": args.repeats, "seq": SEQ, "train_steps": args.train_steps, "load_average": os.getloadavg()}
+    results = {"repeats": args.repeats, "seq": SEQ, "train_steps": args.train_steps, "load_average": os.getloadavg(),
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "torch_threads_per_row": args.threads}
     d = tempfile.mkdtemp(prefix="peftfx-bench-export-")
     try:
         for name in args.models:
@@ -338,10 +362,13 @@ def _table(res, models):
         r = res[name]
         for th, lat in r["latency"].items():
             for k in lat["b1"]:
-                ex = "" if k == "pytorch_eager" else f"{r['export_s'][k]:.1f} ({r['export_vs_hf_route'][k]:.2f})"
+                ex = "" if k.startswith("pytorch_eager") else f"{r['export_s'][k]:.1f} ({r['export_vs_hf_route'][k]:.2f})"
                 rows.append((name, k, ex, th.split("_")[1],
                              f"{lat['b1'][k]['ms']:.2f} ({lat['b1'][k]['vs_eager']:.2f})",
                              f"{lat['b8'][k]['ms']:.2f} ({lat['b8'][k]['vs_eager']:.2f})"))
+            if "load_average_start" in lat:
+                rows.append((name, "load average (1 min), start → end of these rows", "", th.split("_")[1],
+                             f"{lat['load_average_start'][0]:.1f} → {lat['load_average_end'][0]:.1f}", ""))
         for k, h in r.get("int8_heldout", {}).items():
             if isinstance(h, dict):
                 rows.append((name, f"{k} held-out", f"argmax agreement with PyTorch {h['agreement_with_pytorch']:.3f}",

@@ -20,6 +20,13 @@ Levels (``optimize=``):
   ``[batch, kv_heads, sequence, head_dim]``; a graph it cannot rewrite soundly keeps its attention (warning, reason
   in ``info["kv_attention"]``).
 
+Measured and not adopted for CPU float32 (``bench/bench_ort_fp32.py``; README "Serving"): the same weight products as
+``Gemm`` with bias, transposed weights or ``FusedMatMul`` (within 3 % of ``MatMul``, ``FusedMatMul`` slower),
+``MatMul`` + ``MultiHeadAttention`` or a 2-D ``mask_index`` instead of the packed ``Attention`` (slower),
+``FastGelu`` for ``BiasGelu`` (moves MiniLM's logits past the 1e-4 verification tolerance), and session settings
+other than ORT's defaults. MiniLM's float32 GEMMs alone take 0.81× PyTorch eager's time at 8 × 128 in ORT, so no
+float32 graph rewrite reaches issue 13's 0.8 there.
+
 Both rewrite the graph with ops that compute exactly what they replace; the fused file is then verified in ONNX
 Runtime against PyTorch like every export. What peftfx adds: the stage runs on a verified-to-be file in the export's
 temporary folder (never a half-written destination), keeps the graph's inputs and outputs — adapter inputs of
