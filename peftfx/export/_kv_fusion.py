@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LAYOUTS", "KvFusionRefused", "cache_shape", "fuse_kv_attention", "unsupported_config"]
+__all__ = ["LAYOUTS", "KvFusionRefused", "cache_shape", "fuse_kv_attention", "shares_buffers", "unsupported_config"]
 
 # a file's cache layout (``peftfx.kv_cache`` metadata "layout"): as traced by _kv.py, and after this rewrite
 LAYOUTS = {"bsd": "[batch, sequence, kv_heads*head_dim]", "bnsh": "[batch, kv_heads, sequence, head_dim]"}
@@ -123,14 +123,22 @@ def _same_as_before(before: str, after: str, old, new, tol: float = 1e-4) -> Non
                  for i in sess.get_inputs() if i.name != "input_ids" and i.name not in kv["inputs"]
                  and all(isinstance(d, int) for d in i.shape) and "float" in i.type}
         outs = []
+        # a kv_cache="padded" file: row 0 left-padded by one token; only real positions are compared (what the
+        # model computes at padding is not used by any real position)
+        padded = "mask_inputs" in kv
+        mask = np.array([[0, 1, 1], [1, 1, 1]], np.int64) if padded else np.ones((2, 3), np.int64)
         for x in (ids, ids[:, -1:]):
+            if x.shape[1] == 1:
+                mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+            masks = _mask_feeds(mask, x.shape[1]) if padded else {}
             try:
                 got = dict(zip([o.name for o in sess.get_outputs()],
-                               sess.run(None, {"input_ids": x, **past, **extra})))
+                               sess.run(None, {"input_ids": x, **masks, **past, **extra})))
             except Exception as e:  # noqa: BLE001
                 raise KvFusionRefused(f"the rewritten file does not run: {str(e).splitlines()[0][:200]}") from None
             past = {i: got[o] for i, o in zip(kv["inputs"], kv["outputs"])}
-            outs.append([got["logits"]] + [_as_bsd(got[o], kv) for o in kv["outputs"]])
+            real = mask.astype(bool)
+            outs.append([got["logits"][real[:, -x.shape[1]:]]] + [_as_bsd(got[o], kv)[real] for o in kv["outputs"]])
         runs.append((ids, outs))
     for a, b in zip(runs[0][1], runs[1][1]):
         for x, y in zip(a, b):
@@ -138,6 +146,12 @@ def _same_as_before(before: str, after: str, old, new, tol: float = 1e-4) -> Non
             if not err <= tol:
                 raise KvFusionRefused(f"the fused attention differs from the file's own by {err:.2e} (relative) "
                                       "on a test prefill and step")
+
+
+def _mask_feeds(mask: np.ndarray, sequence: int) -> dict[str, np.ndarray]:
+    from ._kv import mask_feeds
+
+    return mask_feeds(mask, sequence)
 
 
 def _as_bsd(x: np.ndarray, kv: dict) -> np.ndarray:
@@ -330,9 +344,14 @@ def _rewrite(proto, layout, heads: int) -> None:
     inputs = {i.name for i in graph.input}
     if not set(pasts) <= inputs or not set(presents) <= gr.outputs:
         raise KvFusionRefused("the file does not have the cache inputs/outputs of a kv_cache=True export")
-    mask = [n for n in inputs if "mask" in n or "position" in n]
-    if mask:
-        raise KvFusionRefused(f"the file takes {mask}: rows of different lengths are not handled by this rewrite")
+    padded = bool(getattr(layout, "padded", False))
+    extra = [n for n in inputs if ("mask" in n or "position" in n) and not (padded and n in _MASK_INPUTS)]
+    if extra:
+        raise KvFusionRefused(f"the file takes {extra}: rows of different lengths are handled only through a "
+                              f"kv_cache='padded' export's {list(_MASK_INPUTS)}")
+    if padded and not set(_MASK_INPUTS) <= inputs:
+        raise KvFusionRefused(f"a kv_cache='padded' file must take {list(_MASK_INPUTS)}; this one takes "
+                              f"{sorted(inputs)}")
     layers = [_layer(gr, pasts[2 * i], pasts[2 * i + 1], presents[2 * i], presents[2 * i + 1])
               for i in range(layout.layers)]
     scales = {round(x["scale"], 9) for x in layers}
@@ -351,9 +370,30 @@ def _rewrite(proto, layout, heads: int) -> None:
     const(p + "scalar", np.array([], np.int64))
     new_nodes += [
         helper.make_node("Shape", ["input_ids"], [p + "seq"], start=1, end=2),
-        helper.make_node("Shape", ["input_ids"], [p + "batch"], start=0, end=1),
-        helper.make_node("Shape", [pasts[0]], [p + "past"], start=2, end=3),
-        helper.make_node("Add", [p + "seq", p + "past"], [p + "total64"]),
+        helper.make_node("Shape", ["input_ids"], [p + "batch"], start=0, end=1)]
+    if padded:
+        # the total length is the mask's (so the past inputs may be longer buffers that the op writes in place);
+        # GroupQueryAttention masks the future itself, the bias masks left padding: 0 where attention_mask is 1,
+        # a large negative number where it is 0 (finite, so a row of padding only attends to padding, no NaN)
+        dtype = _float_type(graph, pasts[0])
+        const(p + "neg", np.array(_MASKED, _NP_FLOAT[dtype]))
+        const(p + "zero", np.array(0, _NP_FLOAT[dtype]))
+        const(p + "izero", np.array(0, np.int64))
+        const(p + "axes12", np.array([1, 2], np.int64))
+        const(p + "one64", np.array([1], np.int64))
+        new_nodes += [
+            helper.make_node("Shape", ["attention_mask"], [p + "total64"], start=1, end=2),
+            helper.make_node("Equal", ["attention_mask", p + "izero"], [p + "padding"]),
+            helper.make_node("Where", [p + "padding", p + "neg", p + "zero"], [p + "bias2"]),
+            helper.make_node("Unsqueeze", [p + "bias2", p + "axes12"], [p + "bias4"]),
+            helper.make_node("Concat", [p + "batch", p + "one64", p + "seq", p + "total64"], [p + "bias_shape"],
+                             axis=0),
+            helper.make_node("Expand", [p + "bias4", p + "bias_shape"], [p + "bias"])]
+    else:
+        new_nodes += [
+            helper.make_node("Shape", [pasts[0]], [p + "past"], start=2, end=3),
+            helper.make_node("Add", [p + "seq", p + "past"], [p + "total64"])]
+    new_nodes += [
         helper.make_node("Cast", [p + "total64"], [p + "total1"], to=TensorProto.INT32),
         helper.make_node("Reshape", [p + "total1", p + "scalar"], [p + "total"]),
         helper.make_node("Sub", [p + "total1", p + "one"], [p + "seqlen1"]),
@@ -370,7 +410,8 @@ def _rewrite(proto, layout, heads: int) -> None:
             old.output[0] = old.output[0] + "_unfused"
         out = f"{p}{i}_out"
         new_nodes.append(helper.make_node(
-            "GroupQueryAttention", q3 + [pasts[2 * i], pasts[2 * i + 1], p + "seqlens_k", p + "total"],
+            "GroupQueryAttention", q3 + [pasts[2 * i], pasts[2 * i + 1], p + "seqlens_k", p + "total"]
+            + (["", "", "", p + "bias"] if padded else []),
             [out, presents[2 * i], presents[2 * i + 1]], name=f"GroupQueryAttention_{i}", domain="com.microsoft",
             num_heads=heads, kv_num_heads=layout.kv_heads, scale=float(x["scale"])))
         for n in graph.node:
@@ -383,6 +424,38 @@ def _rewrite(proto, layout, heads: int) -> None:
     _relayout_io(graph, pasts, presents, layout)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+_MASK_INPUTS = ("attention_mask", "position_ids")      # a kv_cache="padded" file's (_kv.MASK_INPUTS)
+_MASKED = -30000.0     # the bias at left padding: exp(−3e4) is 0 in float32; float16 holds it (−inf would give NaN)
+_NP_FLOAT = {1: np.float32, 10: np.float16, 11: np.float64}
+
+
+def _float_type(graph, name: str) -> int:
+    vi = next((v for v in graph.input if v.name == name), None)
+    t = vi.type.tensor_type.elem_type if vi is not None else 1
+    if t not in _NP_FLOAT:
+        raise KvFusionRefused(f"{name} has ONNX element type {t}, not a float type")
+    return t
+
+
+def shares_buffers(path_or_proto) -> bool:
+    """Whether the fused file at ``path_or_proto`` can run with each present output bound to its past input's buffer
+    (a preallocated ``[batch, kv_heads, max_sequence, head_dim]`` that GroupQueryAttention writes in place): it takes
+    an ``attention_mask`` (the total length is the mask's) and nothing but the fused ops reads the past inputs."""
+    import onnx
+
+    proto = onnx.load(os.fspath(path_or_proto), load_external_data=False) \
+        if isinstance(path_or_proto, (str, os.PathLike)) else path_or_proto
+    g = proto.graph
+    names = {i.name for i in g.input}
+    pasts = {n for n in names if n.startswith("past_key_values.")}
+    if "attention_mask" not in names or not pasts:
+        return False
+    for n in g.node:
+        if any(i in pasts for i in n.input) and n.op_type != "GroupQueryAttention":
+            return False
+    return any(n.op_type == "GroupQueryAttention" for n in g.node)
 
 
 def _insert_sorted(graph, new_nodes) -> None:
