@@ -12,8 +12,10 @@ B random). Rows:
     model (the best route users have today)
   * decode (Llama): one cached decode step at past 32/128/512, ``kv_cache=True`` file fused (``optimize="all"``:
     the pattern fusions, then each layer's cached attention as one ``GroupQueryAttention``, cache
-    ``[batch, kv_heads, seq, head_dim]``) vs unfused (``"none"``), the step's inputs prepared by a prefill; ``--models decode`` runs it alone (results/export_decode.*; a subset of models writes
-    results/export_<models>.*)
+    ``[batch, kv_heads, seq, head_dim]``) vs unfused (``"none"``), the step's inputs prepared by a prefill; also
+    the unfused file with I/O binding and the ``kv_cache="padded"`` fused file with shared cache buffers (as
+    ``Runtime.generate`` runs it), and ``Runtime.generate`` ms/step end to end (see ``decode``); ``--models decode``
+    runs it alone (results/export_decode.*; a subset of models writes results/export_<models>.*)
   * peftfx_none / peftfx_basic / peftfx_all: ``export_onnx(optimize=…)``, verified in ORT (verification included in
     the export time); peftfx_int8: ``dtype="int8"`` (dynamic, defaults: per channel, keep_float 0.05); MiniLM also
     peftfx_int8_per_tensor_all (per tensor, every weight matmul), peftfx_int8_keep_0.04, peftfx_int8_static (16

@@ -23,13 +23,11 @@ from torch import nn
 from .._errors import ExportError
 from ..model import AdapterRecord
 from ._build import keep_modes
-from ._kv_fusion import LAYOUTS
+from ._kv_fusion import LAYOUTS, MASK_INPUTS, mask_feeds
 
-__all__ = ["MASK_INPUTS", "CacheLayout", "build_step_model", "past_names", "present_names"]
+__all__ = ["MASK_INPUTS", "CacheLayout", "build_step_model", "mask_feeds", "past_names", "present_names"]
 
 PREFIX = "lm"
-#: the extra inputs of a ``kv_cache="padded"`` file (rows of different lengths, left-padded)
-MASK_INPUTS = ("attention_mask", "position_ids")
 
 
 @dataclass(frozen=True)
@@ -207,13 +205,3 @@ def _adopt_parameters(spm, pm) -> None:
         else:
             owner._buffers[attr] = new.detach() if isinstance(new, nn.Parameter) else new
 
-
-def mask_feeds(mask: Any, sequence: int) -> dict[str, Any]:
-    """The ``attention_mask``/``position_ids`` inputs of a ``kv_cache="padded"`` step whose ``sequence`` new tokens
-    are the last columns of ``mask`` (``[batch, past + sequence]``, 0 at left padding; numpy int64). Positions count
-    the real tokens before each one, as Hugging Face ``generate`` does (``cumsum(mask) − 1``; 1 at padding)."""
-    import numpy as np
-
-    mask = np.ascontiguousarray(mask, dtype=np.int64)
-    positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)[:, mask.shape[1] - sequence:]
-    return {"attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}

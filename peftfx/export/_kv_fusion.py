@@ -31,8 +31,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LAYOUTS", "KvFusionRefused", "cache_shape", "fuse_kv_attention", "shares_buffers", "unsupported_config"]
+__all__ = ["LAYOUTS", "MASK_INPUTS", "KvFusionRefused", "cache_shape", "fuse_kv_attention", "mask_feeds", "shares_buffers",
+           "unsupported_config"]
 
+#: the extra inputs of a ``kv_cache="padded"`` file (rows of different lengths, left-padded)
+MASK_INPUTS = ("attention_mask", "position_ids")
 # a file's cache layout (``peftfx.kv_cache`` metadata "layout"): as traced by _kv.py, and after this rewrite
 LAYOUTS = {"bsd": "[batch, sequence, kv_heads*head_dim]", "bnsh": "[batch, kv_heads, sequence, head_dim]"}
 _REPEAT = {"Unsqueeze", "Expand", "Reshape"}
@@ -130,7 +133,7 @@ def _same_as_before(before: str, after: str, old, new, tol: float = 1e-4) -> Non
         for x in (ids, ids[:, -1:]):
             if x.shape[1] == 1:
                 mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-            masks = _mask_feeds(mask, x.shape[1]) if padded else {}
+            masks = mask_feeds(mask, x.shape[1]) if padded else {}
             try:
                 got = dict(zip([o.name for o in sess.get_outputs()],
                                sess.run(None, {"input_ids": x, **masks, **past, **extra})))
@@ -148,10 +151,13 @@ def _same_as_before(before: str, after: str, old, new, tol: float = 1e-4) -> Non
                                       "on a test prefill and step")
 
 
-def _mask_feeds(mask: np.ndarray, sequence: int) -> dict[str, np.ndarray]:
-    from ._kv import mask_feeds
-
-    return mask_feeds(mask, sequence)
+def mask_feeds(mask: Any, sequence: int) -> dict[str, Any]:
+    """The ``attention_mask``/``position_ids`` inputs of a ``kv_cache="padded"`` step whose ``sequence`` new tokens
+    are the last columns of ``mask`` (``[batch, past + sequence]``, 0 at left padding; numpy int64). Positions count
+    the real tokens before each one, as Hugging Face ``generate`` does (``cumsum(mask) − 1``; 1 at padding)."""
+    mask = np.ascontiguousarray(mask, dtype=np.int64)
+    positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)[:, mask.shape[1] - sequence:]
+    return {"attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
 
 
 def _as_bsd(x: np.ndarray, kv: dict) -> np.ndarray:
@@ -345,12 +351,12 @@ def _rewrite(proto, layout, heads: int) -> None:
     if not set(pasts) <= inputs or not set(presents) <= gr.outputs:
         raise KvFusionRefused("the file does not have the cache inputs/outputs of a kv_cache=True export")
     padded = bool(getattr(layout, "padded", False))
-    extra = [n for n in inputs if ("mask" in n or "position" in n) and not (padded and n in _MASK_INPUTS)]
+    extra = [n for n in inputs if ("mask" in n or "position" in n) and not (padded and n in MASK_INPUTS)]
     if extra:
         raise KvFusionRefused(f"the file takes {extra}: rows of different lengths are handled only through a "
-                              f"kv_cache='padded' export's {list(_MASK_INPUTS)}")
-    if padded and not set(_MASK_INPUTS) <= inputs:
-        raise KvFusionRefused(f"a kv_cache='padded' file must take {list(_MASK_INPUTS)}; this one takes "
+                              f"kv_cache='padded' export's {list(MASK_INPUTS)}")
+    if padded and not set(MASK_INPUTS) <= inputs:
+        raise KvFusionRefused(f"a kv_cache='padded' file must take {list(MASK_INPUTS)}; this one takes "
                               f"{sorted(inputs)}")
     layers = [_layer(gr, pasts[2 * i], pasts[2 * i + 1], presents[2 * i], presents[2 * i + 1])
               for i in range(layout.layers)]
@@ -426,7 +432,6 @@ def _rewrite(proto, layout, heads: int) -> None:
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
-_MASK_INPUTS = ("attention_mask", "position_ids")      # a kv_cache="padded" file's (_kv.MASK_INPUTS)
 _MASKED = -30000.0     # the bias at left padding: exp(−3e4) is 0 in float32; float16 holds it (−inf would give NaN)
 _NP_FLOAT = {1: np.float32, 10: np.float16, 11: np.float64}
 

@@ -361,7 +361,7 @@ class Runtime:
         return nxt
 
     def _generate_plain(self, ids, mask, max_new_tokens, eos_token_id, adapter) -> np.ndarray:
-        from ._kv import mask_feeds
+        from ._kv_fusion import mask_feeds
         from ._kv_fusion import cache_shape
 
         pasts, presents = self.kv["inputs"], self.kv["outputs"]
@@ -390,7 +390,7 @@ class Runtime:
         """Preallocated cache buffers (past and present bound to the same value), logits into a preallocated buffer."""
         import onnxruntime as ort
 
-        from ._kv import mask_feeds
+        from ._kv_fusion import mask_feeds
 
         b, p = ids.shape
         total_max = p + max_new_tokens
@@ -425,7 +425,7 @@ class Runtime:
                 binding.bind_cpu_input(name, arr)
             try:
                 self.session.run_with_iobinding(binding)
-            except Exception as e:          # ORT's own errors, past the checks in generate()
+            except Exception as e:  # noqa: BLE001 - ORT's own errors, past the checks in generate()
                 raise self._ort_error(e) from None
             if step == 0:
                 last = binding.get_outputs()[len(kv["outputs"])].numpy()[:, -1]      # bound after the caches
