@@ -380,3 +380,27 @@ def test_fusion_of_a_mask_input_needs_the_padded_layout(padded, tmp_path):
     assert path.read_bytes() == before
     new, fused = fuse_kv_attention(str(path), replace(layout, padded=True), 4)
     assert fused == {"GroupQueryAttention": 2} and new.padded and new.order == "bnsh"
+
+
+def test_refused_padded_export_serves_left_padded_batches_unfused(tmp_path):
+    """Mistral (sliding-window attention: the fusion is refused) exported with kv_cache="padded": the file keeps its
+    unfused attention and still serves a left-padded batch — Runtime.generate = Hugging Face generate on the merged
+    model, same mask — through the plain loop (no shared buffers for an unfused file)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    base = M.lively(MistralForCausalLM(MistralConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=128, max_position_embeddings=256, sliding_window=4096)).eval(), 0.3, seed=2)
+    pm = M.randomise_lora(peftfx.apply(base, LoRA(rank=2, targets=select.role("attn.q")), {"input_ids": M.ids(2, 8)}))
+    r = export_onnx(pm, tmp_path / "sw.onnx", {"input_ids": M.ids(2, 8)}, kv_cache="padded", source=base)
+    assert "sliding-window" in r.optimize["kv_attention"]["refused"]
+    assert "GroupQueryAttention" not in fused_ops(r.path) and "attention_mask" in r.inputs
+    ids, mask = _left_padded((6, 2, 4), 6, seed=13)
+    with torch.no_grad():
+        want = peftfx.merge_and_unload(pm.eval()).generate(
+            torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=10, min_new_tokens=10,
+            do_sample=False, pad_token_id=0, eos_token_id=None).numpy()
+    rt = Runtime(r.path)
+    np.testing.assert_array_equal(rt.generate(ids, 10, attention_mask=mask), want)
+    assert not rt._shares_buffers()
