@@ -274,7 +274,7 @@ def decode(threads, repeats):
                         calls[k + "_bound"] = _bound_step(rt, step, cache)
                     if k == "padded_all":
                         calls["padded_all_shared"] = _shared_step(rt, step, cache, past + 64)
-                med, cpu = _interleaved_wall_cpu(calls, repeats=repeats * 3, warmup=3)
+                med, cpu = _interleaved_wall_cpu(calls, repeats=repeats * 15, warmup=5)   # ~10 ms calls: many
                 row = {f"{k}_ms": 1e3 * v for k, v in med.items()}
                 row.update({f"{k}_cpu_ms": 1e3 * v for k, v in cpu.items()})
                 unfused = ("none", "none_bound", "padded_none_bound")
@@ -361,7 +361,7 @@ def _generate_rows(rts, threads, repeats, prompt_len=512, new=32):
     steps = {k: [] for k in runtimes}
     cpu = {k: [] for k in runtimes}         # CPU seconds per step: (generate(new) − generate(1)) / (new − 1)
     tokens = {}
-    for i in range(max(3, repeats // 2)):
+    for i in range(max(4, repeats)):
         for k in (list(runtimes) if i % 2 == 0 else list(runtimes)[::-1]):
             c0 = time.process_time()
             runtimes[k].generate(prompt, 1)
