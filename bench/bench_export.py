@@ -229,6 +229,9 @@ def decode(threads, repeats):
       * padded_all_shared: the ``kv_cache="padded"`` fused file as ``Runtime.generate`` runs it: cache buffers
         preallocated for past + 64 tokens and bound as both past input and present output (GroupQueryAttention
         writes the new token in place), logits into a preallocated buffer.
+    Each cell: steps in blocks of 10 per session (warm, as generate runs them; rounds interleaved, order
+    alternating), wall and process CPU medians; and round robin over the sessions (cold caches: each call finds
+    the other files' weights in cache — the fused file loses more there, so it is recorded beside).
     ``shared/best_unfused`` = padded_all_shared over the fastest of none, none_bound, padded_none_bound. Then
     ``Runtime.generate`` end to end (prompt 512, 32 new tokens, median step after the prefill): the fused padded
     file (shared buffers) vs the unfused ``kv_cache=True`` file (numpy feeds and I/O binding, the faster)."""
@@ -274,9 +277,12 @@ def decode(threads, repeats):
                         calls[k + "_bound"] = _bound_step(rt, step, cache)
                     if k == "padded_all":
                         calls["padded_all_shared"] = _shared_step(rt, step, cache, past + 64)
-                med, cpu = _interleaved_wall_cpu(calls, repeats=repeats * 15, warmup=5)   # ~10 ms calls: many
+                cold, _ = _interleaved_wall_cpu(calls, repeats=repeats * 5, warmup=5)
+                med, cpu = _interleaved_wall_cpu(calls, repeats=repeats * 20, warmup=5, block=10)   # warm
                 row = {f"{k}_ms": 1e3 * v for k, v in med.items()}
                 row.update({f"{k}_cpu_ms": 1e3 * v for k, v in cpu.items()})
+                row.update({f"{k}_cold_ms": 1e3 * v for k, v in cold.items()})
+                row["cold: shared/none"] = cold["padded_all_shared"] / cold["none"]
                 unfused = ("none", "none_bound", "padded_none_bound")
                 best, best_cpu = min(unfused, key=lambda k: med[k]), min(unfused, key=lambda k: cpu[k])
                 row.update({"all/none": med["all"] / med["none"], "best_unfused": best,
@@ -292,10 +298,13 @@ def decode(threads, repeats):
     return out
 
 
-def _interleaved_wall_cpu(fns, repeats, warmup):
+def _interleaved_wall_cpu(fns, repeats, warmup, block=1):
     """Like ``interleaved``: median wall seconds per call, and median CPU seconds of this process per call
     (``time.process_time``; at 1 thread ORT runs on the calling thread, so time the machine's other load takes
-    from it does not count — on a shared machine the steadier of the two)."""
+    from it does not count — on a shared machine the steadier of the two). ``block`` > 1: each fn runs ``block``
+    times in a row per round (the first of each block not counted), rounds alternating the order — the steps of
+    one model back to back with its weights in cache, as a generate loop runs them; ``block=1`` is round robin over
+    five sessions, each call finding the others' weights in cache (cold)."""
     import statistics
 
     for _ in range(warmup):
@@ -303,12 +312,14 @@ def _interleaved_wall_cpu(fns, repeats, warmup):
             f()
     wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     order = list(fns.items())
-    for i in range(repeats):
+    for i in range(max(1, repeats // block)):
         for k, f in (order if i % 2 == 0 else order[::-1]):
-            t0, c0 = time.perf_counter(), time.process_time()
-            f()
-            cpu[k].append(time.process_time() - c0)
-            wall[k].append(time.perf_counter() - t0)
+            for j in range(block):
+                t0, c0 = time.perf_counter(), time.process_time()
+                f()
+                if j or block == 1:
+                    cpu[k].append(time.process_time() - c0)
+                    wall[k].append(time.perf_counter() - t0)
     return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
@@ -478,6 +489,10 @@ def _table(res, models):
                 rows.append(("llama", what, "", th,
                              f"{v['padded_all_shared_ms']:.2f} vs {v[v['best_unfused'] + '_ms']:.2f}",
                              f"{v['shared/best_unfused']:.2f}"))
+                if "cold: shared/none" in v:
+                    rows.append(("llama", "  same, round robin over the 5 sessions (cold caches) vs none", "", th,
+                                 f"{v['padded_all_shared_cold_ms']:.2f} vs {v['none_cold_ms']:.2f}",
+                                 f"{v['cold: shared/none']:.2f}"))
                 if "cpu shared/best_unfused" in v:
                     b = v["best_unfused_cpu"]
                     rows.append(("llama", f"  same, CPU ms of this process per step (best unfused: {b})", "", th,
