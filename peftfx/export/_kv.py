@@ -6,7 +6,10 @@ tensor per layer and per key/value, builds the model's own ``DynamicCache`` from
 the updated cache as tensors again. Each cache tensor is laid out ``[batch, past_sequence, kv_heads·head_dim]`` —
 three dimensions, so :func:`peftfx.trace` keeps batch and sequence dynamic. The step graph then receives the
 PeftModel's own parameters (by name) and its adapters, spliced at the sites with the same keys, so it computes
-exactly what the PeftModel computes, now with a cache. A past of length 0 is the prefill. The optimisation stage
+exactly what the PeftModel computes, now with a cache. A past of length 0 is the prefill. With ``padded=True``
+(``export_onnx(kv_cache="padded")``) the step also takes ``attention_mask`` ``[batch, past + sequence]`` and
+``position_ids`` ``[batch, sequence]`` and hands them to the model, so a batch of left-padded prompts of different
+lengths decodes as Hugging Face ``generate`` decodes it. The optimisation stage
 (``optimize="all"``, CPU) may then rewrite the attention to ONNX Runtime's ``GroupQueryAttention``, whose cache is
 ``[batch, kv_heads, sequence, head_dim]`` (``_kv_fusion.py``); :class:`CacheLayout` ``order`` and the file's
 ``peftfx.kv_cache`` metadata ``layout`` say which one a file has.

@@ -12,15 +12,21 @@ and the ``Softmax`` that read the concatenated keys and values), not from a mode
 * query/new key/new value (after rotary embedding, which stays where it is: ``do_rotary=0``) go in as
   ``[batch, sequence, heads·head_dim]``; the scale is the product of the scalar factors on both sides of ``q·kᵀ``;
 * ``seqlens_k`` (``[batch]``, int32) = ``past + sequence − 1`` and ``total_sequence_length`` = ``past + sequence``,
-  both from the input shapes: the file has no attention mask, so every row of a batch has the same length (the
-  file's own contract, as for the unfused file);
+  both from the input shapes: a ``kv_cache=True`` file has no attention mask, so every row of a batch has the same
+  length (the file's own contract, as for the unfused file);
+* a ``kv_cache="padded"`` file (``attention_mask`` ``[batch, total]`` and ``position_ids`` inputs): the total is
+  the mask's length, ``seqlens_k`` = total − 1 for every row, and the mask becomes the op's ``attention_bias``
+  (0 / −30000 at left padding, ``[batch, 1, sequence, total]``; ONNX Runtime's CPU kernel applies it and masks the
+  future itself). The past's own length is then read by nothing but the fused op, so a caller may bind each
+  present output to its past input, a buffer of the maximum length the op writes in place
+  (:func:`shares_buffers`, :meth:`Runtime.generate`);
 * the cache inputs and outputs keep their names and order; their layout becomes ``[batch, kv_heads, sequence,
   head_dim]`` and the file's ``peftfx.kv_cache`` metadata says so (``layout``), which :meth:`Runtime.generate` and the
   export's verification read.
 
 A graph that does not have exactly this structure (another op between the scores and the softmax — soft-capping,
-ALiBi —, an attention-mask input, a cache read other than through its shape and the concatenation, a model with
-sliding-window attention) is refused with the reason; the file is then left exactly as it was. The rewrite is
+ALiBi —, a mask input other than a ``kv_cache="padded"`` file's, a cache read other than through its shape and
+the concatenation, a model with sliding-window attention) is refused with the reason; the file is then left exactly as it was. The rewrite is
 verified like every export (ONNX Runtime against PyTorch, prefill and cached steps).
 """
 from __future__ import annotations

@@ -88,6 +88,7 @@ class Runtime:
         rt = Runtime("model.onnx")                  # CUDA if present, else CPU
         rt.run({"input_ids": ids})["logits"]
         rt.generate(ids, max_new_tokens=32)         # files exported with kv_cache=True
+        rt.generate(ids, 32, attention_mask=mask)   # kv_cache="padded": left-padded prompts of different lengths
         rt.load_adapter("a", "a.onnx_adapter"); rt.run({"input_ids": ids}, adapter="a")   # adapter_inputs=True
     """
 
