@@ -12,8 +12,10 @@ B random). Rows:
     model (the best route users have today)
   * decode (Llama): one cached decode step at past 32/128/512, ``kv_cache=True`` file fused (``optimize="all"``:
     the pattern fusions, then each layer's cached attention as one ``GroupQueryAttention``, cache
-    ``[batch, kv_heads, seq, head_dim]``) vs unfused (``"none"``), the step's inputs prepared by a prefill; ``--models decode`` runs it alone (results/export_decode.*; a subset of models writes
-    results/export_<models>.*)
+    ``[batch, kv_heads, seq, head_dim]``) vs unfused (``"none"``), the step's inputs prepared by a prefill; also
+    the unfused file with I/O binding and the ``kv_cache="padded"`` fused file with shared cache buffers (as
+    ``Runtime.generate`` runs it), and ``Runtime.generate`` ms/step end to end (see ``decode``); ``--models decode``
+    runs it alone (results/export_decode.*; a subset of models writes results/export_<models>.*)
   * peftfx_none / peftfx_basic / peftfx_all: ``export_onnx(optimize=…)``, verified in ORT (verification included in
     the export time); peftfx_int8: ``dtype="int8"`` (dynamic, defaults: per channel, keep_float 0.05); MiniLM also
     peftfx_int8_per_tensor_all (per tensor, every weight matmul), peftfx_int8_keep_0.04, peftfx_int8_static (16
@@ -241,47 +243,177 @@ def int8_agreement(m, paths, merged):
 
 
 def decode(threads, repeats):
-    """Llama decode step with the key/value cache at past 32/128/512: kv_cache export fused (optimize="all") vs
-    unfused ("none"), medians of interleaved runs."""
+    """Llama decode step with the key/value cache at past 32/128/512, medians of interleaved runs, ORT CPU:
+      * none / all: the ``kv_cache=True`` file unfused (``optimize="none"``) / fused (``"all"``: GroupQueryAttention),
+        ``session.run`` with numpy feeds (the step's cache from a prefill);
+      * none_bound: the unfused file with I/O binding (the cache as ORT values, outputs allocated by ORT: the
+        present grows each step, so it cannot be preallocated) — the unfused file at its best;
+      * padded_none_bound: the ``kv_cache="padded"`` unfused file (attention_mask, position_ids), I/O binding;
+      * padded_all_shared: the ``kv_cache="padded"`` fused file as ``Runtime.generate`` runs it: cache buffers
+        preallocated for past + 64 tokens and bound as both past input and present output (GroupQueryAttention
+        writes the new token in place), logits into a preallocated buffer.
+    Each cell: steps in blocks of 10 per session (warm, as generate runs them; rounds interleaved, order
+    alternating), wall and process CPU medians; and round robin over the sessions (cold caches: each call finds
+    the other files' weights in cache — the fused file loses more there, so it is recorded beside).
+    ``shared/best_unfused`` = padded_all_shared over the fastest of none, none_bound, padded_none_bound. Then
+    ``Runtime.generate`` end to end (prompt 512, 32 new tokens, median step after the prefill): the fused padded
+    file (shared buffers) vs the unfused ``kv_cache=True`` file (numpy feeds and I/O binding, the faster)."""
+    import onnxruntime as ort
+
     from peftfx import export_onnx
     from peftfx.export import Runtime
+    from peftfx.export._kv import mask_feeds
     from peftfx.export._kv_fusion import cache_shape
 
     m = build_llama()
     d = tempfile.mkdtemp(prefix="peftfx-bench-decode-")
-    out = {}
+    out = {"ort_version": ort.__version__}
     try:
         rts = {}
-        for level in ("none", "all"):
-            p = os.path.join(d, f"kv_{level}.onnx")
+        for name, kv_cache, level in (("none", True, "none"), ("all", True, "all"),
+                                      ("padded_none", "padded", "none"), ("padded_all", "padded", "all")):
+            p = os.path.join(d, f"kv_{name}.onnx")
             t0 = time.perf_counter()
-            r = export_onnx(m["pm"], p, m["ex"], kv_cache=True, source=m["base"], optimize=level)
-            out[f"export_s_{level}"] = time.perf_counter() - t0
-            out[f"fused_{level}"] = r.optimize.get("fused")
-            out[f"kv_attention_{level}"] = r.optimize.get("kv_attention")
-            out[f"cache_layout_{level}"] = r.kv_cache["layout"]
-            rts[level] = p
+            r = export_onnx(m["pm"], p, m["ex"], kv_cache=kv_cache, source=m["base"], optimize=level)
+            out[f"export_s_{name}"] = time.perf_counter() - t0
+            out[f"fused_{name}"] = r.optimize.get("fused")
+            out[f"kv_attention_{name}"] = r.optimize.get("kv_attention")
+            out[f"cache_layout_{name}"] = r.kv_cache["layout"]
+            rts[name] = p
         out["load_average_start"] = os.getloadavg()
         for t in threads:
             sessions = {k: Runtime(p, device="cpu", threads=t, spin=False) for k, p in rts.items()}
-            kv = sessions["none"].kv
             for past in (32, 128, 512):
                 prompt = np.random.default_rng(past).integers(0, 32000, (1, past), dtype=np.int64)
-                steps = {}
+                calls = {}
                 for k, rt in sessions.items():
-                    empty = {n: np.zeros(cache_shape(rt.kv, 1, 0), np.float32) for n in kv["inputs"]}
-                    pre = rt.run({"input_ids": prompt, **empty})
-                    steps[k] = {"input_ids": np.array([[7]], dtype=np.int64),
-                                **{i: pre[o] for i, o in zip(kv["inputs"], kv["outputs"])}}
-                med = interleaved({k: (lambda rt=rt, f=steps[k]: rt.session.run(None, f)) for k, rt in sessions.items()},
-                                  repeats=repeats * 3, warmup=3)
-                out[f"threads_{t}_past_{past}"] = {"none_ms": 1e3 * med["none"], "all_ms": 1e3 * med["all"],
-                                                   "all/none": med["all"] / med["none"]}
-        out["profile_past_512_threads_1"] = {k: decode_profile(p, 512) for k, p in rts.items()}
+                    kv = rt.kv
+                    pre_mask = mask_feeds(np.ones((1, past), np.int64), past) if "mask_inputs" in kv else {}
+                    step_mask = mask_feeds(np.ones((1, past + 1), np.int64), 1) if "mask_inputs" in kv else {}
+                    empty = {n: np.zeros(cache_shape(kv, 1, 0), np.float32) for n in kv["inputs"]}
+                    pre = rt.run({"input_ids": prompt, **pre_mask, **empty})
+                    step = {"input_ids": np.array([[7]], dtype=np.int64), **step_mask}
+                    cache = {i: pre[o] for i, o in zip(kv["inputs"], kv["outputs"])}
+                    if k in ("none", "all"):
+                        calls[k] = (lambda rt=rt, f={**step, **cache}: rt.session.run(None, f))
+                    if k in ("none", "padded_none"):
+                        calls[k + "_bound"] = _bound_step(rt, step, cache)
+                    if k == "padded_all":
+                        calls["padded_all_shared"] = _shared_step(rt, step, cache, past + 64)
+                cold, _ = _interleaved_wall_cpu(calls, repeats=repeats * 5, warmup=5)
+                med, cpu = _interleaved_wall_cpu(calls, repeats=repeats * 20, warmup=5, block=10)   # warm
+                row = {f"{k}_ms": 1e3 * v for k, v in med.items()}
+                row.update({f"{k}_cpu_ms": 1e3 * v for k, v in cpu.items()})
+                row.update({f"{k}_cold_ms": 1e3 * v for k, v in cold.items()})
+                row["cold: shared/none"] = cold["padded_all_shared"] / cold["none"]
+                unfused = ("none", "none_bound", "padded_none_bound")
+                best, best_cpu = min(unfused, key=lambda k: med[k]), min(unfused, key=lambda k: cpu[k])
+                row.update({"all/none": med["all"] / med["none"], "best_unfused": best,
+                            "shared/best_unfused": med["padded_all_shared"] / med[best],
+                            "best_unfused_cpu": best_cpu,
+                            "cpu shared/best_unfused": cpu["padded_all_shared"] / cpu[best_cpu]})
+                out[f"threads_{t}_past_{past}"] = row
+            out[f"generate_threads_{t}"] = _generate_rows(rts, t, repeats)
+        out["profile_past_512_threads_1"] = {k: decode_profile(rts[k], 512) for k in ("none", "all")}
         out["load_average_end"] = os.getloadavg()
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return out
+
+
+def _interleaved_wall_cpu(fns, repeats, warmup, block=1):
+    """Like ``interleaved``: median wall seconds per call, and median CPU seconds of this process per call
+    (``time.process_time``; at 1 thread ORT runs on the calling thread, so time the machine's other load takes
+    from it does not count — on a shared machine the steadier of the two). ``block`` > 1: each fn runs ``block``
+    times in a row per round (the first of each block not counted), rounds alternating the order — the steps of
+    one model back to back with its weights in cache, as a generate loop runs them; ``block=1`` is round robin over
+    five sessions, each call finding the others' weights in cache (cold)."""
+    import statistics
+
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    order = list(fns.items())
+    for i in range(max(1, repeats // block)):
+        for k, f in (order if i % 2 == 0 else order[::-1]):
+            for j in range(block):
+                t0, c0 = time.perf_counter(), time.process_time()
+                f()
+                if j or block == 1:
+                    cpu[k].append(time.process_time() - c0)
+                    wall[k].append(time.perf_counter() - t0)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def _bound_step(rt, step, cache):
+    """One decode step of an unfused file with I/O binding: inputs bound once as ORT values, outputs allocated by
+    ORT on the CPU each run (their length grows with the step in real decoding)."""
+    import onnxruntime as ort
+
+    binding = rt.session.io_binding()
+    for n, v in {**step, **cache}.items():
+        binding.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)))
+    for n in rt.outputs:
+        binding.bind_output(n, "cpu")
+    return lambda: rt.session.run_with_iobinding(binding)
+
+
+def _shared_step(rt, step, cache, total_max):
+    """One decode step of the fused padded file as Runtime.generate runs it: the prefill's cache copied into
+    buffers of length ``total_max`` bound as past and present, logits into a preallocated buffer."""
+    import onnxruntime as ort
+
+    binding = rt.session.io_binding()
+    keep = []
+    for (past, present), v in zip(zip(rt.kv["inputs"], rt.kv["outputs"]), cache.values()):
+        buf = np.zeros(v.shape[:2] + (total_max,) + v.shape[3:], np.float32)
+        buf[:, :, :v.shape[2]] = v
+        value = ort.OrtValue.ortvalue_from_numpy(buf)
+        keep.append(buf)
+        binding.bind_ortvalue_input(past, value)
+        binding.bind_ortvalue_output(present, value)
+    logits = np.empty((1, 1, 32000), np.float32)
+    keep.append(logits)
+    binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+    for n, v in step.items():
+        binding.bind_cpu_input(n, v)
+
+    def run(keep=keep):
+        rt.session.run_with_iobinding(binding)
+    return run
+
+
+def _generate_rows(rts, threads, repeats, prompt_len=512, new=32):
+    """Runtime.generate end to end: median seconds per step after the prefill, runs interleaved."""
+    from peftfx.export import Runtime
+
+    prompt = np.random.default_rng(1).integers(0, 32000, (1, prompt_len), dtype=np.int64)
+    runtimes = {"none": Runtime(rts["none"], device="cpu", threads=threads, spin=False),
+                "none_io_binding": Runtime(rts["none"], device="cpu", threads=threads, spin=False, io_binding=True),
+                "padded_all_shared": Runtime(rts["padded_all"], device="cpu", threads=threads, spin=False)}
+    steps = {k: [] for k in runtimes}
+    cpu = {k: [] for k in runtimes}         # CPU seconds per step: (generate(new) − generate(1)) / (new − 1)
+    tokens = {}
+    for i in range(max(4, repeats)):
+        for k in (list(runtimes) if i % 2 == 0 else list(runtimes)[::-1]):
+            c0 = time.process_time()
+            runtimes[k].generate(prompt, 1)
+            c1 = time.process_time()
+            tokens[k] = runtimes[k].generate(prompt, new)
+            c2 = time.process_time()
+            steps[k] += runtimes[k].step_times[1:]
+            cpu[k].append(((c2 - c1) - (c1 - c0)) / (new - 1))
+    med = {k: float(np.median(v)) for k, v in steps.items()}
+    med_cpu = {k: float(np.median(v)) for k, v in cpu.items()}
+    best = min(("none", "none_io_binding"), key=lambda k: med[k])
+    best_cpu = min(("none", "none_io_binding"), key=lambda k: med_cpu[k])
+    return {**{f"{k}_ms_per_step": 1e3 * v for k, v in med.items()}, "best_unfused": best,
+            **{f"{k}_cpu_ms_per_step": 1e3 * v for k, v in med_cpu.items()}, "best_unfused_cpu": best_cpu,
+            "cpu shared/best_unfused": med_cpu["padded_all_shared"] / med_cpu[best_cpu],
+            "shared/best_unfused": med["padded_all_shared"] / med[best],
+            "same_tokens": bool(all((tokens[k] == tokens["none"]).all() for k in tokens)),
+            "prompt": prompt_len, "new_tokens": new}
 
 
 def decode_profile(path, past, steps=30):
@@ -379,6 +511,31 @@ def _table(res, models):
             th, past = k.split("_")[1], k.split("_")[3]
             rows.append(("llama", f"decode step, past {past}: all (GroupQueryAttention) vs none", "", th,
                          f"{v['all_ms']:.2f} vs {v['none_ms']:.2f}", f"{v['all/none']:.2f}"))
+            if "padded_all_shared_ms" in v:
+                what = f"decode step, past {past}: padded fused, shared buffers vs best unfused ({v['best_unfused']})"
+                rows.append(("llama", what, "", th,
+                             f"{v['padded_all_shared_ms']:.2f} vs {v[v['best_unfused'] + '_ms']:.2f}",
+                             f"{v['shared/best_unfused']:.2f}"))
+                if "cold: shared/none" in v:
+                    rows.append(("llama", "  same, round robin over the 5 sessions (cold caches) vs none", "", th,
+                                 f"{v['padded_all_shared_cold_ms']:.2f} vs {v['none_cold_ms']:.2f}",
+                                 f"{v['cold: shared/none']:.2f}"))
+                if "cpu shared/best_unfused" in v:
+                    b = v["best_unfused_cpu"]
+                    rows.append(("llama", f"  same, CPU ms of this process per step (best unfused: {b})", "", th,
+                                 f"{v['padded_all_shared_cpu_ms']:.2f} vs {v[b + '_cpu_ms']:.2f}",
+                                 f"{v['cpu shared/best_unfused']:.2f}"))
+        elif k.startswith("generate_threads_"):
+            what = (f"Runtime.generate, prompt {v['prompt']}, ms/step: padded fused shared vs best unfused "
+                    f"({v['best_unfused']}); same tokens {v['same_tokens']}")
+            rows.append(("llama", what, "", k.split("_")[2],
+                         f"{v['padded_all_shared_ms_per_step']:.2f} vs {v[v['best_unfused'] + '_ms_per_step']:.2f}",
+                         f"{v['shared/best_unfused']:.2f}"))
+            if "cpu shared/best_unfused" in v:
+                b = v["best_unfused_cpu"]
+                ms = f"{v['padded_all_shared_cpu_ms_per_step']:.2f} vs {v[b + '_cpu_ms_per_step']:.2f}"
+                rows.append(("llama", f"  same, CPU ms of this process per step (best unfused: {b})", "",
+                             k.split("_")[2], ms, f"{v['cpu shared/best_unfused']:.2f}"))
     prof = res.get("decode", {}).get("profile_past_512_threads_1")
     if prof:
         rows.append(("llama", "decode step, past 512, ORT kernel ms/step: all vs none", "", "1",

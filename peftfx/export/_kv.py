@@ -6,7 +6,10 @@ tensor per layer and per key/value, builds the model's own ``DynamicCache`` from
 the updated cache as tensors again. Each cache tensor is laid out ``[batch, past_sequence, kv_heads·head_dim]`` —
 three dimensions, so :func:`peftfx.trace` keeps batch and sequence dynamic. The step graph then receives the
 PeftModel's own parameters (by name) and its adapters, spliced at the sites with the same keys, so it computes
-exactly what the PeftModel computes, now with a cache. A past of length 0 is the prefill. The optimisation stage
+exactly what the PeftModel computes, now with a cache. A past of length 0 is the prefill. With ``padded=True``
+(``export_onnx(kv_cache="padded")``) the step also takes ``attention_mask`` ``[batch, past + sequence]`` and
+``position_ids`` ``[batch, sequence]`` and hands them to the model, so a batch of left-padded prompts of different
+lengths decodes as Hugging Face ``generate`` decodes it. The optimisation stage
 (``optimize="all"``, CPU) may then rewrite the attention to ONNX Runtime's ``GroupQueryAttention``, whose cache is
 ``[batch, kv_heads, sequence, head_dim]`` (``_kv_fusion.py``); :class:`CacheLayout` ``order`` and the file's
 ``peftfx.kv_cache`` metadata ``layout`` say which one a file has.
@@ -14,7 +17,7 @@ exactly what the PeftModel computes, now with a cache. A past of length 0 is the
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,9 +26,9 @@ from torch import nn
 from .._errors import ExportError
 from ..model import AdapterRecord
 from ._build import keep_modes
-from ._kv_fusion import LAYOUTS
+from ._kv_fusion import LAYOUTS, MASK_INPUTS, mask_feeds
 
-__all__ = ["CacheLayout", "build_step_model", "past_names", "present_names"]
+__all__ = ["MASK_INPUTS", "CacheLayout", "build_step_model", "mask_feeds", "past_names", "present_names"]
 
 PREFIX = "lm"
 
@@ -37,6 +40,7 @@ class CacheLayout:
     head_dim: int
     heads: int = 0          # query heads (0: unknown)
     order: str = "bsd"      # the file's cache layout: "bsd" as traced, "bnsh" after the fused-attention rewrite
+    padded: bool = False    # the file takes attention_mask [batch, past+sequence] and position_ids [batch, sequence]
 
     @property
     def width(self) -> int:
@@ -45,7 +49,8 @@ class CacheLayout:
     def to_dict(self) -> dict[str, Any]:
         return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "heads": self.heads,
                 "layout": LAYOUTS[self.order],
-                "inputs": past_names(self.layers), "outputs": present_names(self.layers)}
+                "inputs": past_names(self.layers), "outputs": present_names(self.layers),
+                **({"mask_inputs": list(MASK_INPUTS)} if self.padded else {})}
 
 
 def past_names(layers: int) -> list[str]:
@@ -67,7 +72,8 @@ class _CacheStepBase(nn.Module):
         self.layout = layout
         self.cache_arg = cache_arg
 
-    def _step(self, input_ids: torch.Tensor, past: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _step(self, input_ids: torch.Tensor, past: dict[str, torch.Tensor],
+              masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         from transformers import DynamicCache
 
         lm, lay = getattr(self, PREFIX), self.layout
@@ -78,7 +84,7 @@ class _CacheStepBase(nn.Module):
             data.append((k.view(b, k.shape[1], lay.kv_heads, lay.head_dim).transpose(1, 2),
                          v.view(b, v.shape[1], lay.kv_heads, lay.head_dim).transpose(1, 2)))
         cache = DynamicCache(data, config=getattr(lm, "config", None))
-        out = lm(input_ids=input_ids, use_cache=True, **{self.cache_arg: cache})
+        out = lm(input_ids=input_ids, use_cache=True, **(masks or {}), **{self.cache_arg: cache})
         result = {"logits": out.logits}
         for i, layer in enumerate(_cache_of(out).layers):
             for t, x in (("key", layer.keys), ("value", layer.values)):
@@ -100,10 +106,12 @@ def _step_class(layout: CacheLayout) -> type:
     """A subclass whose ``forward`` has one named parameter per cache tensor (torch.export binds inputs by name)."""
 
     def forward(self, input_ids, **past):
-        return self._step(input_ids, past)
+        masks = {n: past.pop(n) for n in MASK_INPUTS if n in past}
+        return self._step(input_ids, past, masks)
 
     P = inspect.Parameter
     params = [P("self", P.POSITIONAL_OR_KEYWORD), P("input_ids", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD) for n in (MASK_INPUTS if layout.padded else ())]
     params += [P(n, P.POSITIONAL_OR_KEYWORD) for n in _kwarg_names(layout.layers)]
     forward.__signature__ = inspect.Signature(params)
     return type("CacheStep", (_CacheStepBase,), {"forward": forward})
@@ -134,8 +142,10 @@ def cache_layout(source: nn.Module, input_ids: torch.Tensor, cache_arg: str) -> 
     return CacheLayout(len(layers), int(k.shape[1]), int(k.shape[3]), heads)
 
 
-def build_step_model(pm, source: nn.Module, input_ids: torch.Tensor):
-    """(step PeftModel with pm's parameters and adapters, example kwargs, CacheLayout)."""
+def build_step_model(pm, source: nn.Module, input_ids: torch.Tensor, padded: bool = False):
+    """(step PeftModel with pm's parameters and adapters, example kwargs, CacheLayout). ``padded``: the step also
+    takes ``attention_mask`` (``[batch, past + sequence]``, 0 at left padding) and ``position_ids``
+    (``[batch, sequence]``), as Hugging Face ``generate`` passes them for a left-padded batch."""
     from ..trace import trace as peftfx_trace
     from ..passes.splice import splice_pass
     from ..sites import find_sites
@@ -143,11 +153,17 @@ def build_step_model(pm, source: nn.Module, input_ids: torch.Tensor):
     if not isinstance(source, nn.Module) or not hasattr(source, "config"):
         raise ExportError("kv_cache=True needs source=<the Hugging Face model the PeftModel was traced from>.")
     cache_arg = _cache_arg(source)
-    layout = cache_layout(source, input_ids, cache_arg)
+    layout = replace(cache_layout(source, input_ids, cache_arg), padded=bool(padded))
     step = _step_class(layout)(source, layout, cache_arg)
     ids = input_ids if input_ids.shape[0] >= 2 else input_ids.repeat(2, 1)
-    past = {n: torch.zeros(ids.shape[0], 3, layout.width, dtype=_float_dtype(source), device=ids.device)
+    b, s, p = ids.shape[0], ids.shape[1], 3
+    past = {n: torch.zeros(b, p, layout.width, dtype=_float_dtype(source), device=ids.device)
             for n in _kwarg_names(layout.layers)}
+    if padded:                  # row 0 left-padded by one position (values do not shape the trace; sizes do)
+        mask = torch.ones(b, p + s, dtype=torch.int64, device=ids.device)
+        mask[0, 0] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:].clone()     # not a view (export guards on _base)
+        past = {"attention_mask": mask, "position_ids": positions, **past}
     with keep_modes(source):
         step.train(source.training)
         spm = peftfx_trace(step, {"input_ids": ids, **past})
@@ -191,3 +207,4 @@ def _adopt_parameters(spm, pm) -> None:
             owner._parameters[attr] = new if isinstance(new, nn.Parameter) else nn.Parameter(new, requires_grad=False)
         else:
             owner._buffers[attr] = new.detach() if isinstance(new, nn.Parameter) else new
+

@@ -12,15 +12,21 @@ and the ``Softmax`` that read the concatenated keys and values), not from a mode
 * query/new key/new value (after rotary embedding, which stays where it is: ``do_rotary=0``) go in as
   ``[batch, sequence, heads·head_dim]``; the scale is the product of the scalar factors on both sides of ``q·kᵀ``;
 * ``seqlens_k`` (``[batch]``, int32) = ``past + sequence − 1`` and ``total_sequence_length`` = ``past + sequence``,
-  both from the input shapes: the file has no attention mask, so every row of a batch has the same length (the
-  file's own contract, as for the unfused file);
+  both from the input shapes: a ``kv_cache=True`` file has no attention mask, so every row of a batch has the same
+  length (the file's own contract, as for the unfused file);
+* a ``kv_cache="padded"`` file (``attention_mask`` ``[batch, total]`` and ``position_ids`` inputs): the total is
+  the mask's length, ``seqlens_k`` = total − 1 for every row, and the mask becomes the op's ``attention_bias``
+  (0 / −30000 at left padding, ``[batch, 1, sequence, total]``; ONNX Runtime's CPU kernel applies it and masks the
+  future itself). The past's own length is then read by nothing but the fused op, so a caller may bind each
+  present output to its past input, a buffer of the maximum length the op writes in place
+  (:func:`shares_buffers`, :meth:`Runtime.generate`);
 * the cache inputs and outputs keep their names and order; their layout becomes ``[batch, kv_heads, sequence,
   head_dim]`` and the file's ``peftfx.kv_cache`` metadata says so (``layout``), which :meth:`Runtime.generate` and the
   export's verification read.
 
 A graph that does not have exactly this structure (another op between the scores and the softmax — soft-capping,
-ALiBi —, an attention-mask input, a cache read other than through its shape and the concatenation, a model with
-sliding-window attention) is refused with the reason; the file is then left exactly as it was. The rewrite is
+ALiBi —, a mask input other than a ``kv_cache="padded"`` file's, a cache read other than through its shape and
+the concatenation, a model with sliding-window attention) is refused with the reason; the file is then left exactly as it was. The rewrite is
 verified like every export (ONNX Runtime against PyTorch, prefill and cached steps).
 """
 from __future__ import annotations
@@ -31,8 +37,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LAYOUTS", "KvFusionRefused", "cache_shape", "fuse_kv_attention", "unsupported_config"]
+__all__ = ["LAYOUTS", "MASK_INPUTS", "KvFusionRefused", "cache_shape", "fuse_kv_attention", "mask_feeds", "shares_buffers",
+           "unsupported_config"]
 
+#: the extra inputs of a ``kv_cache="padded"`` file (rows of different lengths, left-padded)
+MASK_INPUTS = ("attention_mask", "position_ids")
 # a file's cache layout (``peftfx.kv_cache`` metadata "layout"): as traced by _kv.py, and after this rewrite
 LAYOUTS = {"bsd": "[batch, sequence, kv_heads*head_dim]", "bnsh": "[batch, kv_heads, sequence, head_dim]"}
 _REPEAT = {"Unsqueeze", "Expand", "Reshape"}
@@ -123,14 +132,22 @@ def _same_as_before(before: str, after: str, old, new, tol: float = 1e-4) -> Non
                  for i in sess.get_inputs() if i.name != "input_ids" and i.name not in kv["inputs"]
                  and all(isinstance(d, int) for d in i.shape) and "float" in i.type}
         outs = []
+        # a kv_cache="padded" file: row 0 left-padded by one token; only real positions are compared (what the
+        # model computes at padding is not used by any real position)
+        padded = "mask_inputs" in kv
+        mask = np.array([[0, 1, 1], [1, 1, 1]], np.int64) if padded else np.ones((2, 3), np.int64)
         for x in (ids, ids[:, -1:]):
+            if x.shape[1] == 1:
+                mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+            masks = mask_feeds(mask, x.shape[1]) if padded else {}
             try:
                 got = dict(zip([o.name for o in sess.get_outputs()],
-                               sess.run(None, {"input_ids": x, **past, **extra})))
+                               sess.run(None, {"input_ids": x, **masks, **past, **extra})))
             except Exception as e:  # noqa: BLE001
                 raise KvFusionRefused(f"the rewritten file does not run: {str(e).splitlines()[0][:200]}") from None
             past = {i: got[o] for i, o in zip(kv["inputs"], kv["outputs"])}
-            outs.append([got["logits"]] + [_as_bsd(got[o], kv) for o in kv["outputs"]])
+            real = mask.astype(bool)
+            outs.append([got["logits"][real[:, -x.shape[1]:]]] + [_as_bsd(got[o], kv)[real] for o in kv["outputs"]])
         runs.append((ids, outs))
     for a, b in zip(runs[0][1], runs[1][1]):
         for x, y in zip(a, b):
@@ -138,6 +155,15 @@ def _same_as_before(before: str, after: str, old, new, tol: float = 1e-4) -> Non
             if not err <= tol:
                 raise KvFusionRefused(f"the fused attention differs from the file's own by {err:.2e} (relative) "
                                       "on a test prefill and step")
+
+
+def mask_feeds(mask: Any, sequence: int) -> dict[str, Any]:
+    """The ``attention_mask``/``position_ids`` inputs of a ``kv_cache="padded"`` step whose ``sequence`` new tokens
+    are the last columns of ``mask`` (``[batch, past + sequence]``, 0 at left padding; numpy int64). Positions count
+    the real tokens before each one, as Hugging Face ``generate`` does (``cumsum(mask) − 1``; 1 at padding)."""
+    mask = np.ascontiguousarray(mask, dtype=np.int64)
+    positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)[:, mask.shape[1] - sequence:]
+    return {"attention_mask": mask, "position_ids": np.ascontiguousarray(positions)}
 
 
 def _as_bsd(x: np.ndarray, kv: dict) -> np.ndarray:
@@ -330,9 +356,14 @@ def _rewrite(proto, layout, heads: int) -> None:
     inputs = {i.name for i in graph.input}
     if not set(pasts) <= inputs or not set(presents) <= gr.outputs:
         raise KvFusionRefused("the file does not have the cache inputs/outputs of a kv_cache=True export")
-    mask = [n for n in inputs if "mask" in n or "position" in n]
-    if mask:
-        raise KvFusionRefused(f"the file takes {mask}: rows of different lengths are not handled by this rewrite")
+    padded = bool(getattr(layout, "padded", False))
+    extra = [n for n in inputs if ("mask" in n or "position" in n) and not (padded and n in MASK_INPUTS)]
+    if extra:
+        raise KvFusionRefused(f"the file takes {extra}: rows of different lengths are handled only through a "
+                              f"kv_cache='padded' export's {list(MASK_INPUTS)}")
+    if padded and not set(MASK_INPUTS) <= inputs:
+        raise KvFusionRefused(f"a kv_cache='padded' file must take {list(MASK_INPUTS)}; this one takes "
+                              f"{sorted(inputs)}")
     layers = [_layer(gr, pasts[2 * i], pasts[2 * i + 1], presents[2 * i], presents[2 * i + 1])
               for i in range(layout.layers)]
     scales = {round(x["scale"], 9) for x in layers}
@@ -351,9 +382,30 @@ def _rewrite(proto, layout, heads: int) -> None:
     const(p + "scalar", np.array([], np.int64))
     new_nodes += [
         helper.make_node("Shape", ["input_ids"], [p + "seq"], start=1, end=2),
-        helper.make_node("Shape", ["input_ids"], [p + "batch"], start=0, end=1),
-        helper.make_node("Shape", [pasts[0]], [p + "past"], start=2, end=3),
-        helper.make_node("Add", [p + "seq", p + "past"], [p + "total64"]),
+        helper.make_node("Shape", ["input_ids"], [p + "batch"], start=0, end=1)]
+    if padded:
+        # the total length is the mask's (so the past inputs may be longer buffers that the op writes in place);
+        # GroupQueryAttention masks the future itself, the bias masks left padding: 0 where attention_mask is 1,
+        # a large negative number where it is 0 (finite, so a row of padding only attends to padding, no NaN)
+        dtype = _float_type(graph, pasts[0])
+        const(p + "neg", np.array(_MASKED, _NP_FLOAT[dtype]))
+        const(p + "zero", np.array(0, _NP_FLOAT[dtype]))
+        const(p + "izero", np.array(0, np.int64))
+        const(p + "axes12", np.array([1, 2], np.int64))
+        const(p + "one64", np.array([1], np.int64))
+        new_nodes += [
+            helper.make_node("Shape", ["attention_mask"], [p + "total64"], start=1, end=2),
+            helper.make_node("Equal", ["attention_mask", p + "izero"], [p + "padding"]),
+            helper.make_node("Where", [p + "padding", p + "neg", p + "zero"], [p + "bias2"]),
+            helper.make_node("Unsqueeze", [p + "bias2", p + "axes12"], [p + "bias4"]),
+            helper.make_node("Concat", [p + "batch", p + "one64", p + "seq", p + "total64"], [p + "bias_shape"],
+                             axis=0),
+            helper.make_node("Expand", [p + "bias4", p + "bias_shape"], [p + "bias"])]
+    else:
+        new_nodes += [
+            helper.make_node("Shape", [pasts[0]], [p + "past"], start=2, end=3),
+            helper.make_node("Add", [p + "seq", p + "past"], [p + "total64"])]
+    new_nodes += [
         helper.make_node("Cast", [p + "total64"], [p + "total1"], to=TensorProto.INT32),
         helper.make_node("Reshape", [p + "total1", p + "scalar"], [p + "total"]),
         helper.make_node("Sub", [p + "total1", p + "one"], [p + "seqlen1"]),
@@ -370,7 +422,8 @@ def _rewrite(proto, layout, heads: int) -> None:
             old.output[0] = old.output[0] + "_unfused"
         out = f"{p}{i}_out"
         new_nodes.append(helper.make_node(
-            "GroupQueryAttention", q3 + [pasts[2 * i], pasts[2 * i + 1], p + "seqlens_k", p + "total"],
+            "GroupQueryAttention", q3 + [pasts[2 * i], pasts[2 * i + 1], p + "seqlens_k", p + "total"]
+            + (["", "", "", p + "bias"] if padded else []),
             [out, presents[2 * i], presents[2 * i + 1]], name=f"GroupQueryAttention_{i}", domain="com.microsoft",
             num_heads=heads, kv_num_heads=layout.kv_heads, scale=float(x["scale"])))
         for n in graph.node:
@@ -383,6 +436,37 @@ def _rewrite(proto, layout, heads: int) -> None:
     _relayout_io(graph, pasts, presents, layout)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+_MASKED = -30000.0     # the bias at left padding: exp(−3e4) is 0 in float32; float16 holds it (−inf would give NaN)
+_NP_FLOAT = {1: np.float32, 10: np.float16, 11: np.float64}
+
+
+def _float_type(graph, name: str) -> int:
+    vi = next((v for v in graph.input if v.name == name), None)
+    t = vi.type.tensor_type.elem_type if vi is not None else 1
+    if t not in _NP_FLOAT:
+        raise KvFusionRefused(f"{name} has ONNX element type {t}, not a float type")
+    return t
+
+
+def shares_buffers(path_or_proto) -> bool:
+    """Whether the fused file at ``path_or_proto`` can run with each present output bound to its past input's buffer
+    (a preallocated ``[batch, kv_heads, max_sequence, head_dim]`` that GroupQueryAttention writes in place): it takes
+    an ``attention_mask`` (the total length is the mask's) and nothing but the fused ops reads the past inputs."""
+    import onnx
+
+    proto = onnx.load(os.fspath(path_or_proto), load_external_data=False) \
+        if isinstance(path_or_proto, (str, os.PathLike)) else path_or_proto
+    g = proto.graph
+    names = {i.name for i in g.input}
+    pasts = {n for n in names if n.startswith("past_key_values.")}
+    if "attention_mask" not in names or not pasts:
+        return False
+    for n in g.node:
+        if any(i in pasts for i in n.input) and n.op_type != "GroupQueryAttention":
+            return False
+    return any(n.op_type == "GroupQueryAttention" for n in g.node)
 
 
 def _insert_sorted(graph, new_nodes) -> None:

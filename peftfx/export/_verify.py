@@ -127,27 +127,48 @@ def _verify_plain(rt, pm, plan: dict, tol: float) -> list[dict]:
 
 def _verify_kv(rt, pm, plan: dict, tol: float) -> list[dict]:
     """Prefill (empty past) against the PyTorch logits of the prompt, then one decode step with the returned cache
-    against the PyTorch logits of prompt + next token; at the example batch and at batch 1 with a longer prompt."""
+    against the PyTorch logits of prompt + next token; at the example batch and at batch 1 with a longer prompt. A
+    ``kv_cache="padded"`` file also runs a left-padded batch (row 0 two tokens shorter), each row's real positions
+    against PyTorch on that row alone."""
+    from ._kv import mask_feeds
+
     ids = plan["inputs"]["input_ids"]
     layout = plan["kv"]
+    pasts, presents = layout.to_dict()["inputs"], layout.to_dict()["outputs"]
     entries = plan["entries"]
     feeds_adapter = {e.name: plan["model"].get_parameter(e.path).detach().cpu().numpy() for e in entries}
     s = ids.shape[1]
     hi = plan.get("limits", {}).get(SEQUENCE, (1, None))[1]
     long = 2 * s if hi is None else min(2 * s, hi)
+    prompts = [(ids, 0), (resize_inputs({"input_ids": ids[:1]}, {"input_ids": {0: BATCH, 1: SEQUENCE}},
+                                        {BATCH: 1, SEQUENCE: long})["input_ids"], 0)]
+    if layout.padded and s > 2:
+        prompts.append((ids, 2))
     checks = []
-    for prompt in (ids, resize_inputs({"input_ids": ids[:1]}, {"input_ids": {0: BATCH, 1: SEQUENCE}},
-                                      {BATCH: 1, SEQUENCE: long})["input_ids"]):
-        case = f"batch {prompt.shape[0]} × seq {prompt.shape[1]}"
-        dtype = np.float16 if rt.input_dtype(plan["names"][1]) == np.float16 else np.float32
-        past = {n: np.zeros(cache_shape(layout.to_dict(), prompt.shape[0], 0), dtype) for n in plan["names"][1:]}
-        out = rt.run({"input_ids": prompt.cpu().numpy(), **past, **feeds_adapter})
-        ref = _logits(pm(input_ids=prompt))
-        checks.append(compare(case + " prefill", "logits", out["logits"], ref, tol))
+    for prompt, pad in prompts:
+        case = f"batch {prompt.shape[0]} × seq {prompt.shape[1]}" + (f", row 0 left-padded by {pad}" if pad else "")
+        dtype = np.float16 if rt.input_dtype(pasts[0]) == np.float16 else np.float32
+        mask = np.ones(tuple(prompt.shape), np.int64)
+        mask[0, :pad] = 0
+        masks = mask_feeds(mask, prompt.shape[1]) if layout.padded else {}
+        past = {n: np.zeros(cache_shape(layout.to_dict(), prompt.shape[0], 0), dtype) for n in pasts}
+        out = rt.run({"input_ids": prompt.cpu().numpy(), **masks, **past, **feeds_adapter})
         nxt = torch.from_numpy(out["logits"][:, -1].argmax(-1)).to(prompt.device)[:, None]
-        past = {i: out[o] for i, o in zip(plan["names"][1:], layout.to_dict()["outputs"])}
-        step = rt.run({"input_ids": nxt.cpu().numpy(), **past, **feeds_adapter})
-        ref2 = _logits(pm(input_ids=torch.cat([prompt, nxt], 1)))[:, -1:]
+        past = {i: out[o] for i, o in zip(pasts, presents)}
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)
+        masks = mask_feeds(mask, 1) if layout.padded else {}
+        step = rt.run({"input_ids": nxt.cpu().numpy(), **masks, **past, **feeds_adapter})
+        full = torch.cat([prompt, nxt], 1)
+        if pad:                 # each row alone, without its padding, is the reference
+            for r in range(prompt.shape[0]):
+                ref = _logits(pm(input_ids=full[r:r + 1, (pad if r == 0 else 0):]))
+                checks.append(compare(f"{case}: row {r} prefill", "logits",
+                                      out["logits"][r:r + 1, (pad if r == 0 else 0):], ref[:, :-1], tol))
+                checks.append(compare(f"{case}: row {r} +1 cached step", "logits", step["logits"][r:r + 1],
+                                      ref[:, -1:], tol))
+            continue
+        checks.append(compare(case + " prefill", "logits", out["logits"], _logits(pm(input_ids=prompt)), tol))
+        ref2 = _logits(pm(input_ids=full))[:, -1:]
         checks.append(compare(case + " +1 cached step", "logits", step["logits"], ref2, tol))
     return checks
 

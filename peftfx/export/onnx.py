@@ -35,7 +35,7 @@ from .._fs import make_temp_dir
 from .._version import __version__
 from ..apply import fold, merge, unmerge
 from ..model import PeftModel
-from ._build import (FlatModule, dynamic_axes, export_program, flatten_outputs, keep_modes, rename_dims,
+from ._build import (BATCH, FlatModule, dynamic_axes, export_program, flatten_outputs, keep_modes, rename_dims,
                      tensor_inputs, traced_axes, unique_output_names)
 from ._moe import grouped_mm_translations
 
@@ -128,6 +128,9 @@ def _check_args(model, path, dtype, kv_cache, source, opset) -> str:
         raise ExportError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
     if not isinstance(opset, int) or opset < 18:
         raise ExportError(f"opset must be an int ≥ 18 (the torch.onnx dynamo exporter's minimum), got {opset!r}.")
+    if kv_cache not in (False, True, None, "padded"):
+        raise ExportError(f"kv_cache must be False, True or 'padded' (the decode step also takes attention_mask and "
+                          f"position_ids, for left-padded batches), got {kv_cache!r}.")
     if kv_cache and isinstance(model, PeftModel) and source is None:
         raise ExportError("kv_cache=True needs source=<the Hugging Face model the PeftModel was traced from>: "
                           "the cache graph is traced from its code and receives the PeftModel's weights and adapters.")
@@ -140,7 +143,7 @@ def _check_args(model, path, dtype, kv_cache, source, opset) -> str:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, dtype: str = "float32",
-                opset: int = DEFAULT_OPSET, kv_cache: bool = False, source: nn.Module | None = None,
+                opset: int = DEFAULT_OPSET, kv_cache: bool | str = False, source: nn.Module | None = None,
                 adapter_inputs: bool = False, verify: bool = True, tolerance: float | None = None,
                 external_data: bool | None = None, device: str | None = None,
                 metadata: dict[str, str] | None = None, optimize: str | None = None,
@@ -149,7 +152,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
 
     Mergeable adapters are merged and ``peftfx.fold`` (when available) folds input-independent adapter compute
     first, so the graph is the base graph with updated weights. ``kv_cache=True`` exports the decode-step graph of
-    a causal LM (``source`` = the Hugging Face model the PeftModel came from) for :meth:`Runtime.generate`.
+    a causal LM (``source`` = the Hugging Face model the PeftModel came from) for :meth:`Runtime.generate`;
+    ``kv_cache="padded"``: that step also takes ``attention_mask`` and ``position_ids`` (left-padded batches).
     ``adapter_inputs=True`` keeps adapters unmerged with their parameters as named graph inputs (see
     :mod:`peftfx.export.adapters`). Raises :class:`peftfx.ExportError` — and leaves nothing at ``path`` — if any
     step or the verification fails. ``device`` picks the ONNX Runtime device for verification (default: auto);
@@ -228,9 +232,9 @@ def _prepare(pm: PeftModel, inputs: dict, kv_cache: bool, source, adapter_inputs
 
         if "input_ids" not in inputs:
             raise ExportError("kv_cache=True needs example_inputs with 'input_ids'.")
-        work, inputs, layout = build_step_model(work, source, inputs["input_ids"])
+        work, inputs, layout = build_step_model(work, source, inputs["input_ids"], padded=kv_cache == "padded")
         plan.update(kv=layout, prefix=PREFIX + ".", kv_config=getattr(source, "config", None))
-        names = ["input_ids"] + past_names(layout.layers)
+        names = ["input_ids"] + layout.to_dict().get("mask_inputs", []) + past_names(layout.layers)
         stages["cache graph"] = time.perf_counter() - t
         t = time.perf_counter()
     else:
@@ -247,7 +251,10 @@ def _prepare(pm: PeftModel, inputs: dict, kv_cache: bool, source, adapter_inputs
     # and a model traced with dynamic=False take the default batch/sequence axes
     axes = None if kv_cache else traced_axes(pm, inputs)
     if axes is None:
-        axes = dynamic_axes(dict(zip(names, inputs.values())), past=names[1:] if kv_cache else ())
+        axes = dynamic_axes(dict(zip(names, inputs.values())), past=past_names(plan["kv"].layers) if kv_cache else ())
+        if "attention_mask" in axes and kv_cache:
+            TOTAL = "total_sequence"        # the mask covers past + new tokens
+            axes["attention_mask"] = {0: BATCH, 1: TOTAL}
     plan.update(model=work, inputs=inputs, names=names, axes=axes)
     return plan
 
@@ -309,7 +316,8 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
 
         plan["kv"] = optimize_kv_attention(tmp, plan["optimized"], plan["kv"], plan.get("kv_config"))
         if plan["kv"].order == "bnsh":          # the past sequence axis moved from 1 to 2
-            plan["axes"] = {n: ({0: a[0], 2: a[1]} if n in plan["names"][1:] and 1 in a else a)
+            pasts = set(plan["kv"].to_dict()["inputs"])
+            plan["axes"] = {n: ({0: a[0], 2: a[1]} if n in pasts and 1 in a else a)
                             for n, a in plan["axes"].items()}
     stages["optimize"] = plan["optimized"]["seconds"]
     t = time.perf_counter()

@@ -88,6 +88,7 @@ class Runtime:
         rt = Runtime("model.onnx")                  # CUDA if present, else CPU
         rt.run({"input_ids": ids})["logits"]
         rt.generate(ids, max_new_tokens=32)         # files exported with kv_cache=True
+        rt.generate(ids, 32, attention_mask=mask)   # kv_cache="padded": left-padded prompts of different lengths
         rt.load_adapter("a", "a.onnx_adapter"); rt.run({"input_ids": ids}, adapter="a")   # adapter_inputs=True
     """
 
@@ -283,13 +284,24 @@ class Runtime:
                            f"{text.splitlines()[0][:300] if text else type(e).__name__}")
 
     # ------------------------------------------------------------------------------------------- generation
-    def generate(self, input_ids: Any, max_new_tokens: int = 32, *, eos_token_id: int | None = None,
-                 adapter: str | None = None) -> np.ndarray:
+    def generate(self, input_ids: Any, max_new_tokens: int = 32, *, attention_mask: Any = None,
+                 eos_token_id: int | None = None, adapter: str | None = None,
+                 shared_buffers: bool | None = None) -> np.ndarray:
         """Greedy decoding with the key/value cache: one prefill over the prompt, then one single-token step per new
-        token feeding the previous step's ``present.*`` back as ``past_key_values.*``. Returns prompt + new tokens
-        (rows that produced ``eos_token_id`` are padded with it). Prompts in a batch must have equal length (the file
-        has no attention mask). The cache is fed in the file's layout (``peftfx.kv_cache`` ``layout``: as traced, or
-        GroupQueryAttention's ``[batch, kv_heads, sequence, head_dim]`` after ``optimize="all"``).
+        token. Returns prompt + new tokens (rows that produced ``eos_token_id`` are padded with it).
+
+        ``attention_mask`` (``[batch, prompt]``, 0 at left padding) lets prompts of different lengths share a batch,
+        left-padded as Hugging Face ``generate`` takes them; it needs a ``kv_cache="padded"`` file (which also takes
+        the position ids, counted from each row's first real token). A file without a mask input takes prompts of
+        equal length only (a mask of ones is accepted). The cache is fed in the file's layout (``peftfx.kv_cache``
+        ``layout``: as traced, or GroupQueryAttention's ``[batch, kv_heads, sequence, head_dim]``).
+
+        ``shared_buffers`` (default: whenever the file allows it, :func:`~peftfx.export._kv_fusion.shares_buffers`:
+        a fused ``kv_cache="padded"`` file): the cache lives in one preallocated ``[batch, kv_heads, prompt +
+        max_new_tokens, head_dim]`` buffer per tensor, bound with I/O binding as both the past input and the present
+        output, which ``GroupQueryAttention`` writes in place; the step's logits go to a preallocated buffer too —
+        no allocation or copy of the cache between steps. Otherwise each step's ``present.*`` outputs are fed back as
+        the next ``past_key_values.*`` (ONNX Runtime values, with I/O binding; numpy arrays without).
         ``self.step_times`` holds the seconds of each step (prefill first)."""
         if not self.kv:
             raise ExportError(f"{os.path.basename(self.path)} has no key/value cache inputs; export it with "
@@ -298,8 +310,59 @@ class Runtime:
         if ids.ndim == 1:
             ids = ids[None]
         self._check("input_ids", ids)
+        padded = "mask_inputs" in self.kv
+        mask = self._prompt_mask(ids, attention_mask, padded)
         if max_new_tokens < 1:
             return ids
+        if shared_buffers is None:
+            shared_buffers = self._shares_buffers() and adapter is None
+        elif shared_buffers and not self._shares_buffers():
+            raise ExportError(f"{os.path.basename(self.path)} cannot share its cache buffers between steps (that "
+                              "needs a kv_cache='padded' file whose attention is fused, optimize='all' on CPU).")
+        self.step_times = []
+        if shared_buffers:
+            if adapter is not None:
+                raise ExportError("shared_buffers=True serves the model without an adapter; pass adapter=None or "
+                                  "shared_buffers=False.")
+            return self._generate_shared(ids, mask, max_new_tokens, eos_token_id)
+        return self._generate_plain(ids, mask if padded else None, max_new_tokens, eos_token_id, adapter)
+
+    def _prompt_mask(self, ids: np.ndarray, attention_mask: Any, padded: bool) -> np.ndarray:
+        if attention_mask is None:
+            return np.ones(ids.shape, np.int64)
+        mask = np.asarray(attention_mask.detach().cpu().numpy() if hasattr(attention_mask, "detach")
+                          else attention_mask)
+        if mask.ndim == 1:
+            mask = mask[None]
+        if mask.shape != ids.shape or mask.dtype.kind not in "biu" or not np.isin(mask, (0, 1)).all():
+            raise ExportError(f"attention_mask must be 0/1 integers of the prompt's shape {list(ids.shape)}, got "
+                              f"{mask.dtype} {list(mask.shape)}.")
+        mask = mask.astype(np.int64)
+        if not mask[:, -1].all() or (np.diff(mask, axis=1) < 0).any():
+            raise ExportError("attention_mask must be left padding (zeros, then ones, each row ending with a real "
+                              "token), as Hugging Face generate takes a decoder's batch (tokenizer padding_side="
+                              "'left').")
+        if not padded and not mask.all():
+            raise ExportError(f"{os.path.basename(self.path)} takes no attention mask, so its rows must have equal "
+                              "length; export with kv_cache='padded' to generate for left-padded prompts.")
+        return mask
+
+    def _shares_buffers(self) -> bool:
+        if getattr(self, "_shares", None) is None:
+            from ._kv_fusion import shares_buffers
+
+            self._shares = "mask_inputs" in (self.kv or {}) and shares_buffers(self.path)
+        return self._shares
+
+    def _next_tokens(self, last: np.ndarray, done: np.ndarray, eos_token_id: int | None) -> np.ndarray:
+        nxt = last.argmax(-1).astype(np.int64)
+        if eos_token_id is not None:
+            nxt = np.where(done, eos_token_id, nxt)
+            done |= nxt == eos_token_id
+        return nxt
+
+    def _generate_plain(self, ids, mask, max_new_tokens, eos_token_id, adapter) -> np.ndarray:
+        from ._kv_fusion import mask_feeds
         from ._kv_fusion import cache_shape
 
         pasts, presents = self.kv["inputs"], self.kv["outputs"]
@@ -307,17 +370,78 @@ class Runtime:
         feeds: dict[str, Any] = {n: np.zeros(cache_shape(self.kv, ids.shape[0], 0), dtype) for n in pasts}
         tokens, current = [ids], ids
         done = np.zeros(ids.shape[0], dtype=bool)
-        self.step_times = []
         for _ in range(max_new_tokens):
             t0 = time.perf_counter()
-            out = self._execute({"input_ids": current, **feeds}, adapter)
+            masks = mask_feeds(mask, current.shape[1]) if mask is not None else {}
+            out = self._execute({"input_ids": current, **masks, **feeds}, adapter)
             logits = out["logits"]
-            last = (logits.numpy() if not isinstance(logits, np.ndarray) else logits)[:, -1]
-            nxt = last.argmax(-1).astype(np.int64)
-            if eos_token_id is not None:
-                nxt = np.where(done, eos_token_id, nxt)
-                done |= nxt == eos_token_id
+            nxt = self._next_tokens((logits.numpy() if not isinstance(logits, np.ndarray) else logits)[:, -1], done,
+                                    eos_token_id)
             feeds = {p: out[q] for p, q in zip(pasts, presents)}
+            current = nxt[:, None]
+            if mask is not None:
+                mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)
+            tokens.append(current)
+            self.step_times.append(time.perf_counter() - t0)
+            if eos_token_id is not None and done.all():
+                break
+        return np.concatenate(tokens, axis=1)
+
+    def _generate_shared(self, ids, mask, max_new_tokens, eos_token_id) -> np.ndarray:
+        """Preallocated cache buffers (past and present bound to the same value), logits into a preallocated buffer."""
+        import onnxruntime as ort
+
+        from ._kv_fusion import mask_feeds
+
+        b, p = ids.shape
+        total_max = p + max_new_tokens
+        kv = self.kv
+        dtype = self.input_dtype(kv["inputs"][0])
+        shape = [b, int(kv["kv_heads"]), total_max, int(kv["head_dim"])]
+        if self.device == "cuda":
+            caches = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0) for _ in kv["inputs"]]
+        else:       # CPU: ORT values over numpy arrays (kept alive with them); zeros, never read past the length
+            arrays = [np.zeros(shape, dtype) for _ in kv["inputs"]]
+            caches = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        binding = self.session.io_binding()
+        for past, present, value in zip(kv["inputs"], kv["outputs"], caches):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        device = self.device
+        full = np.ones((b, total_max), np.int64)
+        full[:, :p] = mask
+        tokens, current, logits_value, step_logits = [ids], ids, None, None
+        done = np.zeros(b, dtype=bool)
+        positions = None
+        for step in range(max_new_tokens):
+            t0 = time.perf_counter()
+            total = p + step
+            if step == 0:
+                feeds = mask_feeds(mask, p)
+                binding.bind_output("logits", device)
+            else:
+                feeds = {"attention_mask": np.ascontiguousarray(full[:, :total]), "position_ids": positions}
+            feeds["input_ids"] = current
+            for name, arr in feeds.items():
+                binding.bind_cpu_input(name, arr)
+            try:
+                self.session.run_with_iobinding(binding)
+            except Exception as e:  # noqa: BLE001 - ORT's own errors, past the checks in generate()
+                raise self._ort_error(e) from None
+            if step == 0:
+                last = binding.get_outputs()[len(kv["outputs"])].numpy()[:, -1]      # bound after the caches
+                vocab = last.shape[-1]
+                if device == "cuda":
+                    logits_value = ort.OrtValue.ortvalue_from_shape_and_type([b, 1, vocab], last.dtype, "cuda", 0)
+                else:
+                    step_logits = np.empty((b, 1, vocab), last.dtype)
+                    logits_value = ort.OrtValue.ortvalue_from_numpy(step_logits)
+                binding.bind_ortvalue_output("logits", logits_value)
+                positions = feeds["position_ids"][:, -1:] + 1
+            else:
+                last = (step_logits if step_logits is not None else logits_value.numpy())[:, -1]
+                positions = positions + 1
+            nxt = self._next_tokens(last, done, eos_token_id)
             current = nxt[:, None]
             tokens.append(current)
             self.step_times.append(time.perf_counter() - t0)

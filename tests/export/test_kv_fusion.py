@@ -245,3 +245,162 @@ def test_an_unforeseen_error_in_the_rewrite_keeps_the_file_and_says_why(files, t
     assert info["kv_attention"]["refused"] == "unexpected IndexError: list index out of range"
     assert path.read_bytes() == before
     assert any("stays unfused" in m for m in caplog.messages)
+
+
+# ------------------------------------------------------------------------------- kv_cache="padded": left-padded batches
+@pytest.fixture(scope="module")
+def padded(files, tmp_path_factory):
+    """kv_cache="padded" files (attention_mask and position_ids inputs) of the same PeftModel, unfused and fused."""
+    base, pm, _ = files
+    d = tmp_path_factory.mktemp("kvpadded")
+    reports = {lv: export_onnx(pm, d / f"{lv}.onnx", {"input_ids": M.ids(2, 8)}, kv_cache="padded", source=base,
+                               optimize=lv) for lv in ("none", "all")}
+    return base, pm, reports
+
+
+def _left_padded(batch_lengths, total, seed=11):
+    """Token ids (pad id 0) and the mask of a left-padded batch with the given real lengths."""
+    ids = M.ids(len(batch_lengths), total, seed=seed).numpy()
+    mask = np.zeros_like(ids)
+    for r, n in enumerate(batch_lengths):
+        mask[r, total - n:] = 1
+    return np.where(mask == 1, ids, 0), mask
+
+
+def test_padded_files_inputs_fusion_and_verification(padded):
+    from peftfx.export._kv_fusion import shares_buffers
+
+    _, _, reports = padded
+    fused, plain = reports["all"], reports["none"]
+    assert fused.optimize["kv_attention"]["fused"] == {"GroupQueryAttention": 2}
+    assert list(fused.inputs)[:3] == ["input_ids", "attention_mask", "position_ids"] == list(plain.inputs)[:3]
+    assert fused.inputs["attention_mask"] == ["batch", "total_sequence"]
+    assert fused.kv_cache["mask_inputs"] == ["attention_mask", "position_ids"]
+    assert shares_buffers(fused.path) and not shares_buffers(plain.path)
+    for r in (fused, plain):        # the export verified a left-padded batch, row by row, against PyTorch
+        padded_checks = [c for c in r.checks if "left-padded" in c["case"]]
+        assert len(padded_checks) == 4 and all(c["max_abs"] < TOL for c in padded_checks)
+
+
+def test_left_padded_steps_equal_pytorch_rows(padded):
+    """Prefill and 4 cached steps of a batch of prompts of lengths 9, 4 and 6 (left-padded to 9): each row's logits
+    at its real positions equal the PeftModel's on that row alone (no padding, full recompute), in both files."""
+    from peftfx.export._kv import mask_feeds
+
+    _, pm, reports = padded
+    lengths = (9, 4, 6)
+    ids, mask = _left_padded(lengths, 9)
+    for lv in ("none", "all"):
+        rt = Runtime(reports[lv].path)
+        feeds = {n: np.zeros(cache_shape(rt.kv, 3, 0), np.float32) for n in rt.kv["inputs"]}
+        cur, m, rows = ids, mask, [torch.from_numpy(ids[r, 9 - n:]) for r, n in enumerate(lengths)]
+        for _ in range(STEPS + 1):
+            out = rt.run({"input_ids": cur, **mask_feeds(m, cur.shape[1]), **feeds})
+            for r, row in enumerate(rows):
+                with torch.no_grad():
+                    ref = pm(input_ids=row[None]).logits[0].numpy()
+                k = min(cur.shape[1], len(row))          # the real positions among this call's tokens
+                np.testing.assert_allclose(out["logits"][r, -k:], ref[-k:], atol=TOL, rtol=0)
+            nxt = out["logits"][:, -1].argmax(-1).astype(np.int64)
+            rows = [torch.cat([row, torch.tensor([t])]) for row, t in zip(rows, nxt)]
+            feeds = dict(zip(rt.kv["inputs"], (out[o] for o in rt.kv["outputs"])))
+            cur, m = nxt[:, None], np.concatenate([m, np.ones((3, 1), m.dtype)], 1)
+
+
+def test_left_padded_generate_equals_hf_generate(padded):
+    """Runtime.generate on a left-padded batch — the fused file with shared cache buffers (the default), the fused
+    file feeding presents back, and the unfused file — gives Hugging Face generate's greedy tokens on the model
+    with the adapter merged (peftfx.merge_and_unload), same padding and mask."""
+    _, pm, reports = padded
+    ids, mask = _left_padded((7, 3, 5), 7, seed=12)
+    new = 12
+    hf = peftfx.merge_and_unload(pm)
+    with torch.no_grad():
+        want = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None).numpy()
+    fused = Runtime(reports["all"].path)
+    got = fused.generate(ids, new, attention_mask=mask)
+    np.testing.assert_array_equal(got, want)
+    assert len(fused.step_times) == new
+    np.testing.assert_array_equal(fused.generate(ids, new, attention_mask=mask, shared_buffers=False), want)
+    np.testing.assert_array_equal(Runtime(reports["none"].path).generate(ids, new, attention_mask=mask), want)
+    np.testing.assert_array_equal(Runtime(reports["none"].path, io_binding=True).generate(ids, new,
+                                                                                          attention_mask=mask), want)
+    assert min(len(set(row[7:].tolist())) for row in got) >= 4          # a real sequence, not one token repeated
+
+
+def test_shared_buffers_equal_plain_path_with_eos(padded):
+    """Shared buffers and the plain loop agree token for token, eos handling included (rows that finish are padded
+    with eos; the loop stops when all have)."""
+    _, _, reports = padded
+    rt = Runtime(reports["all"].path)
+    prompt = M.ids(2, 5, seed=3).numpy()
+    full = rt.generate(prompt, 10, shared_buffers=False)
+    np.testing.assert_array_equal(rt.generate(prompt, 10, shared_buffers=True), full)
+    eos = int(full[0, 7])
+    a = rt.generate(prompt, 10, eos_token_id=eos, shared_buffers=True)
+    b = rt.generate(prompt, 10, eos_token_id=eos, shared_buffers=False)
+    np.testing.assert_array_equal(a, b)
+    assert (a[0, 7:] == eos).all() and a.shape[1] <= full.shape[1]
+
+
+def test_padded_generate_refusals(files, padded):
+    """Left-padded prompts on a file without a mask input, a right-padded mask, and shared buffers on a file that
+    cannot share them are clear errors."""
+    from peftfx import ExportError
+
+    _, _, plain_reports = files
+    _, _, reports = padded
+    ids, mask = _left_padded((5, 3), 5)
+    with pytest.raises(ExportError, match="kv_cache='padded'"):
+        Runtime(plain_reports["all"].path).generate(ids, 2, attention_mask=mask)
+    np.testing.assert_array_equal(Runtime(plain_reports["all"].path).generate(ids, 2, attention_mask=np.ones_like(ids)),
+                                  Runtime(plain_reports["all"].path).generate(ids, 2))
+    with pytest.raises(ExportError, match="left padding"):
+        Runtime(reports["all"].path).generate(ids, 2, attention_mask=mask[:, ::-1])
+    with pytest.raises(ExportError, match="cannot share its cache buffers"):
+        Runtime(reports["none"].path).generate(ids, 2, attention_mask=mask, shared_buffers=True)
+    with pytest.raises(ExportError, match="kv_cache must be"):
+        export_onnx(files[1], "x.onnx", {"input_ids": M.ids(2, 4)}, kv_cache="left", source=files[0])
+
+
+def test_fusion_of_a_mask_input_needs_the_padded_layout(padded, tmp_path):
+    """A file with attention_mask/position_ids inputs is fused only as a kv_cache="padded" file (its layout says
+    so); otherwise the rewrite refuses and leaves the file byte for byte."""
+    from dataclasses import replace
+
+    _, _, reports = padded
+    path = tmp_path / "m.onnx"
+    shutil.copy(reports["none"].path, path)
+    optimize_file(str(path), "all", "cpu")
+    before = path.read_bytes()
+    layout = _layout(reports)
+    with pytest.raises(KvFusionRefused, match="attention_mask"):
+        fuse_kv_attention(str(path), layout, 4)
+    assert path.read_bytes() == before
+    new, fused = fuse_kv_attention(str(path), replace(layout, padded=True), 4)
+    assert fused == {"GroupQueryAttention": 2} and new.padded and new.order == "bnsh"
+
+
+def test_refused_padded_export_serves_left_padded_batches_unfused(tmp_path):
+    """Mistral (sliding-window attention: the fusion is refused) exported with kv_cache="padded": the file keeps its
+    unfused attention and still serves a left-padded batch — Runtime.generate = Hugging Face generate on the merged
+    model, same mask — through the plain loop (no shared buffers for an unfused file)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    base = M.lively(MistralForCausalLM(MistralConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=128, max_position_embeddings=256, sliding_window=4096)).eval(), 0.3, seed=2)
+    pm = M.randomise_lora(peftfx.apply(base, LoRA(rank=2, targets=select.role("attn.q")), {"input_ids": M.ids(2, 8)}))
+    r = export_onnx(pm, tmp_path / "sw.onnx", {"input_ids": M.ids(2, 8)}, kv_cache="padded", source=base)
+    assert "sliding-window" in r.optimize["kv_attention"]["refused"]
+    assert "GroupQueryAttention" not in fused_ops(r.path) and "attention_mask" in r.inputs
+    ids, mask = _left_padded((6, 2, 4), 6, seed=13)
+    with torch.no_grad():
+        want = peftfx.merge_and_unload(pm.eval()).generate(
+            torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=10, min_new_tokens=10,
+            do_sample=False, pad_token_id=0, eos_token_id=None).numpy()
+    rt = Runtime(r.path)
+    np.testing.assert_array_equal(rt.generate(ids, 10, attention_mask=mask), want)
+    assert not rt._shares_buffers()
