@@ -288,7 +288,13 @@ def _summary(report, st: _Stages, files: list[str], as_json: bool) -> None:
         print(f"  adapter file {f}  {os.path.getsize(f) / 1e3:.1f} kB")
 
 
-def _parse_ids(texts: list[str]):
+def _kv_mode(value: str) -> str:
+    if value != "padded":
+        raise argparse.ArgumentTypeError(f"--kv-cache takes no value or 'padded', got {value!r}")
+    return value
+
+
+def _parse_ids(texts: list[str], ragged: bool = False):
     import numpy as np
 
     rows = []
@@ -297,11 +303,17 @@ def _parse_ids(texts: list[str]):
             rows.append([int(x) for x in t.replace(",", " ").split()])
         except ValueError:
             raise _fail(f"--ids takes integers separated by spaces or commas, got {t!r}.") from None
-    if not rows or any(len(r) != len(rows[0]) or not r for r in rows):
-        raise _fail("every --ids row must be non-empty and of the same length.")
+    if not rows or any(not r or (len(r) != len(rows[0]) and not ragged) for r in rows):
+        raise _fail("every --ids row must be non-empty and of the same length (rows of different lengths need "
+                    "--generate with a file exported with --kv-cache padded).")
     if any(not 0 <= x < 2**63 for r in rows for x in r):
         raise _fail("--ids takes token ids ≥ 0 that fit in 64 bits.")
-    return np.array(rows, dtype=np.int64)
+    width = max(len(r) for r in rows)          # left padding, as generate takes a decoder's batch
+    ids = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return (ids, mask) if ragged else ids
 
 
 def _tokenizer(args, rt):
@@ -346,10 +358,16 @@ def cmd_run(args) -> int:
     if args.text:
         if tok is None:
             raise _fail("--text needs a tokenizer: pass --tokenizer DIR (a Hugging Face folder) or use --ids.")
+        if args.generate:
+            tok.padding_side = "left"      # a decoder's batch is left-padded, as Hugging Face generate takes it
         enc = tok(args.text, padding=True, return_tensors="np")
         feeds = {k: enc[k] for k in rt.inputs if k in enc}
+        prompt_mask = enc.get("attention_mask")
     else:
-        ids = _parse_ids(args.ids)
+        ids, prompt_mask = _parse_ids(args.ids, ragged=True)
+        if not args.generate and not prompt_mask.all():
+            raise _fail("every --ids row must be of the same length (rows of different lengths need --generate "
+                        "with a file exported with --kv-cache padded).")
         feeds = {"input_ids": ids}
         for name in ("attention_mask", "token_type_ids"):
             if name in rt.inputs:
@@ -361,7 +379,7 @@ def cmd_run(args) -> int:
     times["inputs"] = time.perf_counter() - t
     t = time.perf_counter()
     if args.generate:
-        out = rt.generate(feeds["input_ids"], args.generate, adapter=adapter,
+        out = rt.generate(feeds["input_ids"], args.generate, adapter=adapter, attention_mask=prompt_mask,
                           eos_token_id=getattr(tok, "eos_token_id", None) if tok is not None else None)
         times["run"] = time.perf_counter() - t
         outs = {"tokens": out}
@@ -558,7 +576,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--int8-min-agreement", type=float, default=None,
                    help="least argmax agreement with PyTorch the int8 file must keep (default 0.95)")
     m.add_argument("--opset", type=_count(7), default=18)
-    m.add_argument("--kv-cache", action="store_true", help="export the decode step with key/value cache I/O")
+    m.add_argument("--kv-cache", nargs="?", const=True, default=False, type=_kv_mode, metavar="padded",
+                   help="export the decode step with key/value cache I/O; '--kv-cache padded' also takes "
+                        "attention_mask and position_ids, so `run --generate` serves prompts of different lengths")
     m.add_argument("--adapter-inputs", action="store_true",
                    help="keep adapters unmerged as graph inputs; write one .onnx_adapter per --adapter")
     m.add_argument("--device", choices=("cpu", "cuda"), default=None, help="ONNX Runtime device for verification")

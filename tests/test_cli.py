@@ -105,6 +105,32 @@ def test_merge_export_with_kv_cache_then_run_and_generate(work, capsys):
     assert code == 0 and res["logits"]["shape"] == [2, 6, 128] and res["logits"]["argmax"][0] == int(want.argmax())
 
 
+def test_padded_kv_cache_generates_prompts_of_different_lengths(work, capsys):
+    """``--kv-cache padded``: ``run --generate`` with --ids rows of different lengths left-pads them and passes the
+    mask; each row's tokens equal greedy decoding of that row alone in PyTorch (no padding, no cache)."""
+    d, pms = work
+    out_path = d / "padded.onnx"
+    code, out, err = _run(capsys, "merge-export", MODEL, "--adapter", d / "a", "-o", out_path, "--kv-cache", "padded",
+                          "--optimize", "none")
+    assert code == 0, err
+    prompts = [M.ids(1, 7, seed=4)[0], M.ids(1, 3, seed=5)[0]]
+    argv = [a for p in prompts for a in ("--ids", " ".join(map(str, p.tolist())))]
+    code, out, err = _run(capsys, "run", out_path, *argv, "--generate", 6)
+    assert code == 0, err
+    tokens = json.loads(out)["tokens"]
+    for row, prompt in zip(tokens, prompts):
+        cur = prompt[None]
+        with torch.no_grad():
+            for _ in range(6):
+                cur = torch.cat([cur, pms["a"](input_ids=cur).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        assert row[-len(cur[0]):] == cur[0].tolist() and row[:7 - len(prompt)] == [0] * (7 - len(prompt))
+    code, _, err = _run(capsys, "run", out_path, *argv)           # no --generate: rows must be of one length
+    assert code == 2 and "same length" in err
+    with pytest.raises(SystemExit) as e:                            # argparse: a usage error, nothing written
+        main(["merge-export", MODEL, "--adapter", str(d / "a"), "-o", str(d / "bad.onnx"), "--kv-cache", "pad"])
+    assert e.value.code == 2 and "'padded'" in capsys.readouterr().err and not (d / "bad.onnx").exists()
+
+
 def test_adapter_inputs_write_one_file_per_adapter(work, capsys):
     d, pms = work
     out_path = d / "multi" / "base.onnx"
