@@ -298,3 +298,189 @@ def keep_modes(*modules: nn.Module) -> Iterator[None]:
                 root.train(saved[id(root)][1])
         for m, flag in saved.values():
             m.training = flag
+
+
+class NotReusable(Exception):
+    """The traced graph cannot be handed to the ONNX exporter as it is; the message says why (logged, and the
+    export takes a fresh ``torch.export`` instead)."""
+
+
+def program_from_graph(work: nn.Module, inputs: Mapping[str, torch.Tensor], names: Sequence[str],
+                       axes: Sequence[dict[int, str]], n_outputs: int):
+    """The :class:`torch.export.ExportedProgram` of ``work``'s own graph, without a second ``torch.export``.
+
+    ``work`` is a traced (merged, folded) :class:`~peftfx.PeftModel` running one graph: ATen nodes whose
+    ``meta["val"]`` are fake tensors with the trace's symbolic sizes, weights read through ``get_attr``. The
+    program's graph is that graph with each weight lifted to a placeholder (parameters, buffers, other tensor
+    attributes as constants; a tensor reachable under two names is lifted once), the tensor inputs ``names`` in
+    that order as user inputs, and the outputs in :func:`flatten_outputs` order — the calling convention of
+    ``FlatModule(work, names)``; range constraints are the trace's shape environment's ranges for the input sizes.
+    Raises :class:`NotReusable` (with the reason) for a graph this cannot carry: a missing fake value, several fake
+    modes, a call of a submodule, an input not given or a non-tensor input the graph reads, an output that is not a
+    tensor, or a named axis whose traced size is not a symbol. Returns (program, limits as :func:`export_program`)."""
+    from torch.export.exported_program import (
+        ExportedProgram,
+        ModuleCallEntry,
+        ModuleCallSignature,
+    )
+    from torch.export.graph_signature import (
+        ExportGraphSignature,
+        InputKind,
+        InputSpec,
+        OutputKind,
+        OutputSpec,
+        TensorArgument,
+    )
+    from torch.utils import _pytree as pytree
+
+    graph = getattr(work, "graph", None)
+    info = getattr(work, "peft_info", None)
+    if not isinstance(graph, torch.fx.Graph) or info is None:
+        raise NotReusable("the model is not a traced graph")
+    holders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(holders) != len(info.input_names):
+        raise NotReusable(f"{len(holders)} placeholders for {len(info.input_names)} traced inputs")
+    by_input = dict(zip(info.input_names, holders))
+    fake_modes = set()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            raise NotReusable(f"the graph calls the submodule {node.target!r}")
+        if node.op in ("output", "placeholder"):
+            continue
+        val = node.meta.get("val")
+        if val is None and node.op != "get_attr":
+            raise NotReusable(f"node {node.name} has no fake value")
+        for v in pytree.tree_leaves(val):
+            if isinstance(v, torch._subclasses.FakeTensor):
+                fake_modes.add(v.fake_mode)
+    if len(fake_modes) != 1:
+        raise NotReusable(f"{len(fake_modes)} fake modes in the graph")
+    fake_mode = fake_modes.pop()
+    for name, node in by_input.items():
+        if name not in names and node.users:
+            raise NotReusable(f"the graph reads the input {name!r}, which the export does not give")
+    for name in names:
+        if not isinstance(by_input.get(name, None) and by_input[name].meta.get("val"), torch.Tensor):
+            raise NotReusable(f"the input {name!r} is not a tensor placeholder of the graph")
+
+    # the weights: one placeholder per distinct tensor, parameters, then buffers, then constants (signature order)
+    params = dict(work.named_parameters(remove_duplicate=False))
+    buffers = dict(work.named_buffers(remove_duplicate=False))
+    nonpersistent = {f"{m}.{b}" if m else b for m, mod in work.named_modules()
+                     for b in getattr(mod, "_non_persistent_buffers_set", ())}
+    lifted: dict[int, tuple[str, InputKind, torch.Tensor, Any]] = {}     # id(tensor) → (name, kind, tensor, val)
+    attr_of: dict[torch.fx.Node, int] = {}
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        target = str(node.target)
+        if target in params:
+            t, kind = params[target], InputKind.PARAMETER
+        elif target in buffers:
+            t, kind = buffers[target], InputKind.BUFFER
+        else:
+            t = _get_attr(work, target)
+            if not isinstance(t, torch.Tensor):
+                raise NotReusable(f"get_attr {target!r} is a {type(t).__name__}, not a tensor")
+            kind = InputKind.CONSTANT_TENSOR
+        if id(t) not in lifted:
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor) or tuple(val.shape) != tuple(t.shape) or val.dtype != t.dtype:
+                val = fake_mode.from_tensor(t, static_shapes=True)
+            lifted[id(t)] = (target, kind, t, val)
+        attr_of[node] = id(t)
+
+    new = torch.fx.Graph()
+    env: dict[torch.fx.Node, Any] = {}
+    specs: list[InputSpec] = []
+    holder_of: dict[int, torch.fx.Node] = {}
+    order = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    prefix = {InputKind.PARAMETER: "p_", InputKind.BUFFER: "b_", InputKind.CONSTANT_TENSOR: "c_"}
+    for kind in order:
+        for key, (target, k, t, val) in lifted.items():
+            if k is not kind:
+                continue
+            ph = new.placeholder(prefix[kind] + re.sub(r"\W", "_", target))
+            ph.meta["val"] = val
+            holder_of[key] = ph
+            specs.append(InputSpec(kind, TensorArgument(ph.name), target,
+                                   persistent=(target not in nonpersistent) if kind is InputKind.BUFFER else None))
+    for name in names:
+        old = by_input[name]
+        ph = new.placeholder(old.name)
+        ph.meta.update(old.meta)
+        env[old] = ph
+        specs.append(InputSpec(InputKind.USER_INPUT, TensorArgument(ph.name), None))
+    for name, node in by_input.items():
+        if name not in names:
+            env[node] = node.meta.get("val")        # an unread non-tensor input (use_cache=False)
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            env[node] = holder_of[attr_of[node]]
+        elif node.op in ("call_function", "call_method"):
+            env[node] = new.node_copy(node, lambda n: env[n])
+        elif node.op == "output":
+            outs = _ordered_outputs(work, node, env, n_outputs)
+            out = new.output(tuple(outs))
+            out.meta.update(node.meta)
+
+    root = nn.Module()
+    state_dict, constants = {}, {}
+    for target, kind, t, _ in lifted.values():
+        if kind is InputKind.CONSTANT_TENSOR:
+            constants[target] = t
+        else:
+            state_dict[target] = t
+    gm = torch.fx.GraphModule(root, new)
+    signature = ExportGraphSignature(
+        input_specs=specs,
+        output_specs=[OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(o.name), None) for o in outs])
+    sizes = {d.node.expr for n in names for d in by_input[n].meta["val"].shape
+             if isinstance(d, torch.SymInt) and getattr(d.node.expr, "is_Symbol", False)}
+    for name, ax in zip(names, axes):
+        shape = by_input[name].meta["val"].shape
+        for i in ax:
+            if i >= len(shape) or not (isinstance(shape[i], torch.SymInt) and shape[i].node.expr in sizes):
+                raise NotReusable(f"axis {i} of {name!r} is named dynamic but its traced size is {shape[i]}")
+    shape_env = fake_mode.shape_env
+    ranges = {s: shape_env.var_to_range[s] for s in sizes if s in shape_env.var_to_range}
+    in_spec = pytree.tree_structure(((tuple(inputs[n] for n in names)), {}))
+    out_spec = pytree.tree_structure(tuple(range(len(outs))))
+    call = [ModuleCallEntry("", ModuleCallSignature(inputs=[], outputs=[], in_spec=in_spec, out_spec=out_spec))]
+    try:
+        ep = ExportedProgram(root=gm, graph=gm.graph, graph_signature=signature, state_dict=state_dict,
+                             range_constraints=ranges, module_call_graph=call, constants=constants)
+    except Exception as e:  # the program's verifier: say what it refused
+        raise NotReusable(f"torch.export refused the program: {type(e).__name__}: {str(e)[:200]}") from e
+    return ep, _limits(ep, axes)
+
+
+def _get_attr(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _ordered_outputs(work: nn.Module, node: torch.fx.Node, env: dict, n_outputs: int) -> list:
+    """The graph's output leaves in :func:`flatten_outputs` order (the order FlatModule returns them in)."""
+    from torch.utils import _pytree as pytree
+
+    leaves = list(pytree.tree_leaves(node.args[0]))
+    info = getattr(work.graph._codegen, "pytree_info", None)
+    if info is not None and info.out_spec is not None:
+        if info.out_spec.num_leaves != len(leaves):
+            raise NotReusable("the graph's outputs do not match its output structure")
+        marked = pytree.tree_unflatten([torch.tensor(i) for i in range(len(leaves))], info.out_spec)
+        order = [int(t) for _, t in flatten_outputs(marked)]
+    else:
+        order = list(range(len(leaves)))
+    outs = []
+    for i in order:
+        leaf = leaves[i]
+        if not isinstance(leaf, torch.fx.Node) or not isinstance(leaf.meta.get("val"), torch.Tensor):
+            raise NotReusable(f"output {i} of the graph is not a tensor")
+        outs.append(env[leaf])
+    if len(outs) != n_outputs:
+        raise NotReusable(f"the graph has {len(outs)} tensor outputs, the model returned {n_outputs}")
+    return outs

@@ -35,8 +35,8 @@ from .._fs import make_temp_dir
 from .._version import __version__
 from ..apply import fold, merge, unmerge
 from ..model import PeftModel
-from ._build import (FlatModule, dynamic_axes, export_program, flatten_outputs, keep_modes, rename_dims,
-                     tensor_inputs, traced_axes, unique_output_names)
+from ._build import (FlatModule, NotReusable, dynamic_axes, export_program, flatten_outputs, keep_modes,
+                     program_from_graph, rename_dims, tensor_inputs, traced_axes, unique_output_names)
 from ._moe import grouped_mm_translations
 
 __all__ = ["export_onnx", "ExportReport", "DEFAULT_OPSET", "TOLERANCE"]
@@ -287,17 +287,36 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
         with torch.no_grad():
             out_keys = [n for n, _ in flatten_outputs(work(**inputs))]
         out_names = unique_output_names(out_keys, plan["names"] + [e.name for e in entries])
-        ep, plan["limits"] = export_program(flat.eval(), args, axes)
-        stages["torch.export"] = time.perf_counter() - t
-        t = time.perf_counter()
+        io_names = plan["names"] + [e.name for e in entries]
+        translations = grouped_mm_translations(work)
+        program = None
+        if not entries and os.environ.get("PEFTFX_EXPORT_REUSE", "1") != "0":
+            try:        # the traced graph as it is: no second torch.export
+                ep, plan["limits"] = program_from_graph(work, inputs, plan["names"], axes, len(out_keys))
+                stages["program from graph"] = time.perf_counter() - t
+                plan["reuse"] = {"graph": True}
+                t = time.perf_counter()
+                program = _to_onnx(ep, opset, io_names, out_names, translations, plan, stages)
+            except NotReusable as e:
+                log.info("export_onnx: a fresh torch.export, the traced graph cannot be reused: %s", e)
+                plan["reuse"] = {"graph": False, "reason": str(e)}
+            except Exception as e:  # noqa: BLE001 - the exporter refused the reused graph: today's route decides
+                log.warning("export_onnx: the reused graph did not translate (%s); exporting with a fresh "
+                            "torch.export instead", _first_line(e))
+                plan["reuse"] = {"graph": False, "reason": f"translation failed: {_first_line(e)}"}
+        if program is None:
+            t = time.perf_counter()
+            ep, plan["limits"] = export_program(flat.eval(), args, axes)
+            stages["torch.export"] = time.perf_counter() - t
+            t = time.perf_counter()
+            try:
+                program = _to_onnx(ep, opset, io_names, out_names, translations, plan, stages)
+            except Exception as e:  # the exporter raises its own error types; name the op when it says which
+                raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e
         try:
-            program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False, optimize=True,
-                                        input_names=plan["names"] + [e.name for e in entries],
-                                        output_names=out_names,
-                                        custom_translation_table=grouped_mm_translations(work))
             program.save(tmp, external_data=big)
-        except Exception as e:  # the exporter raises its own error types; name the op when it says which
-            raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e
+        except Exception as e:  # a write error of the exporter's own types
+            raise ExportError(f"torch.onnx could not write the ONNX file: {_first_line(e)}") from e
     plan["out_names"], plan["out_keys"] = out_names, out_keys
     stages["onnx"] = time.perf_counter() - t
     from .optimize import optimize_file
@@ -316,6 +335,77 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
     _postprocess(tmp, plan, dtype, opset, big)
     stages["onnx"] += time.perf_counter() - t
     return _report(tmp, plan, dtype, opset, big)
+
+
+def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations: dict, plan: dict,
+             stages: dict):
+    """``torch.onnx.export(ep, dynamo=True, optimize=True)``, without its decomposition step where that step could
+    change nothing: every node of ``ep`` is an op with an ONNX translation in the exporter's registry and none
+    mutates its inputs (the exporter decomposes exactly the ops it cannot translate, and its re-trace of a
+    functional graph returns the same graph). Then the exporter's own remaining steps run as it runs them: explicit
+    type promotion, assertion nodes removed, translation, opset conversion, onnxscript's optimiser, input and output
+    names. ``plan["reuse"]["decompositions"]`` says which path ran (and why the full one, logged)."""
+    reuse = plan.setdefault("reuse", {"graph": False})
+    reason = "PEFTFX_EXPORT_REUSE=0" if os.environ.get("PEFTFX_EXPORT_REUSE", "1") == "0" else None
+    try:
+        from torch.onnx._internal._lazy_import import onnxscript_apis
+        from torch.onnx._internal.exporter import (
+            _constants,
+            _core,
+            _flags,
+            _fx_passes,
+            _ir_passes,
+            _registration,
+        )
+    except ImportError as e:            # another torch: the public route
+        reason = reason or f"torch.onnx internals not found ({e})"
+    if reason is None:
+        registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, _constants.TORCHLIB_OPSET))
+        for op, fn in (translations or {}).items():
+            registry.register_op(op, fn, is_complex=False)
+        reason = _needs_decomposition(ep, registry)
+    if reason is not None:
+        reuse["decompositions"] = f"ran: {reason}"
+        log.info("export_onnx: the exporter's decompositions run: %s", reason)
+        return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False, optimize=True,
+                                 input_names=input_names, output_names=output_names,
+                                 custom_translation_table=translations)
+    reuse["decompositions"] = "skipped: every op has an ONNX translation"
+
+    @_flags.set_onnx_exporting_flag
+    def translate():
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            gm = ep.graph_module
+            _fx_passes.insert_type_promotion_nodes(gm)
+            ep._graph_module = _fx_passes.remove_assertion_nodes(gm)
+        program = _core._exported_program_to_onnx_program(ep, registry=registry)
+        program.model = onnxscript_apis.convert_version(program.model, opset)
+        t = time.perf_counter()
+        program.optimize()
+        stages["onnxscript optimize"] = time.perf_counter() - t
+        _ir_passes.rename_inputs(program.model, input_names)
+        _ir_passes.rename_outputs(program.model, output_names)
+        return program
+
+    return translate()
+
+
+def _needs_decomposition(ep, registry) -> str | None:
+    """Why the exporter's decomposition step could change ``ep``'s graph, or None when it could not."""
+    import operator
+
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target is operator.getitem:
+            continue
+        if not registry.is_registered(target):
+            return f"{target} has no ONNX translation of its own"
+        schema = getattr(target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return f"{target} mutates its input"
+    return None
 
 
 def _first_line(e: Exception) -> str:
