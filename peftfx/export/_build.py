@@ -484,3 +484,87 @@ def _ordered_outputs(work: nn.Module, node: torch.fx.Node, env: dict, n_outputs:
     if len(outs) != n_outputs:
         raise NotReusable(f"the graph has {len(outs)} tensor outputs, the model returned {n_outputs}")
     return outs
+
+
+def _to_copy_args(node: torch.fx.Node) -> torch.dtype | None:
+    """The dtype an ``aten.to`` overload converts to (None: the input's own)."""
+    name = node.target._overloadname if isinstance(node.target, torch._ops.OpOverload) else ""
+    if name == "dtype":
+        return node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
+    if name == "device":
+        return node.kwargs.get("dtype", node.args[2] if len(node.args) > 2 else None)
+    if name == "other":
+        other = node.args[1].meta.get("val") if isinstance(node.args[1], torch.fx.Node) else node.args[1]
+        return getattr(other, "dtype", None)
+    if name == "dtype_layout":
+        return node.kwargs.get("dtype")
+    return None
+
+
+def rewrite_untranslatable(gm: torch.fx.GraphModule, translatable) -> int:
+    """Rewrite, in place, the nodes whose op has no ONNX translation (``translatable(op)`` is false) and that are
+    the same computation as ops that have one — ATen's own definitions, on one node at a time, instead of the
+    exporter's decomposition step (a re-trace of the whole graph):
+
+    * ``aten.to`` (``dtype``, ``device``, ``dtype_layout``, ``other``) → ``aten._to_copy(x, dtype=…)`` (ONNX has one
+      device: only the dtype matters; no dtype → the input itself);
+    * ``aten.__and__/__or__/__xor__.Tensor`` → ``aten.bitwise_*.Tensor``; ``aten.min/max.other`` →
+      ``aten.minimum/maximum``;
+    * ``aten.diff(x, n=1, dim, prepend, append)`` → ``cat([prepend, x, append])``, then the slice from 1 minus the
+      slice to −1 along ``dim`` (``!=`` for booleans, as ``torch.diff``).
+
+    Each new node carries the replaced node's metadata and a fake value computed in the graph's fake mode (the
+    symbolic sizes stay symbolic). Other nodes are left as they are. Returns how many nodes were rewritten."""
+    aten = torch.ops.aten
+    simple = {aten.__and__.Tensor: aten.bitwise_and.Tensor, aten.__or__.Tensor: aten.bitwise_or.Tensor,
+              aten.__xor__.Tensor: aten.bitwise_xor.Tensor, aten.min.other: aten.minimum.default,
+              aten.max.other: aten.maximum.default}
+    to_ops = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other}
+    graph, count = gm.graph, 0
+
+    def emit(before, op, args, kwargs=None):
+        with graph.inserting_before(before):
+            new = graph.call_function(op, tuple(args), kwargs or {})
+        new.meta.update({k: v for k, v in before.meta.items() if k != "val"})
+        fake = torch.fx.node.map_arg((new.args, new.kwargs), lambda n: n.meta["val"])
+        new.meta["val"] = op(*fake[0], **fake[1])
+        return new
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or translatable(node.target):
+            continue
+        if node.target in simple and translatable(simple[node.target]) and not node.kwargs:
+            new = emit(node, simple[node.target], node.args)
+        elif node.target in to_ops and translatable(aten._to_copy.default):
+            dtype = _to_copy_args(node)
+            new = emit(node, aten._to_copy.default, node.args[:1], {"dtype": dtype}) if dtype is not None \
+                else node.args[0]
+        elif node.target is aten.diff.default and _diff_once(node):
+            x, _, dim, prepend, append = _diff_args(node)
+            parts = [p for p in (prepend, x, append) if p is not None]
+            if len(parts) > 1:
+                x = emit(node, aten.cat.default, [parts, dim])
+            hi = emit(node, aten.slice.Tensor, [x, dim, 1, 2**63 - 1])
+            lo = emit(node, aten.slice.Tensor, [x, dim, 0, -1])
+            op = aten.ne.Tensor if node.meta["val"].dtype == torch.bool else aten.sub.Tensor
+            new = emit(node, op, [hi, lo])
+        else:
+            continue
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _diff_args(node: torch.fx.Node) -> tuple:
+    names = ("self", "n", "dim", "prepend", "append")
+    defaults = (None, 1, -1, None, None)
+    vals = list(node.args) + list(defaults[len(node.args):])
+    return tuple(node.kwargs.get(k, v) for k, v in zip(names, vals))
+
+
+def _diff_once(node: torch.fx.Node) -> bool:
+    x, n, _, prepend, append = _diff_args(node)
+    return n == 1 and all(p is None or isinstance(p, torch.fx.Node) for p in (prepend, append))

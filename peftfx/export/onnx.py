@@ -36,7 +36,8 @@ from .._version import __version__
 from ..apply import fold, merge, unmerge
 from ..model import PeftModel
 from ._build import (FlatModule, NotReusable, dynamic_axes, export_program, flatten_outputs, keep_modes,
-                     program_from_graph, rename_dims, tensor_inputs, traced_axes, unique_output_names)
+                     program_from_graph, rename_dims, rewrite_untranslatable, tensor_inputs, traced_axes,
+                     unique_output_names)
 from ._moe import grouped_mm_translations
 
 __all__ = ["export_onnx", "ExportReport", "DEFAULT_OPSET", "TOLERANCE"]
@@ -363,7 +364,11 @@ def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations
         registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, _constants.TORCHLIB_OPSET))
         for op, fn in (translations or {}).items():
             registry.register_op(op, fn, is_complex=False)
+        t = time.perf_counter()
+        rewritten = rewrite_untranslatable(ep.graph_module, registry.is_registered)
         reason = _needs_decomposition(ep, registry)
+        reuse["rewritten"] = rewritten
+        stages["rewrite untranslatable"] = time.perf_counter() - t
     if reason is not None:
         reuse["decompositions"] = f"ran: {reason}"
         log.info("export_onnx: the exporter's decompositions run: %s", reason)
