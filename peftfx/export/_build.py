@@ -514,8 +514,13 @@ def rewrite_untranslatable(gm: torch.fx.GraphModule, translatable) -> int:
       slice to −1 along ``dim`` (``!=`` for booleans, as ``torch.diff``).
 
     Each new node carries the replaced node's metadata and a fake value computed in the graph's fake mode (the
-    symbolic sizes stay symbolic). Other nodes are left as they are. Returns how many nodes were rewritten."""
+    symbolic sizes stay symbolic). Other nodes are left as they are. A graph with an op that mutates its input is
+    left unchanged (``aten.to`` may return its input, which such an op would then change). Returns how many nodes
+    were rewritten."""
     aten = torch.ops.aten
+    if any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes
+           if n.op == "call_function"):
+        return 0
     simple = {aten.__and__.Tensor: aten.bitwise_and.Tensor, aten.__or__.Tensor: aten.bitwise_or.Tensor,
               aten.__xor__.Tensor: aten.bitwise_xor.Tensor, aten.min.other: aten.minimum.default,
               aten.max.other: aten.maximum.default}
@@ -566,5 +571,5 @@ def _diff_args(node: torch.fx.Node) -> tuple:
 
 
 def _diff_once(node: torch.fx.Node) -> bool:
-    x, n, _, prepend, append = _diff_args(node)
+    _, n, _, prepend, append = _diff_args(node)
     return n == 1 and all(p is None or isinstance(p, torch.fx.Node) for p in (prepend, append))
