@@ -365,6 +365,7 @@ def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations
         for op, fn in (translations or {}).items():
             registry.register_op(op, fn, is_complex=False)
         t = time.perf_counter()
+        ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)   # as the exporter does, first
         rewritten = rewrite_untranslatable(ep.graph_module, registry.is_registered)
         reason = _needs_decomposition(ep, registry)
         reuse["rewritten"] = rewritten

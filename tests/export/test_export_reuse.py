@@ -1,0 +1,151 @@
+"""export_onnx reuses the traced graph: the ExportedProgram is built from the merged graph (no second torch.export)
+and the exporter's whole-graph decomposition is skipped when every op translates (ops without a translation are
+rewritten node by node). The file must behave as the one today's route (``PEFTFX_EXPORT_REUSE=0``: a fresh
+torch.export, the exporter's decompositions) writes: both run in ONNX Runtime at two shapes other than the example's
+agree within 1e-5, and both match PyTorch within the export tolerance."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import peftfx
+from peftfx import LoRA, select
+from peftfx.export import Runtime, export_onnx
+from peftfx.export._build import rewrite_untranslatable
+from tests import models as M
+
+SAME = 1e-5           # the reused route's file vs today's, same inputs, ORT both
+F32_TOL = 1e-4        # either file vs PyTorch, relative to the output scale (export_onnx's own tolerance)
+
+
+def _both(pm, ex, tmp_path, monkeypatch, caplog):
+    """(report, path) of the reused route and of today's route for the same model."""
+    with caplog.at_level(logging.INFO, logger="peftfx.export.onnx"):
+        new = export_onnx(pm, tmp_path / "reused.onnx", ex, optimize="none")
+    logged = caplog.text
+    monkeypatch.setenv("PEFTFX_EXPORT_REUSE", "0")
+    old = export_onnx(pm, tmp_path / "fresh.onnx", ex, optimize="none")
+    monkeypatch.delenv("PEFTFX_EXPORT_REUSE")
+    return new, old, logged
+
+
+def _compare(pm, new, old, shapes, feeds):
+    pm.eval()
+    a, b = Runtime(new.path), Runtime(old.path)
+    for batch, seq in shapes:
+        x = feeds(batch, seq)
+        with torch.no_grad():
+            ref = pm(**x)
+        ref = (ref.logits if hasattr(ref, "logits") else ref).numpy()
+        got_new, got_old = a.run(**x)["logits"], b.run(**x)["logits"]
+        assert got_new.shape == ref.shape
+        assert np.abs(got_new - got_old).max() <= SAME, (batch, seq)
+        assert np.abs(got_new - ref).max() <= F32_TOL * max(1.0, np.abs(ref).max()), (batch, seq)
+
+
+def _reused(report, logged):
+    """The new route ran: the program came from the traced graph and the decomposition re-trace was skipped."""
+    assert "program from graph" in report.stages and "torch.export" not in report.stages
+    assert "rewrite untranslatable" in report.stages
+    assert "decompositions run" not in logged and "fresh torch.export" not in logged
+
+
+def test_llama_reused_file_equals_fresh_export(tmp_path, monkeypatch, caplog):
+    base = M.llama()
+    ids = M.ids(2, 8)
+    pm = peftfx.apply(base, LoRA(rank=4, alpha=8, targets=select.role("attn.q") | select.role("attn.v")),
+                      {"input_ids": ids})
+    M.randomise_lora(pm)
+    new, old, logged = _both(pm, {"input_ids": ids}, tmp_path, monkeypatch, caplog)
+    _reused(new, logged)
+    assert "torch.export" in old.stages and "program from graph" not in old.stages
+    assert new.inputs == old.inputs == {"input_ids": ["batch", "sequence"]}
+    assert new.outputs == old.outputs
+    assert [c["case"] for c in new.checks] == [c["case"] for c in old.checks] and new.max_abs < F32_TOL
+    _compare(pm, new, old, [(3, 5), (1, 19)], lambda b, s: {"input_ids": M.ids(b, s, seed=b + s)})
+
+
+def test_bert_with_mask_reused_file_equals_fresh_export(tmp_path, monkeypatch, caplog):
+    base = M.bert()
+    ids = M.ids(2, 8)
+    ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    pm = peftfx.apply(base, LoRA(rank=4, alpha=8, targets=select.role("attn.q") | select.role("attn.v")), ex)
+    M.randomise_lora(pm)
+    new, old, logged = _both(pm, ex, tmp_path, monkeypatch, caplog)
+    _reused(new, logged)
+    assert new.inputs == old.inputs == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+
+    def feeds(b, s):
+        x = M.ids(b, s, seed=b * s)
+        mask = torch.ones_like(x)
+        mask[0, s // 2:] = 0                      # padding in the first row
+        return {"input_ids": x, "attention_mask": mask}
+
+    _compare(pm, new, old, [(3, 5), (1, 23)], feeds)
+
+
+def test_unmerged_adapter_falls_back_to_a_fresh_export(tmp_path, caplog):
+    """Houlsby adapters stay modules after merge (call_module nodes): the graph is not reused, the log says why, and
+    the file is today's route's, verified."""
+    ids = M.ids(2, 8)
+    pm = peftfx.apply(M.llama(), peftfx.Houlsby(bottleneck=8), {"input_ids": ids})
+    with caplog.at_level(logging.INFO, logger="peftfx.export.onnx"):
+        r = export_onnx(pm, tmp_path / "h.onnx", {"input_ids": ids}, optimize="none")
+    assert "the traced graph cannot be reused" in caplog.text and "submodule" in caplog.text
+    assert "torch.export" in r.stages and "program from graph" not in r.stages
+    assert r.checks and r.max_abs < F32_TOL
+
+
+class _Ops(nn.Module):
+    """Every op rewrite_untranslatable rewrites, on symbolic sizes."""
+
+    def forward(self, x, m):
+        a = x.to(torch.float64).to(torch.float32)          # aten.to.dtype
+        b = (m > 0) & (x > 0)                               # __and__.Tensor
+        c = (m > 0) | (x < 0)                               # __or__.Tensor
+        d = torch.diff(x, dim=-1, prepend=x[:, :1])         # diff with prepend
+        e = torch.diff(b, dim=1)                            # diff of booleans
+        f = torch.min(x, a * 2)                             # min.other
+        return a + d + f + b.float() + c.float(), e
+
+
+def test_rewrite_untranslatable_is_exact():
+    from torch.export import Dim
+    from torch.onnx._internal.exporter import _registration
+
+    x, m = torch.randn(3, 7), torch.randn(3, 7)
+    ep = torch.export.export(_Ops(), (x, m), dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},) * 2, strict=False)
+    registry = _registration.ONNXRegistry.from_torchlib(opset_version=18)
+    before = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"aten.to.dtype", "aten.__and__.Tensor", "aten.diff.default"} <= before
+    x2, m2 = torch.randn(5, 11), torch.randn(5, 11)
+    ref = ep.module()(x2, m2)
+    assert rewrite_untranslatable(ep.graph_module, registry.is_registered) >= 6
+    ep.graph_module.graph.lint()
+    left = {n.target for n in ep.graph.nodes if n.op == "call_function" and not registry.is_registered(n.target)}
+    assert left <= {torch.ops.aten._assert_tensor_metadata.default}       # removed by the exporter itself
+    got = ep.module()(x2, m2)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    # fake values stay symbolic: the rewritten diff's size is the input's, less one, for any size
+    diff = [n for n in ep.graph.nodes if n.target is torch.ops.aten.ne.Tensor][0]
+    assert isinstance(diff.meta["val"].shape[1], torch.SymInt)
+
+
+@pytest.mark.parametrize("shape", [(1, 8)])
+def test_batch_one_example_reused(tmp_path, shape, caplog):
+    """A batch-1 example (torch.export would specialise the size 1): the reused graph keeps the trace's symbolic
+    batch, and the file runs at batch 4."""
+    ids = M.ids(*shape)
+    pm = peftfx.apply(M.llama(), LoRA(rank=4, targets=select.role("attn.q")), {"input_ids": ids})
+    M.randomise_lora(pm)
+    with caplog.at_level(logging.INFO, logger="peftfx.export.onnx"):
+        r = export_onnx(pm, tmp_path / "b1.onnx", {"input_ids": ids}, optimize="none")
+    _reused(r, caplog.text)
+    x = M.ids(4, 6, seed=3)
+    with torch.no_grad():
+        ref = pm.eval()(input_ids=x).logits.numpy()
+    assert np.abs(Runtime(r.path).run(input_ids=x)["logits"] - ref).max() <= F32_TOL * max(1.0, np.abs(ref).max())
