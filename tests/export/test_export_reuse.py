@@ -131,7 +131,7 @@ def test_rewrite_untranslatable_is_exact():
     got = ep.module()(x2, m2)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     # fake values stay symbolic: the rewritten diff's size is the input's, less one, for any size
-    diff = [n for n in ep.graph.nodes if n.target is torch.ops.aten.ne.Tensor][0]
+    diff = next(n for n in ep.graph.nodes if n.target is torch.ops.aten.ne.Tensor)
     assert isinstance(diff.meta["val"].shape[1], torch.SymInt)
 
 
