@@ -361,7 +361,9 @@ def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations
     except ImportError as e:            # another torch: the public route
         reason = reason or f"torch.onnx internals not found ({e})"
     if reason is None:
+        t = time.perf_counter()
         registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, _constants.TORCHLIB_OPSET))
+        stages["onnx registry"] = time.perf_counter() - t
         for op, fn in (translations or {}).items():
             registry.register_op(op, fn, is_complex=False)
         t = time.perf_counter()
@@ -380,12 +382,14 @@ def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations
 
     @_flags.set_onnx_exporting_flag
     def translate():
+        t = time.perf_counter()
         with torch.fx.experimental._config.patch(backed_size_oblivious=True):
             gm = ep.graph_module
             _fx_passes.insert_type_promotion_nodes(gm)
             ep._graph_module = _fx_passes.remove_assertion_nodes(gm)
         program = _core._exported_program_to_onnx_program(ep, registry=registry)
         program.model = onnxscript_apis.convert_version(program.model, opset)
+        stages["onnx translate"] = time.perf_counter() - t
         t = time.perf_counter()
         program.optimize()
         stages["onnxscript optimize"] = time.perf_counter() - t
