@@ -316,8 +316,9 @@ def program_from_graph(work: nn.Module, inputs: Mapping[str, torch.Tensor], name
     that order as user inputs, and the outputs in :func:`flatten_outputs` order — the calling convention of
     ``FlatModule(work, names)``; range constraints are the trace's shape environment's ranges for the input sizes.
     Raises :class:`NotReusable` (with the reason) for a graph this cannot carry: a missing fake value, several fake
-    modes, a call of a submodule, an input not given or a non-tensor input the graph reads, an output that is not a
-    tensor, or a named axis whose traced size is not a symbol. Returns (program, limits as :func:`export_program`)."""
+    modes, a call of a submodule, an input not given or a non-tensor input the graph reads, an input whose dtype,
+    device, rank or fixed size differs from the trace's, an output that is not a tensor, or a named axis whose
+    traced size is not a symbol. Returns (program, limits as :func:`export_program`)."""
     from torch.export.exported_program import (
         ExportedProgram,
         ModuleCallEntry,
@@ -360,8 +361,14 @@ def program_from_graph(work: nn.Module, inputs: Mapping[str, torch.Tensor], name
         if name not in names and node.users:
             raise NotReusable(f"the graph reads the input {name!r}, which the export does not give")
     for name in names:
-        if not isinstance(by_input.get(name, None) and by_input[name].meta.get("val"), torch.Tensor):
+        val = by_input[name].meta.get("val") if name in by_input else None
+        if not isinstance(val, torch.Tensor):
             raise NotReusable(f"the input {name!r} is not a tensor placeholder of the graph")
+        given = inputs[name]
+        if (val.dtype, val.device.type, val.dim()) != (given.dtype, given.device.type, given.dim()) or any(
+                not isinstance(d, torch.SymInt) and d != g for d, g in zip(val.shape, given.shape)):
+            raise NotReusable(f"the input {name!r} is {given.dtype} {tuple(given.shape)} on {given.device.type}, "
+                              f"the trace took {val.dtype} {tuple(val.shape)} on {val.device.type}")
 
     # the weights: one placeholder per distinct tensor, parameters, then buffers, then constants (signature order)
     params = dict(work.named_parameters(remove_duplicate=False))
