@@ -149,3 +149,52 @@ def test_batch_one_example_reused(tmp_path, shape, caplog):
     with torch.no_grad():
         ref = pm.eval()(input_ids=x).logits.numpy()
     assert np.abs(Runtime(r.path).run(input_ids=x)["logits"] - ref).max() <= F32_TOL * max(1.0, np.abs(ref).max())
+
+
+def test_bert_position_limit_carried_over(tmp_path, caplog):
+    """The trace's range constraints travel with the reused graph: BERT's 512 positions bound the long verification
+    case (2 × 300 tokens would be past the position table)."""
+    ids = M.ids(2, 300)
+    ex = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    pm = peftfx.apply(M.bert(), LoRA(rank=4, targets=select.role("attn.v")), ex)
+    with caplog.at_level(logging.INFO, logger="peftfx.export.onnx"):
+        r = export_onnx(pm, tmp_path / "long.onnx", ex, optimize="none")
+    _reused(r, caplog.text)
+    assert "batch 3 × seq 512" in {c["case"] for c in r.checks} and r.max_abs < F32_TOL
+
+
+def test_inputs_of_another_dtype_give_a_file_of_that_dtype(tmp_path, caplog):
+    """int32 token ids at export time, int64 at apply time: the graph exported is the one for the given inputs
+    (peftfx.variants traces it), so the file takes int32 ids and matches PyTorch."""
+    import onnx
+
+    ids = M.ids(2, 8)
+    pm = peftfx.apply(M.llama(), LoRA(rank=4, targets=select.role("attn.q")), {"input_ids": ids})
+    M.randomise_lora(pm)
+    with caplog.at_level(logging.INFO, logger="peftfx.export.onnx"):
+        r = export_onnx(pm, tmp_path / "i32.onnx", {"input_ids": ids.int()}, optimize="none")
+    _reused(r, caplog.text)
+    elem = onnx.load(r.path).graph.input[0].type.tensor_type.elem_type
+    assert elem == onnx.TensorProto.INT32 and r.max_abs < F32_TOL
+    x = M.ids(3, 5, seed=7)
+    with torch.no_grad():
+        ref = pm.eval()(input_ids=x).logits.numpy()
+    got = Runtime(r.path).run(input_ids=x.int())["logits"]
+    assert np.abs(got - ref).max() <= F32_TOL * max(1.0, np.abs(ref).max())
+
+
+def test_program_from_graph_refuses_inputs_unlike_the_trace():
+    from peftfx.export._build import NotReusable, program_from_graph
+
+    ids = M.ids(2, 8)
+    pm = peftfx.apply(M.llama(), LoRA(rank=4, targets=select.role("attn.q")), {"input_ids": ids})
+    work = peftfx.merge(pm)
+    axes = [{0: "batch", 1: "sequence"}]
+    with pytest.raises(NotReusable, match="torch.int32 .* the trace took torch.int64"):
+        program_from_graph(work, {"input_ids": ids.int()}, ["input_ids"], axes, 1)
+    with pytest.raises(NotReusable, match="calls the submodule"):        # unmerged LoRA: a module call
+        program_from_graph(pm, {"input_ids": ids}, ["input_ids"], axes, 1)
+    ep, _ = program_from_graph(work, {"input_ids": ids}, ["input_ids"], axes, 1)
+    x = M.ids(3, 5, seed=2)
+    with torch.no_grad():           # the program computes what the merged model computes, at another shape
+        assert torch.allclose(ep.module()(x)[0], work.eval()(input_ids=x).logits, atol=1e-6)
