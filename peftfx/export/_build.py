@@ -580,3 +580,41 @@ def _diff_args(node: torch.fx.Node) -> tuple:
 def _diff_once(node: torch.fx.Node) -> bool:
     _, n, _, prepend, append = _diff_args(node)
     return n == 1 and all(p is None or isinstance(p, torch.fx.Node) for p in (prepend, append))
+
+
+def drop_identity_reshapes(gm: torch.fx.GraphModule) -> int:
+    """Remove, in place, every ``aten.reshape``/``aten.view`` whose result has its input's shape (the same sizes,
+    symbol for symbol, per the nodes' fake values): the node computes its input. ``torch.export``'s re-trace drops
+    them (a Hugging Face attention's ``reshape`` of the SDPA output to its own shape is one); left in, they sit
+    between the ops ONNX Runtime's attention fusion matches. A graph with an op that mutates its input is left
+    unchanged (a view shares its input's storage). Returns how many were removed."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    if any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in nodes):
+        return 0
+    ops = {torch.ops.aten.reshape.default, torch.ops.aten.view.default}
+    count = 0
+    for node in nodes:
+        if node.target not in ops or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        src, out = node.args[0].meta.get("val"), node.meta.get("val")
+        if isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and _same_shape(src.shape, out.shape):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _same_shape(a, b) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt):
+            ex = x.node.expr if isinstance(x, torch.SymInt) else x
+            ey = y.node.expr if isinstance(y, torch.SymInt) else y
+            if not (isinstance(x, torch.SymInt) and isinstance(y, torch.SymInt)) or ex != ey:
+                return False
+        elif x != y:
+            return False
+    return True

@@ -35,8 +35,8 @@ from .._fs import make_temp_dir
 from .._version import __version__
 from ..apply import fold, merge, unmerge
 from ..model import PeftModel
-from ._build import (FlatModule, NotReusable, dynamic_axes, export_program, flatten_outputs, keep_modes,
-                     program_from_graph, rename_dims, rewrite_untranslatable, tensor_inputs, traced_axes,
+from ._build import (FlatModule, NotReusable, drop_identity_reshapes, dynamic_axes, export_program, flatten_outputs,
+                     keep_modes, program_from_graph, rename_dims, rewrite_untranslatable, tensor_inputs, traced_axes,
                      unique_output_names)
 from ._moe import grouped_mm_translations
 
@@ -362,13 +362,12 @@ def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations
         reason = reason or f"torch.onnx internals not found ({e})"
     if reason is None:
         t = time.perf_counter()
-        registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, _constants.TORCHLIB_OPSET))
+        registry = _registry(_registration, max(opset, _constants.TORCHLIB_OPSET), translations)
         stages["onnx registry"] = time.perf_counter() - t
-        for op, fn in (translations or {}).items():
-            registry.register_op(op, fn, is_complex=False)
         t = time.perf_counter()
         ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)   # as the exporter does, first
         rewritten = rewrite_untranslatable(ep.graph_module, registry.is_registered)
+        reuse["identity reshapes dropped"] = drop_identity_reshapes(ep.graph_module)
         reason = _needs_decomposition(ep, registry)
         reuse["rewritten"] = rewritten
         stages["rewrite untranslatable"] = time.perf_counter() - t
@@ -398,6 +397,22 @@ def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations
         return program
 
     return translate()
+
+
+_REGISTRIES: dict[int, Any] = {}
+
+
+def _registry(registration, opset: int, translations: dict | None):
+    """The exporter's table of ONNX translations for ``opset`` (torchlib's; built once per process — 1–3 s — and
+    only read), or a fresh one with ``translations`` added."""
+    if translations:
+        registry = registration.ONNXRegistry.from_torchlib(opset_version=opset)
+        for op, fn in translations.items():
+            registry.register_op(op, fn, is_complex=False)
+        return registry
+    if opset not in _REGISTRIES:
+        _REGISTRIES[opset] = registration.ONNXRegistry.from_torchlib(opset_version=opset)
+    return _REGISTRIES[opset]
 
 
 def _needs_decomposition(ep, registry) -> str | None:
