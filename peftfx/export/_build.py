@@ -431,6 +431,7 @@ def program_from_graph(work: nn.Module, inputs: Mapping[str, torch.Tensor], name
             out = new.output(tuple(outs))
             out.meta.update(node.meta)
 
+    _functionalize_sole_inplace(new)
     root = nn.Module()
     state_dict, constants = {}, {}
     for target, kind, t, _ in lifted.values():
@@ -618,3 +619,46 @@ def _same_shape(a, b) -> bool:
         elif x != y:
             return False
     return True
+
+
+def _functionalize_sole_inplace(graph: torch.fx.Graph) -> int:
+    """Replace, in place, each in-place ATen op (``aten.add_``) whose mutated argument is a fresh tensor used by it
+    alone — made by an op that returns new storage, not a view, and read by no other node — with its out-of-place
+    overload (``aten.add``): nothing else can see the mutation, so the value is the same (T5's ``position_bias +=``,
+    Falcon's ``mlp_output += attention_output``). Only where the out-of-place result has the in-place result's
+    dtype and shape (type promotion could differ). Returns how many were replaced; other in-place ops stay (the
+    program then refuses the graph and the export takes a fresh ``torch.export``)."""
+    count = 0
+    for node in list(graph.nodes):
+        target = node.target
+        schema = getattr(target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable or not node.args:
+            continue
+        name = schema.name.split("::")[-1]
+        first = schema.arguments[0].alias_info if schema.arguments else None
+        if not name.endswith("_") or first is None or not first.is_write:
+            continue
+        packet = getattr(torch.ops.aten, name[:-1], None)
+        functional = getattr(packet, target._overloadname, None) if packet is not None else None
+        src = node.args[0]
+        if functional is None or not isinstance(src, torch.fx.Node) or src.op != "call_function" or len(src.users) != 1:
+            continue
+        src_schema = getattr(src.target, "_schema", None)
+        if src_schema is None or src_schema.is_mutable or any(r.alias_info is not None for r in src_schema.returns):
+            continue
+        fake = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+        with contextlib.suppress(RuntimeError, TypeError, ValueError):     # a fake kernel's refusal: val stays None
+            val = None
+            val = functional(*fake[0], **fake[1])
+        old = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not isinstance(old, torch.Tensor) or val.dtype != old.dtype \
+                or not _same_shape(val.shape, old.shape):
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(functional, node.args, node.kwargs)
+        new.meta.update(node.meta)
+        new.meta["val"] = val
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        count += 1
+    return count

@@ -198,3 +198,37 @@ def test_program_from_graph_refuses_inputs_unlike_the_trace():
     x = M.ids(3, 5, seed=2)
     with torch.no_grad():           # the program computes what the merged model computes, at another shape
         assert torch.allclose(ep.module()(x)[0], work.eval()(input_ids=x).logits, atol=1e-6)
+
+
+def test_falcon_inplace_add_reused_decompositions_run(tmp_path, monkeypatch, caplog):
+    """Falcon's ``mlp_output += attention_output`` (an in-place add on a fresh tensor) becomes an out-of-place add so
+    the graph is reused; its ``aten.numpy_T`` has no ONNX translation, so the exporter's decompositions run (logged).
+    The file equals today's route's in ORT within 1e-5 at two other shapes."""
+    ids = M.ids(2, 8)
+    pm = peftfx.apply(M.falcon(), LoRA(rank=4, targets=select.role("attn.qkv")), {"input_ids": ids})
+    M.randomise_lora(pm)
+    new, old, logged = _both(pm, {"input_ids": ids}, tmp_path, monkeypatch, caplog)
+    assert "program from graph" in new.stages and "torch.export" not in new.stages
+    assert "decompositions run: aten.numpy_T.default has no ONNX translation" in logged
+    _compare(pm, new, old, [(3, 5), (1, 17)], lambda b, s: {"input_ids": M.ids(b, s, seed=b + s)})
+
+
+def test_t5_encoder_decoder_reused(tmp_path, caplog):
+    """T5 (separate encoder and decoder lengths, an in-place ``position_bias +=``): reused, no decomposition
+    re-trace, and the file matches PyTorch with a source shorter and one longer than the target."""
+    ids = M.ids(2, 8)
+    ex = {"input_ids": ids, "decoder_input_ids": M.ids(2, 5, seed=3)}
+    pm = peftfx.apply(M.t5(), LoRA(rank=4, targets=select.role("attn.q") | select.role("attn.v")), ex)
+    M.randomise_lora(pm)
+    with caplog.at_level(logging.INFO, logger="peftfx.export.onnx"):
+        r = export_onnx(pm, tmp_path / "t5.onnx", ex, optimize="none")
+    _reused(r, caplog.text)
+    assert r.inputs == {"input_ids": ["batch", "sequence"], "decoder_input_ids": ["batch", "decoder_sequence"]}
+    rt = Runtime(r.path)
+    pm.eval()
+    for src, tgt in ((3, 9), (12, 4)):
+        x = {"input_ids": M.ids(2, src, seed=src), "decoder_input_ids": M.ids(2, tgt, seed=tgt)}
+        with torch.no_grad():
+            ref = pm(**x).logits.numpy()
+        got = rt.run(**x)["logits"]
+        assert np.abs(got - ref).max() <= F32_TOL * max(1.0, np.abs(ref).max())
