@@ -15,6 +15,13 @@ mel bins stay fixed), and inputs share an axis name only where they share a symb
 cache. Input and output names are unique (an output named like an input gets the prefix ``out_``). The opset
 is 18 unless asked otherwise and is recorded in the file's metadata with the peftfx version, dtype and layout.
 Models over 2 GB get an external ``.onnx.data`` file. float16 files keep float32/int64 inputs and outputs.
+
+The graph handed to torch.onnx is the traced one (:func:`~peftfx.export._build.program_from_graph`: the merged
+graph's weights lifted to placeholders, its fake values and the trace's ranges), not a second ``torch.export``; and
+where every op has an ONNX translation (after :func:`~peftfx.export._build.rewrite_untranslatable`) the exporter's
+whole-graph decomposition re-trace is skipped (:func:`_to_onnx`). A graph either step cannot take goes today's way
+(a fresh ``torch.export`` of the model, the exporter's decompositions), with the reason logged; ``stages`` says
+which ran (``"program from graph"`` or ``"torch.export"``). ``PEFTFX_EXPORT_REUSE=0`` forces today's way.
 """
 from __future__ import annotations
 
@@ -64,7 +71,7 @@ class ExportReport:
     tolerance: float
     checks: list[dict] = field(default_factory=list)   # per case and output: max_abs, max_rel
     providers: list[str] = field(default_factory=list)
-    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage ("onnx …": parts of "onnx")
     kv_cache: dict | None = None
     adapter_inputs: list[str] = field(default_factory=list)
     optimize: dict = field(default_factory=dict)          # level, target, pipeline, fused op counts (optimize.py)
@@ -370,7 +377,7 @@ def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations
         reuse["identity reshapes dropped"] = drop_identity_reshapes(ep.graph_module)
         reason = _needs_decomposition(ep, registry)
         reuse["rewritten"] = rewritten
-        stages["rewrite untranslatable"] = time.perf_counter() - t
+        stages["onnx rewrite"] = time.perf_counter() - t
     if reason is not None:
         reuse["decompositions"] = f"ran: {reason}"
         log.info("export_onnx: the exporter's decompositions run: %s", reason)
@@ -391,7 +398,7 @@ def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations
         stages["onnx translate"] = time.perf_counter() - t
         t = time.perf_counter()
         program.optimize()
-        stages["onnxscript optimize"] = time.perf_counter() - t
+        stages["onnx onnxscript optimizer"] = time.perf_counter() - t
         _ir_passes.rename_inputs(program.model, input_names)
         _ir_passes.rename_outputs(program.model, output_names)
         return program
