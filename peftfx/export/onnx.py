@@ -322,7 +322,9 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
             except Exception as e:  # the exporter raises its own error types; name the op when it says which
                 raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e
         try:
+            ts = time.perf_counter()
             program.save(tmp, external_data=big)
+            stages["onnx save"] = time.perf_counter() - ts
         except Exception as e:  # a write error of the exporter's own types
             raise ExportError(f"torch.onnx could not write the ONNX file: {_first_line(e)}") from e
     plan["out_names"], plan["out_keys"] = out_names, out_keys
@@ -341,7 +343,8 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
     stages["optimize"] = plan["optimized"]["seconds"]
     t = time.perf_counter()
     _postprocess(tmp, plan, dtype, opset, big)
-    stages["onnx"] += time.perf_counter() - t
+    stages["onnx postprocess"] = time.perf_counter() - t
+    stages["onnx"] += stages["onnx postprocess"]
     return _report(tmp, plan, dtype, opset, big)
 
 
