@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -321,6 +322,11 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
                 program = _to_onnx(ep, opset, io_names, out_names, translations, plan, stages)
             except Exception as e:  # the exporter raises its own error types; name the op when it says which
                 raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e
+        # a float32 file without adapter inputs or cache: axis names and metadata set in memory, before the one
+        # write (the fusions keep both); otherwise _postprocess reads the file back to set them
+        plan["named"] = dtype == "float32" and not entries and plan["kv"] is None
+        if plan["named"]:
+            plan["io"] = _name_in_memory(program.model, plan, out_names, dtype, opset)
         try:
             ts = time.perf_counter()
             program.save(tmp, external_data=big)
@@ -448,12 +454,54 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def _metadata(plan: dict, dtype: str, opset: int, out_names: list) -> dict[str, str]:
+    meta = {"peftfx.version": __version__, "peftfx.opset": str(opset), "peftfx.dtype": dtype,
+            "peftfx.inputs": json.dumps(plan["names"]), "peftfx.outputs": json.dumps(out_names)}
+    if plan["kv"] is not None:
+        meta["peftfx.kv_cache"] = json.dumps(plan["kv"].to_dict())
+    meta.update(plan.get("metadata", {}))
+    return meta
+
+
+def _name_in_memory(model, plan: dict, out_names: list, dtype: str, opset: int) -> dict[str, dict[str, list]]:
+    """:func:`rename_dims` and the metadata of :func:`_postprocess` on the exporter's in-memory onnx_ir model;
+    returns the named input and output shapes for the report (the fusion stage keeps a file's inputs and
+    outputs as they are)."""
+    import onnx_ir as ir
+
+    table: dict[str, str] = {}
+    for value in model.graph.inputs:
+        for i, d in enumerate(value.shape or ()):
+            name = plan["axes"].get(value.name, {}).get(i)
+            if name and isinstance(d, ir.SymbolicDim) and d.value and re.fullmatch(r"s\d+", d.value):
+                table[d.value] = name
+    if table:
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, table)) + r")\b")
+        values = list(model.graph.inputs) + list(model.graph.outputs)
+        values += [v for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs]
+        for v in values:
+            if v.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value for d in v.shape):
+                v.shape = ir.Shape([ir.SymbolicDim(pattern.sub(lambda m: table[m.group(1)], d.value))
+                                    if isinstance(d, ir.SymbolicDim) and d.value else d for d in v.shape])
+    for k, v in _metadata(plan, dtype, opset, out_names).items():
+        model.metadata_props[k] = v
+
+    def dims(value) -> list:
+        return [d.value if isinstance(d, ir.SymbolicDim) else int(d) for d in (value.shape or ())]
+
+    return {"inputs": {v.name: dims(v) for v in model.graph.inputs},
+            "outputs": {v.name: dims(v) for v in model.graph.outputs}}
+
+
 def _postprocess(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> None:
     """Name the dynamic axes, convert to float16, add adapter defaults and metadata, and check the model."""
     import onnx
 
     from .adapters import _set_meta, zero_defaults
 
+    if plan.get("named"):           # named in memory before the write (_name_in_memory): the check alone
+        _check(tmp, plan)
+        return
     proto = onnx.load(tmp, load_external_data=(dtype == "float16"))
     rename_dims(proto, plan["axes"])
     if dtype == "float16":
@@ -465,12 +513,7 @@ def _postprocess(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> Non
         _toposort(proto.graph)
     if plan["entries"]:
         zero_defaults(proto, plan["entries"], "float32")
-    meta = {"peftfx.version": __version__, "peftfx.opset": str(opset), "peftfx.dtype": dtype,
-            "peftfx.inputs": json.dumps(plan["names"]), "peftfx.outputs": json.dumps(plan["out_names"])}
-    if plan["kv"] is not None:
-        meta["peftfx.kv_cache"] = json.dumps(plan["kv"].to_dict())
-    meta.update(plan.get("metadata", {}))
-    for k, v in meta.items():
+    for k, v in _metadata(plan, dtype, opset, plan["out_names"]).items():
         _set_meta(proto, k, v)
     data = tmp + ".data"
     if dtype == "float16" and os.path.exists(data):
@@ -480,6 +523,12 @@ def _postprocess(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> Non
                   location=os.path.basename(data))
     else:
         onnx.save(proto, tmp)
+    _check(tmp, plan)
+
+
+def _check(tmp: str, plan: dict) -> None:
+    import onnx
+
     try:
         onnx.checker.check_model(tmp)
     except onnx.checker.ValidationError as e:
@@ -512,11 +561,15 @@ def _dims(value_info) -> list:
 def _report(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> ExportReport:
     import onnx
 
-    proto = onnx.load(tmp, load_external_data=False)
     data = tmp + ".data"
+    if plan.get("io") is not None:      # the file's inputs and outputs as named in memory (_name_in_memory)
+        inputs, outputs = plan["io"]["inputs"], plan["io"]["outputs"]
+    else:
+        proto = onnx.load(tmp, load_external_data=False)
+        inputs = {i.name: _dims(i) for i in proto.graph.input}
+        outputs = {o.name: _dims(o) for o in proto.graph.output}
     return ExportReport(path=tmp, data_path=data if os.path.exists(data) else None, opset=opset, dtype=dtype,
-                        inputs={i.name: _dims(i) for i in proto.graph.input},
-                        outputs={o.name: _dims(o) for o in proto.graph.output},
+                        inputs=inputs, outputs=outputs,
                         size_bytes=os.path.getsize(tmp) + (os.path.getsize(data) if os.path.exists(data) else 0),
                         tolerance=TOLERANCE[dtype], kv_cache=None if plan["kv"] is None else plan["kv"].to_dict(),
                         adapter_inputs=[e.name for e in plan["entries"]])
