@@ -331,6 +331,7 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
                 raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e
         # a float32 file without adapter inputs or cache: axis names and metadata set in memory, before the one
         # write (the fusions keep both); otherwise _postprocess reads the file back to set them
+        _drop_stack_traces(program.model)
         plan["named"] = dtype == "float32" and not entries and plan["kv"] is None
         if plan["named"]:
             plan["io"] = _name_in_memory(program.model, plan, out_names, dtype, opset)
@@ -421,6 +422,16 @@ def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations
         return program
 
     return translate()
+
+
+def _drop_stack_traces(model) -> None:
+    """The exporter records each node's Python stack trace in the file (``pkg.torch.onnx.stack_trace``): absolute
+    paths of this machine, and different text for one graph depending on where it was traced (a trace-cache hit, a
+    replicated block), so equal models gave files of different sizes. Dropped; the other node metadata stays."""
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in graph.all_nodes():
+            node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
 
 
 _REGISTRIES: dict[int, Any] = {}
