@@ -23,7 +23,7 @@ from .passes.rewrite import rewrite_pass
 from .passes.splice import splice_pass
 from .plan import Plan, adapter_name, plan
 from .sites import Site
-from .trace import trace
+from .trace import trace, trace_deferred
 from .variants import enable_variants
 
 __all__ = ["apply", "apply_to_graph", "inspect", "print_trainable", "trainable_parameters", "merge", "unmerge",
@@ -44,8 +44,12 @@ def apply(model: nn.Module, rules: Any, example_inputs: Any = None, *, dynamic: 
     file. The model's base weights are shared (not copied) and set to ``requires_grad=False``; nothing
     about the model changes if any rule fails to match or conflicts."""
     rules = rules_from_data(rules)
-    pm = trace(model, example_inputs, dynamic=dynamic)   # train mode; eval (and other inputs): traced on first use
-    return apply_to_graph(pm, rules, fill=fill)
+    # train mode; eval (and other inputs): traced on first use. The graph's code is generated once, at the end
+    pm = trace_deferred(model, example_inputs, dynamic=dynamic)
+    try:
+        return apply_to_graph(pm, rules, fill=fill)
+    finally:
+        pm.generate_code()
 
 
 def apply_to_graph(pm: PeftModel, rules: list[MethodConfig], *, fill: Fill | None = None) -> PeftModel:

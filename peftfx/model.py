@@ -56,9 +56,16 @@ class PeftModel(fx.GraphModule):
     adapter module with this one. Any pass that changes this graph makes the others stale; they are rebuilt on
     their next use. ``peftfx.trace`` returns a single-graph model (no original module kept for re-tracing)."""
 
-    def __init__(self, root: nn.Module | dict, graph: fx.Graph, class_name: str = "PeftModel"):
+    #: passes (:mod:`peftfx.passes.base`) call :meth:`recompile` on a PeftModel even while code generation is
+    #: deferred: it records the change and generates code once, in :meth:`generate_code`
+    _peftfx_defers = True
+
+    def __init__(self, root: nn.Module | dict, graph: fx.Graph, class_name: str = "PeftModel", *,
+                 defer_codegen: bool = False):
         self.__dict__["_peftfx_version"] = 0
         self.__dict__["_peftfx_quiet"] = False
+        if defer_codegen:       # no code until generate_code() (trace → passes → apply generate it once)
+            self.__dict__["_peftfx_defer_recompile"] = True
         super().__init__(root, graph, class_name)
         self.peft_info = PeftInfo()
         self._graph_mode: bool | None = None
@@ -68,10 +75,16 @@ class PeftModel(fx.GraphModule):
     def recompile(self):
         """Regenerate the code of this graph. Unless the change only switched dropout (a mode change), the graphs
         of other signatures/modes become stale (they are rebuilt on next use). ``forward`` dispatches by call
-        signature and mode when the model keeps several graphs; ``_graph_forward`` runs this graph."""
-        out = super().recompile()
+        signature and mode when the model keeps several graphs; ``_graph_forward`` runs this graph.
+
+        While code generation is deferred (a :class:`~peftfx.passes.base.PassManager` run, or ``defer_codegen``
+        until :meth:`generate_code`) the change is recorded (other graphs go stale now) and no code is generated."""
         if not self.__dict__.get("_peftfx_quiet", False):
             self.__dict__["_peftfx_version"] = self.__dict__.get("_peftfx_version", 0) + 1
+        if self.__dict__.get("_peftfx_defer_recompile"):
+            self.__dict__["_peftfx_dirty"] = True
+            return None
+        out = super().recompile()
         cls = type(self)
         graph_forward = cls.forward
         cls._graph_forward = _graph_runner(graph_forward)
@@ -84,6 +97,18 @@ class PeftModel(fx.GraphModule):
         forward.__signature__ = self.__dict__.get("_peftfx_signature") or inspect.signature(graph_forward)
         cls.forward = forward
         return out
+
+    def generate_code(self) -> None:
+        """End a deferral begun with ``defer_codegen=True``: generate this graph's code now, once, if the graph
+        changed since (the staleness of other graphs was recorded when it changed)."""
+        d = self.__dict__
+        d.pop("_peftfx_defer_recompile", None)
+        if d.pop("_peftfx_dirty", False):
+            quiet, d["_peftfx_quiet"] = d["_peftfx_quiet"], True
+            try:
+                self.recompile()
+            finally:
+                d["_peftfx_quiet"] = quiet
 
     # ------------------------------------------------------------------------ the original module's face
     def __getattr__(self, name: str) -> Any:

@@ -28,7 +28,7 @@ from .trace_replicate import clean_path as _clean_path
 from .trace_replicate import export_replicated
 from .trace_symbolic import symbolic_export
 
-__all__ = ["trace", "normalize_inputs", "hf_extra_inputs"]
+__all__ = ["trace", "trace_deferred", "normalize_inputs", "hf_extra_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,15 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
     remembers ``model`` and the inputs' :func:`~peftfx.model.call_key`, so :func:`peftfx.apply` can trace other
     modes and signatures (:mod:`peftfx.variants`).
     """
+    pm = trace_deferred(model, example_inputs, dynamic=dynamic, training=training)
+    pm.generate_code()
+    return pm
+
+
+def trace_deferred(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
+                   training: bool = True) -> PeftModel:
+    """:func:`trace` without generating the graph's code: the caller runs its passes and then
+    ``pm.generate_code()`` once (``apply`` does: code generation is most of an apply on a cache hit)."""
     if isinstance(model, PeftModel):
         raise TraceError("this model is already a peftfx model; apply rules to the original nn.Module.")
     kwargs = normalize_inputs(model, example_inputs)
@@ -234,8 +243,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
                     return export()
                 return symbolic_export(model, trace_kwargs, _dynamic_shapes(trace_kwargs, True), export)
 
-            unlifted = cached_export(model, trace_kwargs, dynamic,
-                                     lambda: export_replicated(model, trace_kwargs, one_pass))
+            root, graph = cached_export(model, trace_kwargs, dynamic,
+                                        lambda: export_replicated(model, trace_kwargs, one_pass))
     except Exception as e:  # torch.export raises many types; say which model failed and how to proceed
         msg = str(e).strip().splitlines()
         raise TraceError(
@@ -247,7 +256,7 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
         ) from e
     finally:
         model.train(was_training)
-    pm = PeftModel(unlifted, unlifted.graph, class_name=type(model).__name__)
+    pm = PeftModel(root, graph, class_name=type(model).__name__, defer_codegen=True)
     pm.peft_info.input_names = list(kwargs)
     pm.peft_info.constants = {k: v for k, v in kwargs.items()
                               if not isinstance(v, torch.Tensor) and not _tree_node(v)}

@@ -118,17 +118,14 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     return new
 
 
-def _bind(model: nn.Module, entry: _Entry) -> fx.GraphModule:
-    """A GraphModule over a copy of the cached graph whose ``get_attr`` targets are ``model``'s own tensors."""
-    root = nn.Module()
+def _bind(model: nn.Module, entry: _Entry) -> tuple[dict[str, torch.Tensor], fx.Graph]:
+    """A copy of the cached graph and its ``get_attr`` targets bound to ``model``'s own tensors (by name)."""
+    tensors = {}
     for node in entry.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        t = _lookup(model, node.target)
-        if t is None:
-            t = entry.constants[node.target]
-        _register(root, node.target, t)
-    return fx.GraphModule(root, _copy_graph(entry.graph))
+        if node.op == "get_attr":
+            t = _lookup(model, node.target)
+            tensors[node.target] = entry.constants[node.target] if t is None else t
+    return tensors, _copy_graph(entry.graph)
 
 
 def _lookup(model: nn.Module, target: str) -> Any:
@@ -154,13 +151,15 @@ def _register(root: nn.Module, target: str, t: torch.Tensor) -> None:
 
 
 def cached_export(model: nn.Module, kwargs: dict[str, Any], dynamic: bool,
-                  export: Callable[[], fx.GraphModule]) -> fx.GraphModule:
-    """``export()`` (which runs ``torch.export`` and returns ``ep.module()``), or the cached graph bound to
-    ``model`` when a model with the same key was exported before in this process."""
+                  export: Callable[[], fx.GraphModule]) -> tuple[nn.Module | dict[str, torch.Tensor], fx.Graph]:
+    """``(root, graph)`` for a GraphModule: ``export()``'s (which runs ``torch.export`` and returns ``ep.module()``),
+    or, when a model with the same key was exported before in this process, a copy of the cached graph and its
+    ``get_attr`` targets (name → ``model``'s own tensor)."""
     key = key_of(model, kwargs, dynamic) if _enabled() else None
     if key is None:
         _STATS["uncached"] += 1
-        return export()
+        gm = export()
+        return gm, gm.graph
     entry = _CACHE.get(key)
     if entry is not None:
         _CACHE.move_to_end(key)
@@ -174,13 +173,13 @@ def cached_export(model: nn.Module, kwargs: dict[str, Any], dynamic: bool,
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             graph.erase_node(node)                 # torch.export's input guards; the cleanup pass drops them too
         elif node.op == "call_module":
-            return gm                              # a graph that calls modules of its own: not cacheable
+            return gm, gm.graph                    # a graph that calls modules of its own: not cacheable
         elif node.op == "get_attr" and _lookup(model, node.target) is None:
             value = _lookup(gm, node.target)
             if value is None:
-                return gm
+                return gm, gm.graph
             constants[node.target] = value.detach().clone()
     _CACHE[key] = _Entry(graph, constants)
     while len(_CACHE) > MAX_ENTRIES:
         _CACHE.popitem(last=False)
-    return gm
+    return gm, gm.graph
