@@ -85,8 +85,13 @@ class PeftModel(fx.GraphModule):
             self.__dict__["_peftfx_dirty"] = True
             return None
         out = super().recompile()
+        self._install_forward(type(self).forward)
+        return out
+
+    def _install_forward(self, graph_forward: Any) -> None:
+        """``forward`` (dispatch by signature and mode) and ``_graph_forward`` around this graph's generated code."""
         cls = type(self)
-        graph_forward = cls.forward
+        cls._peftfx_graph_code = graph_forward        # the generated function itself (trace_cache reuses it)
         cls._graph_forward = _graph_runner(graph_forward)
 
         def forward(self, *args, **kwargs):
@@ -96,7 +101,75 @@ class PeftModel(fx.GraphModule):
         # or, for a model keeping several graphs, the original module's (set by peftfx.variants)
         forward.__signature__ = self.__dict__.get("_peftfx_signature") or inspect.signature(graph_forward)
         cls.forward = forward
-        return out
+
+    def adopt_code(self, code: dict[str, Any]) -> None:
+        """Take generated code made for an identical graph (:mod:`peftfx.trace_cache`: a hit on ``apply``'s cache)
+        instead of generating it: what ``GraphModule.recompile`` sets, with the same function object (it reads
+        everything through ``self``)."""
+        from torch.fx.graph_module import _WrappedCall
+
+        d = self.__dict__
+        d.pop("_peftfx_defer_recompile", None)
+        d.pop("_peftfx_dirty", None)
+        for k in ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec"):
+            if k in code:
+                d[k] = code[k]
+        cls = type(self)
+        cls.forward = code["fn"]
+        cls_call = cls.__call__ if "__call__" in vars(cls) else None
+        if "_wrapped_call" not in vars(cls):
+            cls._wrapped_call = _WrappedCall(cls, cls_call)
+
+        def call_wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self._wrapped_call(self, *args, **kwargs)
+
+        cls.__call__ = call_wrapped
+        self._install_forward(code["fn"])
+
+    def code_record(self) -> dict[str, Any] | None:
+        """What :meth:`adopt_code` takes, for this model's current code (None while code generation is deferred)."""
+        d = self.__dict__
+        fn = vars(type(self)).get("_peftfx_graph_code")
+        if fn is None or d.get("_peftfx_defer_recompile") or "_code" not in d:
+            return None
+        return {"fn": fn} | {k: d[k] for k in ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
+                             if k in d}
+
+    # ------------------------------------------------------------------- a graph shared until first use
+    @property
+    def graph(self) -> fx.Graph:
+        """The graph (``GraphModule.graph``). A model built on a hit of ``apply``'s cache starts on the cache's
+        graph, read-only, and takes its own copy here, on first use (running the model needs no graph)."""
+        if "_peftfx_shared_graph" in self.__dict__:
+            self._own_graph()
+        return self.__dict__["_graph"]
+
+    @graph.setter
+    def graph(self, g: fx.Graph) -> None:
+        self.__dict__.pop("_peftfx_shared_graph", None)
+        fx.GraphModule.graph.fset(self, g)
+
+    def share_graph(self, template: fx.Graph, copy_graph: Any) -> None:
+        """Run on ``template``'s code without a graph of its own until one is needed: then ``copy_graph(template)``
+        becomes this model's graph (``template`` itself is never handed out, nor changed)."""
+        self.__dict__.pop("_graph", None)
+        self.__dict__["_peftfx_shared_graph"] = (template, copy_graph)
+
+    def __reduce__(self):
+        if "_peftfx_shared_graph" in self.__dict__:     # fx pickles ``__dict__`` less its graph: take one first
+            self._own_graph()
+        return super().__reduce__()
+
+    def __reduce_package__(self, exporter: Any):
+        if "_peftfx_shared_graph" in self.__dict__:
+            self._own_graph()
+        return super().__reduce_package__(exporter)
+
+    def _own_graph(self) -> None:
+        template, copy_graph = self.__dict__.pop("_peftfx_shared_graph")
+        graph = copy_graph(template)
+        self.__dict__["_graph"] = graph
+        graph.owning_module = self
 
     def generate_code(self) -> None:
         """End a deferral begun with ``defer_codegen=True``: generate this graph's code now, once, if the graph
@@ -112,6 +185,9 @@ class PeftModel(fx.GraphModule):
 
     # ------------------------------------------------------------------------ the original module's face
     def __getattr__(self, name: str) -> Any:
+        if name == "_graph" and "_peftfx_shared_graph" in self.__dict__:   # fx's own code reads ``_graph``
+            self._own_graph()
+            return self.__dict__["_graph"]
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -268,6 +344,8 @@ class PeftModel(fx.GraphModule):
     def __deepcopy__(self, memo: dict) -> "PeftModel":
         """``copy.deepcopy`` keeps what ``GraphModule.__deepcopy__`` drops: ``peft_info``, the forward hooks
         (input constants, QLoRA recompute) and the train/eval state of the graph."""
+        if "_peftfx_shared_graph" in self.__dict__:     # fx copies ``__dict__``: its own graph first
+            self._own_graph()
         res = super().__deepcopy__(memo)
         res.peft_info = copy.deepcopy(self.peft_info, memo)
         res._graph_mode = self._graph_mode

@@ -22,13 +22,13 @@ from .model import PeftModel, call_key
 from .passes.base import PassManager
 from .passes.cleanup import cleanup_pass
 from .passes.dropout import mode_dropout_pass
-from .trace_cache import cached_export
+from .trace_cache import assemble, cached_export
 from .trace_patches import traceable_experts
 from .trace_replicate import clean_path as _clean_path
 from .trace_replicate import export_replicated
 from .trace_symbolic import symbolic_export
 
-__all__ = ["trace", "trace_deferred", "normalize_inputs", "hf_extra_inputs"]
+__all__ = ["trace", "trace_deferred", "trace_inputs", "normalize_inputs", "hf_extra_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +219,20 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
     return pm
 
 
+def trace_inputs(model: nn.Module, example_inputs: Any, dynamic: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(inputs by name, the inputs traced with)``: :func:`normalize_inputs`, then a batch of 1 widened to 2 (dynamic)
+    and one tensor per name. Raises :class:`TraceError` for a PeftModel or inputs that do not fit."""
+    if isinstance(model, PeftModel):
+        raise TraceError("this model is already a peftfx model; apply rules to the original nn.Module.")
+    kwargs = normalize_inputs(model, example_inputs)
+    return kwargs, _unalias(_widen_batch(kwargs) if dynamic else kwargs)
+
+
 def trace_deferred(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
                    training: bool = True) -> PeftModel:
     """:func:`trace` without generating the graph's code: the caller runs its passes and then
     ``pm.generate_code()`` once (``apply`` does: code generation is most of an apply on a cache hit)."""
-    if isinstance(model, PeftModel):
-        raise TraceError("this model is already a peftfx model; apply rules to the original nn.Module.")
-    kwargs = normalize_inputs(model, example_inputs)
-    trace_kwargs = _unalias(_widen_batch(kwargs) if dynamic else kwargs)
+    kwargs, trace_kwargs = trace_inputs(model, example_inputs, dynamic)
     was_training = model.training
     t0 = time.perf_counter()
     model.train(training)  # train: dropout is recorded in the graph; the dropout pass makes it follow the mode
@@ -256,11 +262,14 @@ def trace_deferred(model: nn.Module, example_inputs: Any = None, *, dynamic: boo
         ) from e
     finally:
         model.train(was_training)
-    pm = PeftModel(root, graph, class_name=type(model).__name__, defer_codegen=True)
+    if isinstance(root, dict):        # a trace-cache hit: the graph's tensors by name, in graph order
+        pm = assemble([(k, v, True) for k, v in root.items()], graph, type(model).__name__)
+    else:
+        pm = PeftModel(root, graph, class_name=type(model).__name__, defer_codegen=True)
     pm.peft_info.input_names = list(kwargs)
     pm.peft_info.constants = {k: v for k, v in kwargs.items()
                               if not isinstance(v, torch.Tensor) and not _tree_node(v)}
-    pm.peft_info.device = _first_device(model)
+    pm.peft_info.device = first_device(model)
     pm.__dict__["_peftfx_origin"] = (model, call_key(kwargs, training, dynamic), dynamic)
     _annotate(pm)
     PassManager([cleanup_pass.bind(), mode_dropout_pass.bind()])(pm)       # one recompile for both
@@ -324,7 +333,7 @@ def _host_randomness_off(model: nn.Module, training: bool):
             setattr(obj, name, value)
 
 
-def _first_device(model: nn.Module) -> torch.device:
+def first_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     for b in model.buffers():
