@@ -30,7 +30,7 @@ from .passes.rewrite import rewrite_pass
 from .passes.splice import splice_pass
 from .plan import Plan, adapter_name, plan
 from .sites import Site
-from .trace import first_device, trace, trace_deferred, trace_inputs
+from .trace import first_device, host_random_settings, trace, trace_deferred, trace_inputs
 from .variants import enable_variants
 
 __all__ = ["apply", "apply_to_graph", "inspect", "print_trainable", "trainable_parameters", "merge", "unmerge",
@@ -133,6 +133,8 @@ def _remember(key: str, pm: PeftModel, p: Plan, names: list[str], model: nn.Modu
     """Keep what :func:`_replay` needs to build this result again for another model with the same key — when
     everything about it is recorded: replayable methods only, no graph-level edit, no state beyond the known."""
     if any(type(r) not in _REPLAYABLE for r in rules) or p.graph_edits or set(pm.__dict__) - _APPLIED_ATTRS:
+        return
+    if host_random_settings(model):         # its trace warns (LayerDrop/SpecAugment off): every apply should
         return
     if (len(pm._forward_pre_hooks) != 1 or pm._forward_hooks or pm._backward_hooks or pm._backward_pre_hooks
             or pm._state_dict_hooks or pm._load_state_dict_pre_hooks or pm._load_state_dict_post_hooks

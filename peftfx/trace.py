@@ -303,20 +303,7 @@ def _host_randomness_off(model: nn.Module, training: bool):
     Their decisions are drawn on the host (a Python ``if`` on ``torch.rand``, numpy masks), so torch.export either
     fails on a data-dependent guard (Wav2Vec2's LayerDrop) or would freeze one draw into every step. A mask the
     caller passes (``mask_time_indices``) is an input and still applies."""
-    changed: list[tuple[Any, str, Any]] = []
-    if training:
-        seen: set[int] = set()
-        for m in model.modules():
-            for obj in (m, getattr(m, "config", None)):
-                if obj is None or id(obj) in seen:
-                    continue
-                seen.add(id(obj))
-                spec_off = getattr(obj, "apply_spec_augment", True) is False    # Whisper's default: masks unused
-                for name, value in list(vars(obj).items()):
-                    if not _HOST_RANDOM.fullmatch(name) or (spec_off and name.startswith("mask_")):
-                        continue
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                        changed.append((obj, name, value))
+    changed = host_random_settings(model) if training else []
     for obj, name, _ in changed:
         setattr(obj, name, 0.0)
     if changed:
@@ -331,6 +318,25 @@ def _host_randomness_off(model: nn.Module, training: bool):
     finally:
         for obj, name, value in changed:
             setattr(obj, name, value)
+
+
+def host_random_settings(model: nn.Module) -> list[tuple[Any, str, Any]]:
+    """``(object, name, value)`` of every LayerDrop/SpecAugment setting that is on (``_HOST_RANDOM``, > 0), on the
+    model's modules and configs."""
+    changed: list[tuple[Any, str, Any]] = []
+    seen: set[int] = set()
+    for m in model.modules():
+        for obj in (m, getattr(m, "config", None)):
+            if obj is None or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            spec_off = getattr(obj, "apply_spec_augment", True) is False    # Whisper's default: masks unused
+            for name, value in list(vars(obj).items()):
+                if not _HOST_RANDOM.fullmatch(name) or (spec_off and name.startswith("mask_")):
+                    continue
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                    changed.append((obj, name, value))
+    return changed
 
 
 def first_device(model: nn.Module) -> torch.device:
