@@ -30,7 +30,13 @@ from .passes.rewrite import rewrite_pass
 from .passes.splice import splice_pass
 from .plan import Plan, adapter_name, plan
 from .sites import Site
-from .trace import first_device, host_random_settings, trace, trace_deferred, trace_inputs
+from .trace import (
+    first_device,
+    host_random_settings,
+    trace,
+    trace_deferred,
+    trace_inputs,
+)
 from .variants import enable_variants
 
 __all__ = ["apply", "apply_to_graph", "inspect", "print_trainable", "trainable_parameters", "merge", "unmerge",
@@ -65,7 +71,10 @@ def apply(model: nn.Module, rules: Any, example_inputs: Any = None, *, dynamic: 
     finally:
         pm.generate_code()
     if key is not None:
-        _remember(key, pm, p, names, model, rules)
+        try:
+            _remember(key, pm, p, names, model, rules)
+        except (TypeError, ValueError, AttributeError, KeyError, RuntimeError) as e:   # e.g. a value deepcopy refuses
+            log.debug("apply's cache keeps no entry for %s: %s: %s", type(model).__name__, type(e).__name__, e)
     return pm
 
 
