@@ -186,7 +186,7 @@ def test_models_built_from_applys_cache_share_no_mutable_state():
     assert len(d.graph.nodes) == nodes and d.code == first.code
 
 
-def test_rules_differing_in_any_field_miss_applys_cache():
+def test_rules_differing_in_any_field_miss_applys_cache(monkeypatch):
     ids = M.ids(2, 8)
     base = LoRA(rank=4, alpha=8.0, dropout=0.0, targets=select.role("attn.q"))
     peftfx.apply(M.llama(), base, {"input_ids": ids})
@@ -208,6 +208,9 @@ def test_rules_differing_in_any_field_miss_applys_cache():
     peftfx.apply(M.llama(), base, {"input_ids": M.ids(2, 8).to(torch.int32)})           # other inputs
     peftfx.apply(M.llama().train(), base, {"input_ids": ids})                            # other mode
     assert trace_cache.info()["applied_hits"] == 3
+    monkeypatch.setenv("PEFTFX_APPLY_CACHE", "0")                                         # the switch
+    peftfx.apply(M.llama(), base, {"input_ids": ids})
+    assert trace_cache.info()["applied_hits"] == 3
 
 
 def test_a_hit_built_model_saves_loads_and_adds_adapters(tmp_path):
@@ -221,6 +224,7 @@ def test_a_hit_built_model_saves_loads_and_adds_adapters(tmp_path):
                 p.add_(0.05 * torch.randn_like(p))
     peftfx.save_adapter(hit, tmp_path / "a")
     loaded = peftfx.load_adapter(M.llama(seed=1), tmp_path / "a", {"input_ids": ids})
+    assert trace_cache.info()["applied_hits"] == 1          # loading fills adapters: the trace cache only
     assert torch.allclose(_logits(loaded.eval(), x), _logits(hit.eval(), x), atol=1e-6)
     before = _logits(hit.eval(), x)
     peftfx.add_adapter(hit, "second", LoRA(rank=2))                  # changes hit's graph, not the cache's
