@@ -231,7 +231,7 @@ def cached_export(model: nn.Module, kwargs: dict[str, Any], dynamic: bool,
         gm = export()
         return gm, gm.graph
     entry = _CACHE.get(key)
-    if entry is None and dynamic:
+    if entry is None and dynamic and any(isinstance(v, torch.Tensor) and 1 in v.shape[1:] for v in kwargs.values()):
         # inputs with a size-1 sequence (traced, that size stays static): a graph symbolic in it serves them too
         general = key_of(model, kwargs, dynamic, general=True)
         if general != key and general in _CACHE:

@@ -263,3 +263,20 @@ def test_diffusers_config_is_keyed_with_what_is_set_after_construction():
     c.down_blocks[0].attentions[0].transformer_blocks[0].set_chunk_feed_forward(2, 1)   # an attribute set later
     assert trace_cache.key_of(c, ex, True) != key
     assert trace_cache.key_of(unet(), ex | {"sample": torch.randn(2, 4, 8, 8).double()}, True) != key
+
+
+def test_a_graph_traced_at_sequence_1_never_serves_longer_inputs():
+    """torch.export keeps a size-1 sequence static: that graph must not serve length 8; a graph symbolic in the
+    sequence serves length 1 too (as the dynamic graphs always did)."""
+    short, long = M.ids(2, 1), M.ids(2, 8)
+    p1 = peftfx.trace(M.llama(), {"input_ids": short})
+    p8 = peftfx.trace(M.llama(), {"input_ids": long})
+    assert trace_cache.info()["misses"] == 2 and trace_cache.info()["hits"] == 0
+    assert torch.allclose(_logits(p8.eval(), long), _logits(M.llama(), long), atol=1e-5)
+    trace_cache.clear()
+    peftfx.trace(M.llama(), {"input_ids": long})
+    p = peftfx.trace(M.llama(seed=2), {"input_ids": short})
+    assert trace_cache.info()["hits"] == 1
+    for x in (short, M.ids(3, 5)):
+        assert torch.allclose(_logits(p.eval(), x), _logits(M.llama(seed=2), x), atol=1e-5)
+    assert torch.allclose(_logits(p1.eval(), short), _logits(M.llama(), short), atol=1e-5)
