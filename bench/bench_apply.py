@@ -137,7 +137,8 @@ def main():
         results[name] = r
         table.append((name, f"{r['new']:.2f}", f"{r['before']:.2f}", f"{r['hit']:.4f}", f"{r['trace_hit']:.3f}",
                       f"{r['hf']:.3f}", f"{r['new'] / r['hf']:.0f}×", f"{r['before'] / r['hf']:.0f}×",
-                      f"{r['hit'] / r['hf']:.2f}×", f"{r['trace_hit'] / r['hf']:.1f}×", f"{r['before'] / r['new']:.2f}×"))
+                      f"{r['hit'] / r['hf']:.2f}×", f"{r['trace_hit'] / r['hf']:.1f}×",
+                      f"{r['before'] / r['new']:.2f}×"))
         print(name, json.dumps(r))
     meta = bench_meta(args.threads, args.meta_repeats)
     results["llama-7b-meta"] = meta
