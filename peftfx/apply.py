@@ -167,7 +167,8 @@ def _remember(key: str, pm: PeftModel, p: Plan, names: list[str], model: nn.Modu
     info = copy.deepcopy(dataclasses.replace(pm.peft_info, rules=[]))
     trace_cache.store_applied(key, trace_cache.Applied(
         graph=graph, layout=layout, builds=builds, code=code, info=info, graph_mode=pm._graph_mode,
-        training=pm.training, class_name=type(pm).__name__, meta=copy.deepcopy(pm.meta)))
+        training=pm.training, class_name=type(pm).__name__, meta=copy.deepcopy(pm.meta),
+        modes={pm._graph_mode: (graph, code)} if pm._graph_mode is not None else {}))
 
 
 def _replay(entry: trace_cache.Applied, model: nn.Module, kwargs: dict[str, Any], rules: list[MethodConfig],
@@ -183,7 +184,7 @@ def _replay(entry: trace_cache.Applied, model: nn.Module, kwargs: dict[str, Any]
         value = (tensors[ref] if kind == "model" else ref.clone() if kind == "const"
                  else built[ref] if kind == "adapter" else None)
         items.append((path, value, persistent))
-    pm = trace_cache.assemble(items, entry.graph, entry.class_name, shared=True)
+    pm = trace_cache.assemble(items, entry.graph, entry.class_name, modes=entry.modes)
     pm.adopt_code(entry.code)
     pm.peft_info = copy.deepcopy(entry.info)
     pm.peft_info.rules = list(rules)

@@ -149,11 +149,13 @@ class PeftModel(fx.GraphModule):
         self.__dict__.pop("_peftfx_shared_graph", None)
         fx.GraphModule.graph.fset(self, g)
 
-    def share_graph(self, template: fx.Graph, copy_graph: Any) -> None:
+    def share_graph(self, template: fx.Graph, copy_graph: Any, modes: dict[bool, tuple[fx.Graph, dict]]) -> None:
         """Run on ``template``'s code without a graph of its own until one is needed: then ``copy_graph(template)``
-        becomes this model's graph (``template`` itself is never handed out, nor changed)."""
+        becomes this model's graph (``template`` itself is never handed out, nor changed). ``modes``: train/eval
+        mode → (template, code record) of the same graph with dropout set for that mode, shared with the cache:
+        :meth:`train` switches to one without a pass or code generation, and records it after switching."""
         self.__dict__.pop("_graph", None)
-        self.__dict__["_peftfx_shared_graph"] = (template, copy_graph)
+        self.__dict__["_peftfx_shared_graph"] = (template, copy_graph, modes)
 
     def __reduce__(self):
         if "_peftfx_shared_graph" in self.__dict__:     # fx pickles ``__dict__`` less its graph: take one first
@@ -166,7 +168,7 @@ class PeftModel(fx.GraphModule):
         return super().__reduce_package__(exporter)
 
     def _own_graph(self) -> None:
-        template, copy_graph = self.__dict__.pop("_peftfx_shared_graph")
+        template, copy_graph, _ = self.__dict__.pop("_peftfx_shared_graph")
         graph = copy_graph(template)
         self.__dict__["_graph"] = graph
         graph.owning_module = self
@@ -288,12 +290,23 @@ class PeftModel(fx.GraphModule):
         if self._graph_mode is not mode:
             from .passes.dropout import dropout_mode_pass
 
+            # a graph still shared with apply's cache: its version for this mode, when a model switched before
+            shared = self.__dict__.get("_peftfx_shared_graph")
+            if shared is not None and mode in shared[2]:
+                template, code = shared[2][mode]
+                self.__dict__["_peftfx_shared_graph"] = (template, shared[1], shared[2])
+                self.adopt_code(code)
+                self._graph_mode = mode
+                return self
             self.__dict__["_peftfx_quiet"] = True      # a dropout switch leaves the other graphs valid
             try:
                 dropout_mode_pass(self, mode)
             finally:
                 self.__dict__["_peftfx_quiet"] = False
             self._graph_mode = mode
+            code = self.code_record() if shared is not None else None
+            if code is not None:     # the next model of that cache entry switches without a pass or codegen
+                shared[2][mode] = (shared[1](self.graph), code)
         return self
 
     # ---------------------------------------------------------------------------------------- device

@@ -43,7 +43,7 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -261,13 +261,15 @@ def cached_export(model: nn.Module, kwargs: dict[str, Any], dynamic: bool,
 
 
 # ------------------------------------------------------------------------------------ building a model fast
-def assemble(items: list[tuple[str, Any, bool]], graph: fx.Graph, class_name: str, *, shared: bool = False) -> Any:
+def assemble(items: list[tuple[str, Any, bool]], graph: fx.Graph, class_name: str, *,
+             modes: dict | None = None) -> Any:
     """A :class:`~peftfx.model.PeftModel` on ``graph`` (code generation deferred) holding ``items`` —
     ``(path, value, persistent)`` in order: a parameter, a buffer (a tensor that is no parameter) or a module — at
     their paths, with plain ``nn.Module``s in between. What ``GraphModule(root, graph)`` builds by ``setattr`` per
     ``get_attr`` target, in the same order (so ``named_parameters`` and ``state_dict`` list the same keys in the
     same order), written into the new modules' ``_parameters``/``_buffers``/``_modules`` directly. A value None is
-    a plain module at that path. ``shared``: ``graph`` is a template the model copies on first use."""
+    a plain module at that path. ``modes`` (apply's cache): ``graph`` is a template the model copies on first use
+    (:meth:`~peftfx.model.PeftModel.share_graph`)."""
     from .model import PeftModel
 
     pm = PeftModel({}, fx.Graph(), class_name=class_name, defer_codegen=True)
@@ -277,8 +279,8 @@ def assemble(items: list[tuple[str, Any, bool]], graph: fx.Graph, class_name: st
             _module_at(pm, modules, path)
         else:
             _attach(pm, modules, path, value, persistent)
-    if shared:        # apply's cache: the template graph, copied on first use (PeftModel.share_graph)
-        pm.share_graph(graph, copy_graph)
+    if modes is not None:     # apply's cache: the template graph, copied on first use (PeftModel.share_graph)
+        pm.share_graph(graph, copy_graph, modes)
     else:
         pm.graph = graph
     tracer = graph._tracer_cls
@@ -343,6 +345,8 @@ class Applied:
     training: bool
     class_name: str
     meta: dict[str, Any]
+    #: train/eval mode → (graph, code) with dropout set for it; filled when a model built from here switches mode
+    modes: dict[bool, tuple[fx.Graph, dict[str, Any]]] = field(default_factory=dict)
 
 
 _APPLIED: OrderedDict[str, Applied] = OrderedDict()

@@ -280,3 +280,37 @@ def test_a_graph_traced_at_sequence_1_never_serves_longer_inputs():
     for x in (short, M.ids(3, 5)):
         assert torch.allclose(_logits(p.eval(), x), _logits(M.llama(seed=2), x), atol=1e-5)
     assert torch.allclose(_logits(p1.eval(), short), _logits(M.llama(), short), atol=1e-5)
+
+
+def test_a_mode_switch_on_a_hit_reuses_the_graph_another_model_switched_to(monkeypatch):
+    """An eval-mode model's first ``train()`` rewrites dropout and generates code; apply's cache keeps that result,
+    so the next model of the entry switches with neither (its graph still shared) — and runs as a cold one does."""
+    ids, x = M.ids(2, 8), M.ids(3, 5, seed=3)
+    rule = LoRA(rank=4, dropout=0.2)
+    monkeypatch.setenv("PEFTFX_TRACE_CACHE", "0")
+    torch.manual_seed(3)
+    cold = peftfx.apply(M.llama(seed=1), rule, {"input_ids": ids})          # eval mode, as M.llama returns it
+    monkeypatch.setenv("PEFTFX_TRACE_CACHE", "1")
+    peftfx.apply(M.llama(seed=0), rule, {"input_ids": ids})                 # fills the cache
+    first = peftfx.apply(M.llama(seed=0), rule, {"input_ids": ids}).train()  # a hit: records its train graph
+    assert "_peftfx_shared_graph" not in first.__dict__
+    torch.manual_seed(3)
+    hit = peftfx.apply(M.llama(seed=1), rule, {"input_ids": ids})
+    assert trace_cache.info()["applied_hits"] == 2 and not hit.training
+    hit.train()
+    assert "_peftfx_shared_graph" in hit.__dict__                            # no copy, no pass
+    cold.train()
+    assert hit.code == cold.code
+    with torch.no_grad():                               # live adapters (B starts at zero), alike on both
+        for p, q in zip(cold.parameters(), hit.parameters()):
+            if p.requires_grad:
+                p.add_(0.1), q.add_(0.1)
+    out_cold, grads_cold = _train_out_and_grads(cold, x)
+    out_hit, grads_hit = _train_out_and_grads(hit, x)
+    assert torch.equal(out_cold, out_hit) and all(torch.equal(g, h) for (_, g), (_, h) in zip(grads_cold, grads_hit))
+    torch.manual_seed(0)
+    again = cold(input_ids=x).logits
+    assert not torch.equal(again, out_cold)                                  # dropout is on in train mode
+    with torch.no_grad():
+        hit.eval(), cold.eval()
+        assert torch.equal(hit(input_ids=x).logits, cold(input_ids=x).logits)
