@@ -56,9 +56,16 @@ class PeftModel(fx.GraphModule):
     adapter module with this one. Any pass that changes this graph makes the others stale; they are rebuilt on
     their next use. ``peftfx.trace`` returns a single-graph model (no original module kept for re-tracing)."""
 
-    def __init__(self, root: nn.Module | dict, graph: fx.Graph, class_name: str = "PeftModel"):
+    #: passes (:mod:`peftfx.passes.base`) call :meth:`recompile` on a PeftModel even while code generation is
+    #: deferred: it records the change and generates code once, in :meth:`generate_code`
+    _peftfx_defers = True
+
+    def __init__(self, root: nn.Module | dict, graph: fx.Graph, class_name: str = "PeftModel", *,
+                 defer_codegen: bool = False):
         self.__dict__["_peftfx_version"] = 0
         self.__dict__["_peftfx_quiet"] = False
+        if defer_codegen:       # no code until generate_code() (trace → passes → apply generate it once)
+            self.__dict__["_peftfx_defer_recompile"] = True
         super().__init__(root, graph, class_name)
         self.peft_info = PeftInfo()
         self._graph_mode: bool | None = None
@@ -68,12 +75,23 @@ class PeftModel(fx.GraphModule):
     def recompile(self):
         """Regenerate the code of this graph. Unless the change only switched dropout (a mode change), the graphs
         of other signatures/modes become stale (they are rebuilt on next use). ``forward`` dispatches by call
-        signature and mode when the model keeps several graphs; ``_graph_forward`` runs this graph."""
-        out = super().recompile()
+        signature and mode when the model keeps several graphs; ``_graph_forward`` runs this graph.
+
+        While code generation is deferred (a :class:`~peftfx.passes.base.PassManager` run, or ``defer_codegen``
+        until :meth:`generate_code`) the change is recorded (other graphs go stale now) and no code is generated."""
         if not self.__dict__.get("_peftfx_quiet", False):
             self.__dict__["_peftfx_version"] = self.__dict__.get("_peftfx_version", 0) + 1
+        if self.__dict__.get("_peftfx_defer_recompile"):
+            self.__dict__["_peftfx_dirty"] = True
+            return None
+        out = super().recompile()
+        self._install_forward(type(self).forward)
+        return out
+
+    def _install_forward(self, graph_forward: Any) -> None:
+        """``forward`` (dispatch by signature and mode) and ``_graph_forward`` around this graph's generated code."""
         cls = type(self)
-        graph_forward = cls.forward
+        cls._peftfx_graph_code = graph_forward        # the generated function itself (trace_cache reuses it)
         cls._graph_forward = _graph_runner(graph_forward)
 
         def forward(self, *args, **kwargs):
@@ -83,10 +101,95 @@ class PeftModel(fx.GraphModule):
         # or, for a model keeping several graphs, the original module's (set by peftfx.variants)
         forward.__signature__ = self.__dict__.get("_peftfx_signature") or inspect.signature(graph_forward)
         cls.forward = forward
-        return out
+
+    def adopt_code(self, code: dict[str, Any]) -> None:
+        """Take generated code made for an identical graph (:mod:`peftfx.trace_cache`: a hit on ``apply``'s cache)
+        instead of generating it: what ``GraphModule.recompile`` sets, with the same function object (it reads
+        everything through ``self``)."""
+        from torch.fx.graph_module import _WrappedCall
+
+        d = self.__dict__
+        d.pop("_peftfx_defer_recompile", None)
+        d.pop("_peftfx_dirty", None)
+        for k in ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec"):
+            if k in code:
+                d[k] = code[k]
+        cls = type(self)
+        cls.forward = code["fn"]
+        cls_call = cls.__call__ if "__call__" in vars(cls) else None
+        if "_wrapped_call" not in vars(cls):
+            cls._wrapped_call = _WrappedCall(cls, cls_call)
+
+        def call_wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self._wrapped_call(self, *args, **kwargs)
+
+        cls.__call__ = call_wrapped
+        self._install_forward(code["fn"])
+
+    def code_record(self) -> dict[str, Any] | None:
+        """What :meth:`adopt_code` takes, for this model's current code (None while code generation is deferred)."""
+        d = self.__dict__
+        fn = vars(type(self)).get("_peftfx_graph_code")
+        if fn is None or d.get("_peftfx_defer_recompile") or "_code" not in d:
+            return None
+        return {"fn": fn} | {k: d[k] for k in ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
+                             if k in d}
+
+    # ------------------------------------------------------------------- a graph shared until first use
+    @property
+    def graph(self) -> fx.Graph:
+        """The graph (``GraphModule.graph``). A model built on a hit of ``apply``'s cache starts on the cache's
+        graph, read-only, and takes its own copy here, on first use (running the model needs no graph)."""
+        if "_peftfx_shared_graph" in self.__dict__:
+            self._own_graph()
+        return self.__dict__["_graph"]
+
+    @graph.setter
+    def graph(self, g: fx.Graph) -> None:
+        self.__dict__.pop("_peftfx_shared_graph", None)
+        fx.GraphModule.graph.fset(self, g)
+
+    def share_graph(self, template: fx.Graph, copy_graph: Any, modes: dict[bool, tuple[fx.Graph, dict]]) -> None:
+        """Run on ``template``'s code without a graph of its own until one is needed: then ``copy_graph(template)``
+        becomes this model's graph (``template`` itself is never handed out, nor changed). ``modes``: train/eval
+        mode → (template, code record) of the same graph with dropout set for that mode, shared with the cache:
+        :meth:`train` switches to one without a pass or code generation, and records it after switching."""
+        self.__dict__.pop("_graph", None)
+        self.__dict__["_peftfx_shared_graph"] = (template, copy_graph, modes)
+
+    def __reduce__(self):
+        if "_peftfx_shared_graph" in self.__dict__:     # fx pickles ``__dict__`` less its graph: take one first
+            self._own_graph()
+        return super().__reduce__()
+
+    def __reduce_package__(self, exporter: Any):
+        if "_peftfx_shared_graph" in self.__dict__:
+            self._own_graph()
+        return super().__reduce_package__(exporter)
+
+    def _own_graph(self) -> None:
+        template, copy_graph, _ = self.__dict__.pop("_peftfx_shared_graph")
+        graph = copy_graph(template)
+        self.__dict__["_graph"] = graph
+        graph.owning_module = self
+
+    def generate_code(self) -> None:
+        """End a deferral begun with ``defer_codegen=True``: generate this graph's code now, once, if the graph
+        changed since (the staleness of other graphs was recorded when it changed)."""
+        d = self.__dict__
+        d.pop("_peftfx_defer_recompile", None)
+        if d.pop("_peftfx_dirty", False):
+            quiet, d["_peftfx_quiet"] = d["_peftfx_quiet"], True
+            try:
+                self.recompile()
+            finally:
+                d["_peftfx_quiet"] = quiet
 
     # ------------------------------------------------------------------------ the original module's face
     def __getattr__(self, name: str) -> Any:
+        if name == "_graph" and "_peftfx_shared_graph" in self.__dict__:   # fx's own code reads ``_graph``
+            self._own_graph()
+            return self.__dict__["_graph"]
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -187,12 +290,23 @@ class PeftModel(fx.GraphModule):
         if self._graph_mode is not mode:
             from .passes.dropout import dropout_mode_pass
 
+            # a graph still shared with apply's cache: its version for this mode, when a model switched before
+            shared = self.__dict__.get("_peftfx_shared_graph")
+            if shared is not None and mode in shared[2]:
+                template, code = shared[2][mode]
+                self.__dict__["_peftfx_shared_graph"] = (template, shared[1], shared[2])
+                self.adopt_code(code)
+                self._graph_mode = mode
+                return self
             self.__dict__["_peftfx_quiet"] = True      # a dropout switch leaves the other graphs valid
             try:
                 dropout_mode_pass(self, mode)
             finally:
                 self.__dict__["_peftfx_quiet"] = False
             self._graph_mode = mode
+            code = self.code_record() if shared is not None else None
+            if code is not None:     # the next model of that cache entry switches without a pass or codegen
+                shared[2][mode] = (shared[1](self.graph), code)
         return self
 
     # ---------------------------------------------------------------------------------------- device
@@ -245,6 +359,8 @@ class PeftModel(fx.GraphModule):
     def __deepcopy__(self, memo: dict) -> "PeftModel":
         """``copy.deepcopy`` keeps what ``GraphModule.__deepcopy__`` drops: ``peft_info``, the forward hooks
         (input constants, QLoRA recompute), the train/eval state of the graph and activation checkpointing."""
+        if "_peftfx_shared_graph" in self.__dict__:     # fx copies ``__dict__``: its own graph first
+            self._own_graph()
         res = super().__deepcopy__(memo)
         res.peft_info = copy.deepcopy(self.peft_info, memo)
         res._graph_mode = self._graph_mode

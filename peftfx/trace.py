@@ -22,13 +22,13 @@ from .model import PeftModel, call_key
 from .passes.base import PassManager
 from .passes.cleanup import cleanup_pass
 from .passes.dropout import mode_dropout_pass
-from .trace_cache import cached_export
+from .trace_cache import assemble, cached_export
 from .trace_patches import traceable_experts
 from .trace_replicate import clean_path as _clean_path
 from .trace_replicate import export_replicated
 from .trace_symbolic import symbolic_export
 
-__all__ = ["trace", "normalize_inputs", "hf_extra_inputs"]
+__all__ = ["trace", "trace_deferred", "trace_inputs", "normalize_inputs", "hf_extra_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +214,25 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
     remembers ``model`` and the inputs' :func:`~peftfx.model.call_key`, so :func:`peftfx.apply` can trace other
     modes and signatures (:mod:`peftfx.variants`).
     """
+    pm = trace_deferred(model, example_inputs, dynamic=dynamic, training=training)
+    pm.generate_code()
+    return pm
+
+
+def trace_inputs(model: nn.Module, example_inputs: Any, dynamic: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(inputs by name, the inputs traced with)``: :func:`normalize_inputs`, then a batch of 1 widened to 2 (dynamic)
+    and one tensor per name. Raises :class:`TraceError` for a PeftModel or inputs that do not fit."""
     if isinstance(model, PeftModel):
         raise TraceError("this model is already a peftfx model; apply rules to the original nn.Module.")
     kwargs = normalize_inputs(model, example_inputs)
-    trace_kwargs = _unalias(_widen_batch(kwargs) if dynamic else kwargs)
+    return kwargs, _unalias(_widen_batch(kwargs) if dynamic else kwargs)
+
+
+def trace_deferred(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
+                   training: bool = True) -> PeftModel:
+    """:func:`trace` without generating the graph's code: the caller runs its passes and then
+    ``pm.generate_code()`` once (``apply`` does: code generation is most of an apply on a cache hit)."""
+    kwargs, trace_kwargs = trace_inputs(model, example_inputs, dynamic)
     was_training = model.training
     t0 = time.perf_counter()
     model.train(training)  # train: dropout is recorded in the graph; the dropout pass makes it follow the mode
@@ -234,8 +249,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
                     return export()
                 return symbolic_export(model, trace_kwargs, _dynamic_shapes(trace_kwargs, True), export)
 
-            unlifted = cached_export(model, trace_kwargs, dynamic,
-                                     lambda: export_replicated(model, trace_kwargs, one_pass))
+            root, graph = cached_export(model, trace_kwargs, dynamic,
+                                        lambda: export_replicated(model, trace_kwargs, one_pass))
     except Exception as e:  # torch.export raises many types; say which model failed and how to proceed
         msg = str(e).strip().splitlines()
         raise TraceError(
@@ -247,11 +262,14 @@ def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,
         ) from e
     finally:
         model.train(was_training)
-    pm = PeftModel(unlifted, unlifted.graph, class_name=type(model).__name__)
+    if isinstance(root, dict):        # a trace-cache hit: the graph's tensors by name, in graph order
+        pm = assemble([(k, v, True) for k, v in root.items()], graph, type(model).__name__)
+    else:
+        pm = PeftModel(root, graph, class_name=type(model).__name__, defer_codegen=True)
     pm.peft_info.input_names = list(kwargs)
     pm.peft_info.constants = {k: v for k, v in kwargs.items()
                               if not isinstance(v, torch.Tensor) and not _tree_node(v)}
-    pm.peft_info.device = _first_device(model)
+    pm.peft_info.device = first_device(model)
     pm.__dict__["_peftfx_origin"] = (model, call_key(kwargs, training, dynamic), dynamic)
     _annotate(pm)
     PassManager([cleanup_pass.bind(), mode_dropout_pass.bind()])(pm)       # one recompile for both
@@ -285,20 +303,7 @@ def _host_randomness_off(model: nn.Module, training: bool):
     Their decisions are drawn on the host (a Python ``if`` on ``torch.rand``, numpy masks), so torch.export either
     fails on a data-dependent guard (Wav2Vec2's LayerDrop) or would freeze one draw into every step. A mask the
     caller passes (``mask_time_indices``) is an input and still applies."""
-    changed: list[tuple[Any, str, Any]] = []
-    if training:
-        seen: set[int] = set()
-        for m in model.modules():
-            for obj in (m, getattr(m, "config", None)):
-                if obj is None or id(obj) in seen:
-                    continue
-                seen.add(id(obj))
-                spec_off = getattr(obj, "apply_spec_augment", True) is False    # Whisper's default: masks unused
-                for name, value in list(getattr(obj, "__dict__", {}).items()):   # a dict config has none
-                    if not _HOST_RANDOM.fullmatch(name) or (spec_off and name.startswith("mask_")):
-                        continue
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                        changed.append((obj, name, value))
+    changed = host_random_settings(model) if training else []
     for obj, name, _ in changed:
         setattr(obj, name, 0.0)
     if changed:
@@ -315,7 +320,26 @@ def _host_randomness_off(model: nn.Module, training: bool):
             setattr(obj, name, value)
 
 
-def _first_device(model: nn.Module) -> torch.device:
+def host_random_settings(model: nn.Module) -> list[tuple[Any, str, Any]]:
+    """``(object, name, value)`` of every LayerDrop/SpecAugment setting that is on (``_HOST_RANDOM``, > 0), on the
+    model's modules and configs."""
+    changed: list[tuple[Any, str, Any]] = []
+    seen: set[int] = set()
+    for m in model.modules():
+        for obj in (m, getattr(m, "config", None)):
+            if obj is None or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            spec_off = getattr(obj, "apply_spec_augment", True) is False    # Whisper's default: masks unused
+            for name, value in list(getattr(obj, "__dict__", {}).items()):   # a dict config has none
+                if not _HOST_RANDOM.fullmatch(name) or (spec_off and name.startswith("mask_")):
+                    continue
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                    changed.append((obj, name, value))
+    return changed
+
+
+def first_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     for b in model.buffers():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import peftfx
-from peftfx import LoRA, trace_cache
+from peftfx import IA3, DoRA, Houlsby, LoRA, select, trace_cache
 from tests import models as M
 
 
@@ -94,3 +94,223 @@ def test_the_cache_keeps_no_tensor_of_a_traced_model():
     del model, pm
     gc.collect()
     assert trace_cache.info()["entries"] == 1 and ref() is None
+
+
+# ------------------------------------------------------------------------------- apply's cache (second level)
+
+
+def _state(pm):
+    return list(pm.state_dict(keep_vars=True).items())
+
+
+def _train_out_and_grads(pm, x, seed=11):
+    """Train-mode logits (dropout drawn from ``seed``) and every trainable parameter's gradient."""
+    pm.train()
+    torch.manual_seed(seed)
+    out = pm(input_ids=x).logits
+    out.square().mean().backward()
+    return out.detach(), [(n, p.grad.clone()) for n, p in pm.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("factory,rule", [
+    (M.llama, LoRA(rank=4, alpha=8, dropout=0.1)),
+    (M.gpt2, LoRA(rank=4, targets=select.role("attn.qkv"), init="gaussian")),
+    (M.llama, DoRA(rank=4)),
+    (M.llama, IA3()),
+    (M.llama, Houlsby(bottleneck=8)),
+], ids=["lora-llama", "lora-gpt2-fused", "dora", "ia3", "houlsby"])
+def test_a_hit_of_applys_cache_equals_a_cold_apply_bit_for_bit(monkeypatch, factory, rule):
+    """Same seed → the same adapter weights, the same state_dict (keys in order, values bitwise), the same trainable
+    names, module tree, code, train-mode outputs and gradients, and the same RNG state after, as ``apply`` with every
+    cache off (``torch.export`` run again)."""
+    ids, x = M.ids(2, 8), M.ids(3, 5, seed=3)
+    monkeypatch.setenv("PEFTFX_TRACE_CACHE", "0")
+    torch.manual_seed(7)
+    cold = peftfx.apply(factory(seed=1), rule, {"input_ids": ids})
+    rng_cold = torch.get_rng_state()
+    monkeypatch.setenv("PEFTFX_TRACE_CACHE", "1")
+    peftfx.apply(factory(seed=0), rule, {"input_ids": ids})                     # fills the cache
+    torch.manual_seed(7)
+    hit = peftfx.apply(factory(seed=1), rule, {"input_ids": ids})
+    assert torch.equal(torch.get_rng_state(), rng_cold)
+    assert trace_cache.info()["applied_hits"] == 1 and "_peftfx_shared_graph" in hit.__dict__
+    a, b = _state(cold), _state(hit)
+    assert [k for k, _ in a] == [k for k, _ in b]
+    assert all(torch.equal(u, v) and u.requires_grad == v.requires_grad for (_, u), (_, v) in zip(a, b))
+    assert [n for n, _ in cold.named_modules()] == [n for n, _ in hit.named_modules()]
+    assert [n for n, p in cold.named_parameters() if p.requires_grad] == \
+        [n for n, p in hit.named_parameters() if p.requires_grad]
+    assert hit.code == cold.code and hit.training == cold.training
+    assert all(m.training == cold.get_submodule(n).training for n, m in hit.named_modules())
+    with torch.no_grad():            # live adapters (B starts at zero), the same perturbation on both
+        for (_, p), (_, q) in zip(cold.named_parameters(), hit.named_parameters()):
+            if p.requires_grad:
+                noise = 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                p.add_(noise), q.add_(noise)
+    out_a, grads_a = _train_out_and_grads(cold, x)
+    out_b, grads_b = _train_out_and_grads(hit, x)
+    assert torch.equal(out_a, out_b) and (out_a - _logits(factory(seed=1).train(), x)).abs().max() > 1e-4
+    assert [n for n, _ in grads_a] == [n for n, _ in grads_b]
+    assert all(torch.equal(g, h) for (_, g), (_, h) in zip(grads_a, grads_b))
+    assert sorted(hit.__dict__) == sorted(cold.__dict__)          # its own graph now (taken by the variant)
+    assert peftfx.print_trainable(hit, file=None) == peftfx.print_trainable(cold, file=None)
+
+
+def test_models_built_from_applys_cache_share_no_mutable_state():
+    ids, x = M.ids(2, 8), M.ids(3, 5, seed=3)
+    rule = LoRA(rank=4)
+    first = peftfx.apply(M.llama(seed=0), rule, {"input_ids": ids})
+    b = peftfx.apply(M.llama(seed=1), rule, {"input_ids": ids})
+    c = peftfx.apply(M.llama(seed=1), rule, {"input_ids": ids})
+    assert trace_cache.info()["applied_hits"] == 2
+    assert all("_peftfx_shared_graph" in m.__dict__ for m in (b, c))
+    nodes = len(first.graph.nodes)
+    with torch.no_grad():
+        for m in (b, c):
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(0.1)
+    before_c = _logits(c.eval(), x)                                   # eval: c's own graph (variant) taken
+    ids_b = {id(t) for t in list(b.parameters()) + list(b.buffers())}
+    assert not ids_b & {id(t) for n, t in c.named_parameters() if t.requires_grad}     # adapters are new per hit
+    assert not ids_b & {id(t) for t in c.buffers()} - {id(t) for t in M.llama().buffers()}
+    assert b.graph is not c.graph and not {id(n.meta) for n in b.graph.nodes} & {id(n.meta) for n in c.graph.nodes}
+    assert not {id(n.meta["peftfx"]) for n in b.graph.nodes if "peftfx" in n.meta} \
+        & {id(n.meta["peftfx"]) for n in c.graph.nodes if "peftfx" in n.meta}
+    merged = peftfx.merge(b.eval(), inplace=True)                     # b's graph loses its adapter nodes
+    assert merged is b and len(b.graph.nodes) < nodes
+    assert torch.equal(_logits(c, x), before_c) and len(c.graph.nodes) == nodes     # c unchanged
+    assert all(rec.merged for rec in b.peft_info.adapters.values())
+    assert not any(rec.merged for rec in c.peft_info.adapters.values())
+    d = peftfx.apply(M.llama(seed=1), rule, {"input_ids": ids})     # the cached template is unchanged
+    assert len(d.graph.nodes) == nodes and d.code == first.code
+
+
+def test_rules_differing_in_any_field_miss_applys_cache(monkeypatch):
+    ids = M.ids(2, 8)
+    base = LoRA(rank=4, alpha=8.0, dropout=0.0, targets=select.role("attn.q"))
+    peftfx.apply(M.llama(), base, {"input_ids": ids})
+    q = select.role("attn.q")
+    others = [LoRA(rank=8, alpha=8.0, targets=q), LoRA(rank=4, alpha=16.0, targets=q),
+              LoRA(rank=4, alpha=8.0, dropout=0.1, targets=q), LoRA(rank=4, alpha=8.0, targets=select.role("attn.v")),
+              LoRA(rank=4, alpha=8.0, targets=q, rslora=True), LoRA(rank=4, alpha=8.0, targets=q, init="gaussian"),
+              LoRA(rank=4, alpha=8.0, targets=q, fused="split"), DoRA(rank=4, alpha=8.0, targets=q),
+              [base, IA3(targets=select.role("mlp.down"))]]
+    for rule in others:
+        pm = peftfx.apply(M.llama(), rule, {"input_ids": ids})
+        assert trace_cache.info()["applied_hits"] == 0, rule
+        assert pm.peft_info.rules == (rule if isinstance(rule, list) else [rule])
+    ranks = {peftfx.apply(M.llama(), r, {"input_ids": ids}).get_submodule("model.layers.0.self_attn.q_proj.lora")
+             .lora_A.shape[0] for r in (base, others[0])}
+    assert ranks == {4, 8} and trace_cache.info()["applied_hits"] == 2        # each its own entry, hit again
+    peftfx.apply(M.llama(), LoRA(rank=4, alpha=8.0, targets=select.role("attn.q")), {"input_ids": ids})   # equal fields
+    assert trace_cache.info()["applied_hits"] == 3
+    peftfx.apply(M.llama(), base, {"input_ids": M.ids(2, 8).to(torch.int32)})           # other inputs
+    peftfx.apply(M.llama().train(), base, {"input_ids": ids})                            # other mode
+    assert trace_cache.info()["applied_hits"] == 3
+    monkeypatch.setenv("PEFTFX_APPLY_CACHE", "0")                                         # the switch
+    peftfx.apply(M.llama(), base, {"input_ids": ids})
+    assert trace_cache.info()["applied_hits"] == 3
+
+
+def test_a_hit_built_model_saves_loads_and_adds_adapters(tmp_path):
+    ids, x = M.ids(2, 8), M.ids(3, 5, seed=3)
+    peftfx.apply(M.llama(seed=0), LoRA(rank=4), {"input_ids": ids})
+    hit = peftfx.apply(M.llama(seed=1), LoRA(rank=4), {"input_ids": ids})
+    assert trace_cache.info()["applied_hits"] == 1
+    with torch.no_grad():
+        for p in hit.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    peftfx.save_adapter(hit, tmp_path / "a")
+    loaded = peftfx.load_adapter(M.llama(seed=1), tmp_path / "a", {"input_ids": ids})
+    assert trace_cache.info()["applied_hits"] == 1          # loading fills adapters: the trace cache only
+    assert torch.allclose(_logits(loaded.eval(), x), _logits(hit.eval(), x), atol=1e-6)
+    before = _logits(hit.eval(), x)
+    peftfx.add_adapter(hit, "second", LoRA(rank=2))                  # changes hit's graph, not the cache's
+    with torch.no_grad():
+        for n, p in hit.named_parameters():
+            if "second" in n:
+                p.add_(0.05)
+    peftfx.set_active(hit, "second")
+    assert (_logits(hit, x) - before).abs().max() > 1e-4
+    peftfx.set_active(hit, "default")
+    assert torch.allclose(_logits(hit, x), before, atol=1e-6)
+    again = peftfx.apply(M.llama(seed=1), LoRA(rank=4), {"input_ids": ids})
+    assert trace_cache.info()["applied_hits"] == 2 and len(again.graph.nodes) == len(loaded.graph.nodes)
+
+
+def test_diffusers_config_is_keyed_with_what_is_set_after_construction():
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+
+    def unet():
+        torch.manual_seed(0)
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+
+    ex = {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([3, 7]),
+          "encoder_hidden_states": torch.randn(2, 5, 32)}
+    a, b = unet(), unet()
+    key = trace_cache.key_of(a, ex, True)
+    assert key is not None and key == trace_cache.key_of(b, ex, True)        # a FrozenDict config: cached
+    b.set_attn_processor(AttnProcessor())                                     # another attention processor
+    assert trace_cache.key_of(b, ex, True) != key
+    c = unet()
+    c.down_blocks[0].attentions[0].transformer_blocks[0].set_chunk_feed_forward(2, 1)   # an attribute set later
+    assert trace_cache.key_of(c, ex, True) != key
+    assert trace_cache.key_of(unet(), ex | {"sample": torch.randn(2, 4, 8, 8).double()}, True) != key
+
+
+def test_a_graph_traced_at_sequence_1_never_serves_longer_inputs():
+    """torch.export keeps a size-1 sequence static: that graph must not serve length 8; a graph symbolic in the
+    sequence serves length 1 too (as the dynamic graphs always did)."""
+    short, long = M.ids(2, 1), M.ids(2, 8)
+    p1 = peftfx.trace(M.llama(), {"input_ids": short})
+    p8 = peftfx.trace(M.llama(), {"input_ids": long})
+    assert trace_cache.info()["misses"] == 2 and trace_cache.info()["hits"] == 0
+    assert torch.allclose(_logits(p8.eval(), long), _logits(M.llama(), long), atol=1e-5)
+    trace_cache.clear()
+    peftfx.trace(M.llama(), {"input_ids": long})
+    p = peftfx.trace(M.llama(seed=2), {"input_ids": short})
+    assert trace_cache.info()["hits"] == 1
+    for x in (short, M.ids(3, 5)):
+        assert torch.allclose(_logits(p.eval(), x), _logits(M.llama(seed=2), x), atol=1e-5)
+    assert torch.allclose(_logits(p1.eval(), short), _logits(M.llama(), short), atol=1e-5)
+
+
+def test_a_mode_switch_on_a_hit_reuses_the_graph_another_model_switched_to(monkeypatch):
+    """An eval-mode model's first ``train()`` rewrites dropout and generates code; apply's cache keeps that result,
+    so the next model of the entry switches with neither (its graph still shared) — and runs as a cold one does."""
+    ids, x = M.ids(2, 8), M.ids(3, 5, seed=3)
+    rule = LoRA(rank=4, dropout=0.2)
+    monkeypatch.setenv("PEFTFX_TRACE_CACHE", "0")
+    torch.manual_seed(3)
+    cold = peftfx.apply(M.llama(seed=1), rule, {"input_ids": ids})          # eval mode, as M.llama returns it
+    monkeypatch.setenv("PEFTFX_TRACE_CACHE", "1")
+    peftfx.apply(M.llama(seed=0), rule, {"input_ids": ids})                 # fills the cache
+    first = peftfx.apply(M.llama(seed=0), rule, {"input_ids": ids}).train()  # a hit: records its train graph
+    assert "_peftfx_shared_graph" not in first.__dict__
+    torch.manual_seed(3)
+    hit = peftfx.apply(M.llama(seed=1), rule, {"input_ids": ids})
+    assert trace_cache.info()["applied_hits"] == 2 and not hit.training
+    hit.train()
+    assert "_peftfx_shared_graph" in hit.__dict__                            # no copy, no pass
+    cold.train()
+    assert hit.code == cold.code
+    with torch.no_grad():                               # live adapters (B starts at zero), alike on both
+        for p, q in zip(cold.parameters(), hit.parameters()):
+            if p.requires_grad:
+                p.add_(0.1), q.add_(0.1)
+    out_cold, grads_cold = _train_out_and_grads(cold, x)
+    out_hit, grads_hit = _train_out_and_grads(hit, x)
+    assert torch.equal(out_cold, out_hit) and all(torch.equal(g, h) for (_, g), (_, h) in zip(grads_cold, grads_hit))
+    torch.manual_seed(0)
+    again = cold(input_ids=x).logits
+    assert not torch.equal(again, out_cold)                                  # dropout is on in train mode
+    with torch.no_grad():
+        hit.eval(), cold.eval()
+        assert torch.equal(hit(input_ids=x).logits, cold(input_ids=x).logits)

@@ -80,10 +80,11 @@ class Pass:
                 result.graph_module.graph.lint()
             except Exception as e:  # lint raises RuntimeError with the bad node in its text
                 raise fail(self.name, f"left an invalid graph: {e}") from e
-            if result.graph_module.__dict__.get("_peftfx_defer_recompile"):
-                result.graph_module.__dict__["_peftfx_dirty"] = True     # one recompile when the manager ends
+            out = result.graph_module
+            if out.__dict__.get("_peftfx_defer_recompile") and not getattr(type(out), "_peftfx_defers", False):
+                out.__dict__["_peftfx_dirty"] = True     # one recompile when the manager ends
             else:
-                result.graph_module.recompile()
+                out.recompile()       # a PeftModel defers by itself (and records that other graphs are stale)
         for check in self.ensures:
             reason = check(result.graph_module)
             if reason:
