@@ -227,3 +227,20 @@ def test_bad_input_is_clear_and_changes_nothing():
         PromptTuning(init="text")
     assert peftfx.rules_from_data([PromptTuning(num_virtual_tokens=3, init="text", init_token_ids=(1, 2)).to_dict()]) \
         == [PromptTuning(num_virtual_tokens=3, init="text", init_token_ids=(1, 2))]
+
+
+@pytest.mark.parametrize("cache", ["0", "1"])
+def test_one_token_call_with_a_new_signature_equals_hf_peft(cache, monkeypatch):
+    """A 1-token call with inputs the trace did not have (a new eval-mode graph is traced) gives HF PEFT's logits
+    with the trace cache off as on: the new graph is traced with the sequence widened, so prompt tuning can widen
+    it (traced at length 1 it was pinned and the call raised a SiteError when no cached graph served it)."""
+    monkeypatch.setenv("PEFTFX_TRACE_CACHE", cache)
+    base = M.llama()
+    inputs = _inputs()
+    ours = peftfx.apply(copy.deepcopy(base), PromptTuning(num_virtual_tokens=N), inputs).eval()
+    hf = _hf_prompt(copy.deepcopy(base)).eval()
+    _copy_prompt(hf, ours)
+    x = M.ids(3, 1, seed=6)
+    with torch.no_grad():
+        a, b = hf(input_ids=x, use_cache=False).logits, ours(input_ids=x, use_cache=False).logits
+    assert b.shape == (3, 1, a.shape[-1]) and (a[:, N:] - b).abs().max().item() < TOL
