@@ -60,53 +60,63 @@ def _quant_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def sensitivity(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], per_channel: bool, static: bool,
-                nodes: Sequence[str] | None = None) -> dict[str, float]:
+                nodes: Sequence[str] | None = None, copy: bool = True) -> dict[str, float]:
     """Node name → relative rms error of its int8 product on ``feeds`` (see the module doc). ``model``: a file path
-    or a ModelProto (< 2 GB; not modified). ``nodes``: the weight matmuls to measure (default all)."""
+    or a ModelProto (< 2 GB; unchanged when the call returns; ``copy=False`` lends it to the run — outputs are
+    appended and removed again — instead of copying it). ``nodes``: the weight matmuls to measure (default all)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
     if isinstance(model, (str, os.PathLike)):
-        proto = onnx.load(os.fspath(model))
-    else:
+        proto, copy = onnx.load(os.fspath(model)), False
+    elif copy:
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
+    else:
+        proto = model
     targets = [n for n in weight_matmuls(proto) if nodes is None or n.name in nodes]
     if not targets or not feeds:
         return {}
     inputs = list(dict.fromkeys(n.input[0] for n in targets))
     known = {o.name for o in proto.graph.output}
+    n_out = len(proto.graph.output)
     for name in inputs:
         if name not in known:
             proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    try:
+        data = proto.SerializeToString()
+    finally:
+        del proto.graph.output[n_out:]
     weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
                if t.name in {n.input[1] for n in targets}}
+    targets = [(n.name, n.input[0], n.input[1]) for n in targets]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # the captured names must stay
-    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del proto
+    session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    del proto, data
     wanted = {i.name for i in session.get_inputs()}
     runs = [dict(zip(inputs, session.run(inputs, {k: v for k, v in f.items() if k in wanted}))) for f in feeds]
+    del session
     ranges: dict[str, Any] = {}
     if static:
         for name in inputs:
             ranges[name] = (min(float(r[name].min()) for r in runs), max(float(r[name].max()) for r in runs))
     out = {}
-    for n in targets:
-        w = weights[n.input[1]]
+    for node, x_name, w_name in targets:
+        w = weights[w_name]
         wq = _quant_weight(w, per_channel)
         err = ref = 0.0
         for r in runs:
-            x = r[n.input[0]].reshape(-1, w.shape[0]).astype(np.float32)
+            x = r[x_name].reshape(-1, w.shape[0]).astype(np.float32)
             if not x.size:
                 continue
-            lo, hi = ranges.get(n.input[0], (float(x.min()), float(x.max())))
+            lo, hi = ranges.get(x_name, (float(x.min()), float(x.max())))
             y = x @ w
             err += float(((_quant_act(x, lo, hi) @ wq - y) ** 2).sum())
             ref += float((y ** 2).sum())
-        out[n.name] = float(np.sqrt(err / ref)) if ref > 0 else 0.0
+        out[node] = float(np.sqrt(err / ref)) if ref > 0 else 0.0
     return out
 
 
