@@ -144,6 +144,7 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
     name_nodes(proto)
     nodes = [n.name for n in weight_matmuls(proto)]
     info: dict[str, Any] = {"kept_float": {}, "attention_unpacked": split}
+    arrays: dict[str, np.ndarray] = {}      # the weights as numpy, read once (sensitivity, then the int8 writer)
     rows = feeds
     if cfg.calibration is not None:
         from .runtime import Runtime
@@ -157,7 +158,7 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
             with _one_blas_thread(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 errors = sensitivity(proto, rows, cfg.per_channel, static=cfg.calibration is not None, nodes=nodes,
-                                     copy=False)
+                                     arrays=arrays)
             info["sensitivity"] = {k: round(v, 5) for k, v in sorted(errors.items(), key=lambda kv: -kv[1])}
             info["kept_float"] = {k: v for k, v in info["sensitivity"].items() if v > cfg.keep_float}
     except Exception as e:
@@ -170,7 +171,7 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
                           f"Int8.keep_float={cfg.keep_float} keeps every one in float32): raise keep_float "
                           "or set it to None, or export dtype='float32'.")
     if cfg.calibration is None and os.environ.get("PEFTFX_INT8_ORT", "0") != "1" \
-            and quantize_dynamic_matmuls(proto, chosen, cfg.per_channel):
+            and quantize_dynamic_matmuls(proto, chosen, cfg.per_channel, arrays):
         info["quantizer"] = "peftfx"
         from .adapters import _set_meta
 
@@ -265,7 +266,8 @@ def _int8_weight(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarr
     return q.astype(np.int8), scale
 
 
-def quantize_dynamic_matmuls(proto, nodes: Sequence[str], per_channel: bool) -> bool:
+def quantize_dynamic_matmuls(proto, nodes: Sequence[str], per_channel: bool,
+                             arrays: Mapping[str, np.ndarray] | None = None) -> bool:
     """Dynamic int8 of the weight matmuls ``nodes`` of ``proto`` (a float32 ModelProto, modified in place): per
     node ``x @ W`` → ``DynamicQuantizeLinear(x)`` (uint8, scale and zero point of each call's range; one per
     activation, shared by its consumers) → ``MatMulInteger(x_q, W_q, x_zero_point, W_zero_point)`` → ``Cast``
@@ -276,7 +278,8 @@ def quantize_dynamic_matmuls(proto, nodes: Sequence[str], per_channel: bool) -> 
 
     Applies where every node is a ``MatMul`` whose first input is computed (not an initializer) and whose second is
     a 2-D float32 initializer, the default-domain opset is ≥ 11, no node holds a subgraph, the model is < 2 GB and
-    no name it adds is taken. Otherwise returns False and leaves ``proto`` unchanged."""
+    no name it adds is taken. Otherwise returns False and leaves ``proto`` unchanged. ``arrays``: weights already
+    read as numpy (name → array), not read again."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
@@ -284,7 +287,8 @@ def quantize_dynamic_matmuls(proto, nodes: Sequence[str], per_channel: bool) -> 
     wanted = set(nodes)
     inits = {t.name: t for t in graph.initializer}
     by_name = {n.name: n for n in graph.node if n.name in wanted}
-    if opset < 11 or len(by_name) != len(wanted) or proto.ByteSize() > 2**31 - 2**26:
+    size = sum(int(np.prod(t.dims)) * 4 for t in graph.initializer)      # ≈ the bytes of the weights
+    if opset < 11 or len(by_name) != len(wanted) or size > 2**31 - 2**27:
         return False
     if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
         return False
@@ -323,7 +327,8 @@ def quantize_dynamic_matmuls(proto, nodes: Sequence[str], per_channel: bool) -> 
                                               [x + "_quantized", x + "_scale", x + "_zero_point"], x + "_QuantizeLinear"))
         if w not in done_w:
             done_w.add(w)
-            wq, scale = _int8_weight(numpy_helper.to_array(inits[w]), per_channel)
+            arr = arrays[w] if arrays is not None and w in arrays else numpy_helper.to_array(inits[w])
+            wq, scale = _int8_weight(arr, per_channel)
             dims = [int(wq.shape[1])] if per_channel else []
             new_inits += [helper.make_tensor(w + "_scale", TensorProto.FLOAT, dims, scale.reshape(-1).tolist()),
                           helper.make_tensor(w + "_zero_point", TensorProto.INT8, dims, [0] * int(scale.size)),
@@ -340,14 +345,11 @@ def quantize_dynamic_matmuls(proto, nodes: Sequence[str], per_channel: bool) -> 
     graph.node.extend(out_nodes)
     graph.initializer.extend(new_inits)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        dropped = {t.name for t in graph.initializer} - used
-        graph.ClearField("initializer")
-        graph.initializer.extend(keep)
-        inputs = [i for i in graph.input if i.name not in dropped]
-        graph.ClearField("input")
-        graph.input.extend(inputs)
+    dropped = {t.name for t in graph.initializer} - used
+    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name in dropped]):
+        del graph.initializer[i]            # one by one: rebuilding the list would copy every weight
+    for i in reversed([i for i, v in enumerate(graph.input) if v.name in dropped]):
+        del graph.input[i]
     return True
 
 

@@ -202,3 +202,39 @@ def test_export_reports_the_quantizer_and_static_stays_on_onnx_runtime(tmp_path)
         meta = {p.key: p.value for p in onnx.load(r.path).metadata_props}
         assert meta["peftfx.dtype"] == "int8" and f'"mode": "{mode}"' in meta["peftfx.int8"]
         assert r.quantization["ok"] and r.size_bytes == os.path.getsize(r.path)
+
+
+@pytest.mark.parametrize("inline_bytes", [1 << 16, 1024])
+@pytest.mark.parametrize("model", ["llama", "bert"])
+def test_sensitivity_run_with_in_memory_weights_equals_the_serialized_model(files, model, inline_bytes, monkeypatch):
+    """The sensitivity step's session (large initializers handed over as numpy buffers, small ones inline) captures
+    the same activations, bit for bit, as a session of the whole model serialized with those outputs added — so the
+    measured errors and the keep_float decisions are those of before."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from peftfx.export import _int8_sites
+    from peftfx.export._int8_sites import _session, name_nodes, weight_matmuls
+    from peftfx.export.quantize import _load_for_int8
+
+    monkeypatch.setattr(_int8_sites, "_INLINE_BYTES", inline_bytes)     # 1 KiB: (nearly) every weight a buffer
+    src, ex = files[model]
+    proto, _ = _load_for_int8(src)
+    name_nodes(proto)
+    inputs = list(dict.fromkeys(n.input[0] for n in weight_matmuls(proto)))
+    arrays: dict = {}
+    lite = _session(proto, inputs, arrays)
+    assert arrays and all(a.nbytes >= inline_bytes for a in arrays.values())   # the weights went in as buffers
+    if inline_bytes == 1024:
+        assert {n.input[1] for n in weight_matmuls(proto)} <= set(arrays)
+    full = onnx.ModelProto()
+    full.CopyFrom(proto)
+    for name in inputs:
+        full.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(full.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    for f in _feeds(ex):
+        for a, b in zip(lite.run(inputs, f), ref.run(inputs, f)):
+            assert np.array_equal(a, b)
