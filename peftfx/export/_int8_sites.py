@@ -133,13 +133,15 @@ def _session(proto, extra_outputs: Sequence[str], arrays: dict[str, np.ndarray])
         if name not in known:
             lite.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     names, values = [], []
+    consumed = {i for n in g.node for i in n.input}     # ORT drops unused initializers before taking buffers
     for t in g.initializer:
         arr = arrays.get(t.name)
+        nbytes = (int(np.prod(t.dims)) if len(t.dims) else 1) * _NUMPY_TYPES.get(t.data_type, 0)
+        if t.name not in consumed or (arr is None and (t.data_location == TensorProto.EXTERNAL
+                                                       or nbytes < _INLINE_BYTES)):
+            lite.graph.initializer.append(t)        # small, unused, or a type without a numpy twin: as it is
+            continue
         if arr is None:
-            nbytes = (int(np.prod(t.dims)) if len(t.dims) else 1) * _NUMPY_TYPES.get(t.data_type, 0)
-            if t.data_location == TensorProto.EXTERNAL or nbytes < _INLINE_BYTES:
-                lite.graph.initializer.append(t)        # small, or a type without a numpy twin: inline as it is
-                continue
             arr = arrays[t.name] = np.ascontiguousarray(numpy_helper.to_array(t))
         stub = lite.graph.initializer.add()
         stub.name, stub.data_type = t.name, t.data_type
