@@ -135,7 +135,8 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
     Dynamic int8 is written by :func:`quantize_dynamic_matmuls` — the graph ONNX Runtime's ``quantize_dynamic``
     writes for these matmuls, computed with whole-array numpy instead of its per-channel Python loop, in memory (the
     file is read once and written once, no shape-inference round trip); where that does not apply (see there) and
-    for static int8, ONNX Runtime's quantizer writes the file."""
+    for static int8, ONNX Runtime's quantizer writes the file (``PEFTFX_INT8_ORT=1`` in the environment: always, to
+    compare)."""
     import onnx
 
     from ._int8_sites import name_nodes, sensitivity, weight_matmuls
