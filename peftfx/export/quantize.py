@@ -171,15 +171,22 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
         raise ExportError(f"no weight matmul is left to quantize (the file has {len(nodes)}; "
                           f"Int8.keep_float={cfg.keep_float} keeps every one in float32): raise keep_float "
                           "or set it to None, or export dtype='float32'.")
-    if cfg.calibration is None and os.environ.get("PEFTFX_INT8_ORT", "0") != "1" \
-            and quantize_dynamic_matmuls(proto, chosen, cfg.per_channel, arrays):
-        info["quantizer"] = "peftfx"
-        from .adapters import _set_meta
+    if cfg.calibration is None and os.environ.get("PEFTFX_INT8_ORT", "0") != "1":
+        try:
+            done = quantize_dynamic_matmuls(proto, chosen, cfg.per_channel, arrays)
+            if done:
+                from .adapters import _set_meta
 
-        for k, v in (metadata or {}).items():
-            _set_meta(proto, k, v)
-        onnx.save(proto, dst)
-        return info
+                for k, v in (metadata or {}).items():
+                    _set_meta(proto, k, v)
+                onnx.save(proto, dst)
+        except Exception as e:
+            raise ExportError(f"peftfx's int8 writer failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300] if str(e) else ''}. PEFTFX_INT8_ORT=1 in the "
+                              "environment uses ONNX Runtime's quantizer instead; please report the model.") from e
+        if done:
+            info["quantizer"] = "peftfx"
+            return info
     info["quantizer"] = "onnxruntime"
     _ort_quantize(proto, src, dst, cfg, chosen, reader if cfg.calibration is not None else None)
     if metadata:
