@@ -6,7 +6,9 @@ Face routes, on the same LoRA-tuned weights, in one process.
 
 ``--export-only``: the export-time column alone (results/export_time_<models>.*): the HF route, peftfx
 ``optimize="none"``/``"all"``/``dtype="int8"`` and the same ``"all"`` export by today's route before the graph reuse
-(``PEFTFX_EXPORT_REUSE=0``: a second torch.export and the exporter's decompositions), interleaved (A B C …, then
+(``PEFTFX_EXPORT_REUSE=0``: a second torch.export and the exporter's decompositions) and the same int8 export with
+ONNX Runtime's ``quantize_dynamic`` writing the int8 file instead of peftfx's own writer (``PEFTFX_INT8_ORT=1``;
+the two files are the same graph, see tests/export/test_quantize_speed.py), interleaved (A B C …, then
 reversed) ``--repeats`` rounds after one warm-up round, medians, 1 torch thread; each peftfx row's stages (median
 seconds) are recorded beside it.
 
@@ -199,7 +201,8 @@ def export_times(m, d, repeats):
     merge_s, merged = hf_merged(m)
     rows = {"hf_route": None, "peftfx_none": {"optimize": "none"}, "peftfx_all": {"optimize": "all"},
             "peftfx_all_fresh_export": {"optimize": "all"},
-            "peftfx_int8": {"dtype": "int8", "quantization": {"on_fail": "warn"}}}
+            "peftfx_int8": {"dtype": "int8", "quantization": {"on_fail": "warn"}},
+            "peftfx_int8_ort_quantizer": {"dtype": "int8", "quantization": {"on_fail": "warn"}}}
     times = {k: [] for k in rows}
     stages = {k: [] for k in rows}
 
@@ -207,15 +210,17 @@ def export_times(m, d, repeats):
         path = os.path.join(d, f"{m['name']}_{key}.onnx")
         if key == "hf_route":
             return merge_s + hf_route(m, merged, path)
-        fresh = key.endswith("_fresh_export")
-        if fresh:
+        if key.endswith("_fresh_export"):
             os.environ["PEFTFX_EXPORT_REUSE"] = "0"
+        if key.endswith("_ort_quantizer"):
+            os.environ["PEFTFX_INT8_ORT"] = "1"
         try:
             t0 = time.perf_counter()
             r = export_onnx(m["pm"], path, m["ex"], **rows[key])
             secs = time.perf_counter() - t0
         finally:
             os.environ.pop("PEFTFX_EXPORT_REUSE", None)
+            os.environ.pop("PEFTFX_INT8_ORT", None)
         stages[key].append(r.stages)
         return secs
 

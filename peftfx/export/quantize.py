@@ -122,16 +122,108 @@ class _Reader:
         self.i = 0
 
 
-def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
+def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np.ndarray]] = (),
+                  metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Quantize the float32 ONNX file ``src`` into ``dst`` (dynamic or static int8, per ``cfg``): its weight matmuls
     only (:func:`~peftfx.export._int8_sites.weight_matmuls`), less those whose int8 error on ``feeds`` (the inputs to
     measure sensitivity on; the calibration set when there is one) exceeds ``cfg.keep_float``. ORT ``Attention``
     nodes are first unpacked so their q/k/v projection is such a matmul
-    (:func:`~peftfx.export._int8_sites.expose_attention_projections`). Returns ``{"quantized":
-    n, "kept_float": {node: error}, "sensitivity": {node: error}}`` (errors
-    measured only when ``cfg.keep_float`` is set)."""
+    (:func:`~peftfx.export._int8_sites.expose_attention_projections`). ``metadata``: entries written into ``dst``'s
+    metadata. Returns ``{"quantized": n, "kept_float": {node: error}, "sensitivity": {node: error}, "quantizer":
+    "peftfx" | "onnxruntime"}`` (errors measured only when ``cfg.keep_float`` is set).
+
+    Dynamic int8 is written by :func:`quantize_dynamic_matmuls` — the graph ONNX Runtime's ``quantize_dynamic``
+    writes for these matmuls, computed with whole-array numpy instead of its per-channel Python loop, in memory (the
+    file is read once and written once, no shape-inference round trip); where that does not apply (see there) and
+    for static int8, ONNX Runtime's quantizer writes the file (``PEFTFX_INT8_ORT=1`` in the environment: always, to
+    compare)."""
     import onnx
-    import onnx_ir as ir
+
+    from ._int8_sites import name_nodes, sensitivity, weight_matmuls
+
+    proto, split = _load_for_int8(src)
+    name_nodes(proto)
+    nodes = [n.name for n in weight_matmuls(proto)]
+    info: dict[str, Any] = {"kept_float": {}, "attention_unpacked": split}
+    arrays: dict[str, np.ndarray] = {}      # the weights as numpy, read once (sensitivity, then the int8 writer)
+    rows = feeds
+    if cfg.calibration is not None:
+        from .runtime import Runtime
+
+        rt = Runtime(src, device="cpu", spin=False)
+        names = list(rt._required)
+        reader = _Reader(cfg.calibration, names, {n: rt.input_dtype(n) for n in names})
+        rows = reader.rows
+    try:
+        if cfg.keep_float is not None and rows:
+            with _one_blas_thread(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                errors = sensitivity(proto, rows, cfg.per_channel, static=cfg.calibration is not None, nodes=nodes,
+                                     arrays=arrays)
+            info["sensitivity"] = {k: round(v, 5) for k, v in sorted(errors.items(), key=lambda kv: -kv[1])}
+            info["kept_float"] = {k: v for k, v in info["sensitivity"].items() if v > cfg.keep_float}
+    except Exception as e:
+        raise ExportError(f"the int8 sensitivity run failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
+    chosen = [n for n in nodes if n not in info["kept_float"]]
+    info["quantized"] = len(chosen)
+    if not chosen:
+        raise ExportError(f"no weight matmul is left to quantize (the file has {len(nodes)}; "
+                          f"Int8.keep_float={cfg.keep_float} keeps every one in float32): raise keep_float "
+                          "or set it to None, or export dtype='float32'.")
+    if cfg.calibration is None and os.environ.get("PEFTFX_INT8_ORT", "0") != "1":
+        try:
+            done = quantize_dynamic_matmuls(proto, chosen, cfg.per_channel, arrays)
+            if done:
+                from .adapters import _set_meta
+
+                for k, v in (metadata or {}).items():
+                    _set_meta(proto, k, v)
+                onnx.save(proto, dst)
+        except Exception as e:
+            raise ExportError(f"peftfx's int8 writer failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300] if str(e) else ''}. PEFTFX_INT8_ORT=1 in the "
+                              "environment uses ONNX Runtime's quantizer instead; please report the model.") from e
+        if done:
+            info["quantizer"] = "peftfx"
+            return info
+    info["quantizer"] = "onnxruntime"
+    _ort_quantize(proto, src, dst, cfg, chosen, reader if cfg.calibration is not None else None)
+    if metadata:
+        from .adapters import _set_meta
+
+        q = onnx.load(dst)
+        for k, v in metadata.items():
+            _set_meta(q, k, v)
+        onnx.save(q, dst)
+    return info
+
+
+def _load_for_int8(src: str):
+    """The float32 file as a ModelProto without value_info (fused graphs keep shapes that onnx's re-inference, run
+    by ORT's quantizer, disputes), ORT ``Attention`` nodes unpacked; (proto, number unpacked). Read once: through
+    onnx_ir only when there is an ``Attention`` node to rewrite."""
+    import onnx
+
+    from ._int8_sites import expose_attention_projections
+
+    proto = onnx.load(src)          # external data (a .data file beside src) is read in too
+    split = 0
+    if any(n.op_type == "Attention" and n.domain == "com.microsoft" for n in proto.graph.node):
+        import onnx_ir as ir
+
+        model = ir.from_proto(proto)
+        del proto
+        split = expose_attention_projections(model)
+        proto = ir.to_proto(model)
+        del model
+    del proto.graph.value_info[:]
+    return proto, split
+
+
+def _ort_quantize(proto, src: str, dst: str, cfg: Int8, chosen: list[str], reader) -> None:
+    """ONNX Runtime's quantizer (static int8, and dynamic where :func:`quantize_dynamic_matmuls` does not apply)."""
+    import onnx
     from onnxruntime.quantization import (
         QuantFormat,
         QuantType,
@@ -139,22 +231,6 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
         quantize_static,
     )
 
-    from ._int8_sites import (
-        expose_attention_projections,
-        name_nodes,
-        sensitivity,
-        weight_matmuls,
-    )
-
-    model = ir.load(src)
-    if os.path.exists(src + ".data"):
-        ir.external_data.load_to_model(model)
-    split = expose_attention_projections(model)
-    proto = ir.to_proto(model)
-    del model
-    del proto.graph.value_info[:]     # fused graphs keep shapes that onnx's re-inference (run by ORT's quantizer) disputes
-    name_nodes(proto)
-    nodes = [n.name for n in weight_matmuls(proto)]
     src = src[:-len(".onnx")] + ".noshapes.onnx"
     onnx.save(proto, src)
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT,   # outputs of ORT's fused ops have no inferred type
@@ -162,30 +238,9 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
     ql = logging.getLogger()          # ORT's quantizer logs "consider pre-processing" on the root logger
     level = ql.level
     ql.setLevel(max(level, logging.ERROR))
-    info: dict[str, Any] = {"kept_float": {}, "attention_unpacked": split}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rows = feeds
-            if cfg.calibration is not None:
-                from .runtime import Runtime
-
-                rt = Runtime(src, device="cpu", spin=False)
-                names = list(rt._required)
-                reader = _Reader(cfg.calibration, names, {n: rt.input_dtype(n) for n in names})
-                rows = reader.rows
-            if cfg.keep_float is not None and rows:
-                with _one_blas_thread():
-                    errors = sensitivity(proto, rows, cfg.per_channel, static=cfg.calibration is not None,
-                                         nodes=nodes)
-                info["sensitivity"] = {k: round(v, 5) for k, v in sorted(errors.items(), key=lambda kv: -kv[1])}
-                info["kept_float"] = {k: v for k, v in info["sensitivity"].items() if v > cfg.keep_float}
-            chosen = [n for n in nodes if n not in info["kept_float"]]
-            info["quantized"] = len(chosen)
-            if not chosen:
-                raise ExportError(f"no weight matmul is left to quantize (the file has {len(nodes)}; "
-                                  f"Int8.keep_float={cfg.keep_float} keeps every one in float32): raise keep_float "
-                                  "or set it to None, or export dtype='float32'.")
             if cfg.calibration is None:
                 quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
                                  op_types_to_quantize=["MatMul"], nodes_to_quantize=chosen, extra_options=extra)
@@ -193,16 +248,117 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
                 quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, extra_options=extra,
                                 op_types_to_quantize=["MatMul"], nodes_to_quantize=chosen)
-    except ExportError:
-        raise
     except Exception as e:  # ORT's quantizer raises its own types
         raise ExportError(f"ONNX Runtime's int8 quantizer failed ({cfg.mode}): {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
     finally:
         ql.setLevel(level)
         os.remove(src)
-        del proto
-    return info
+
+
+def _int8_weight(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of a float32 weight [in, out], one scale per output column (or one for the tensor), by the
+    formulas of ONNX Runtime's quantizer, step for step in the same dtypes: range [min(w, 0), max(w, 0)],
+    ``absmax`` of its ends, ``scale = float32((absmax − (−absmax)) / 254)`` computed in float64 (a scale under
+    float32's smallest normal → 1.0), ``q = clip(round_half_even(w / scale), −128, 127)`` divided in float32;
+    zero point 0. Returns (q int8 [in, out], scales float32 [out] or [])."""
+    w = np.asarray(w, dtype=np.float32)
+    lo = np.minimum(w.min(axis=0) if per_channel else w.min(), np.float32(0))
+    hi = np.maximum(w.max(axis=0) if per_channel else w.max(), np.float32(0))
+    absmax = np.maximum(np.abs(lo), np.abs(hi))
+    scale64 = (absmax.astype(np.float64) - (-absmax).astype(np.float64)) / np.float64(254.0)
+    scale = np.where(scale64 < np.finfo(np.float32).tiny, np.float32(1.0), scale64.astype(np.float32))
+    scale = np.asarray(scale, dtype=np.float32)
+    q = np.round(w / scale)
+    np.clip(q, -128, 127, out=q)
+    return q.astype(np.int8), scale
+
+
+def quantize_dynamic_matmuls(proto, nodes: Sequence[str], per_channel: bool,
+                             arrays: Mapping[str, np.ndarray] | None = None) -> bool:
+    """Dynamic int8 of the weight matmuls ``nodes`` of ``proto`` (a float32 ModelProto, modified in place): per
+    node ``x @ W`` → ``DynamicQuantizeLinear(x)`` (uint8, scale and zero point of each call's range; one per
+    activation, shared by its consumers) → ``MatMulInteger(x_q, W_q, x_zero_point, W_zero_point)`` → ``Cast``
+    float → ``Mul`` by ``x_scale · W_scale`` (a second ``Mul``), with ``W_q`` from :func:`_int8_weight` — the nodes,
+    names, initializers and their order that ONNX Runtime's ``quantize_dynamic`` (``op_types_to_quantize=
+    ["MatMul"]``, ``nodes_to_quantize=nodes``, int8 weights, ``MatMulConstBOnly``) writes, so the file runs to the
+    same bits. Float initializers no node uses any more are dropped (as that quantizer does).
+
+    Applies where every node is a ``MatMul`` whose first input is computed (not an initializer) and whose second is
+    a 2-D float32 initializer, the default-domain opset is ≥ 11, no node holds a subgraph, the model is < 2 GB and
+    no name it adds is taken. Otherwise returns False and leaves ``proto`` unchanged. ``arrays``: weights already
+    read as numpy (name → array), not read again."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    wanted = set(nodes)
+    inits = {t.name: t for t in graph.initializer}
+    by_name = {n.name: n for n in graph.node if n.name in wanted}
+    size = sum(int(np.prod(t.dims)) * 4 for t in graph.initializer)      # ≈ the bytes of the weights
+    if opset < 11 or len(by_name) != len(wanted) or size > 2**31 - 2**27:
+        return False
+    if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
+        return False
+    taken = {o for n in graph.node for o in n.output} | {n.name for n in graph.node} | set(inits) \
+        | {i.name for i in graph.input}
+    new_names: set[str] = set()
+    for n in by_name.values():
+        if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or len(n.output) != 1:
+            return False
+        x, w = n.input
+        t = inits.get(w)
+        if not x or x in inits or t is None or t.data_type != TensorProto.FLOAT or len(t.dims) != 2 \
+                or t.data_location == TensorProto.EXTERNAL:
+            return False
+        q = n.name + "_quant"
+        new_names |= {x + "_quantized", x + "_scale", x + "_zero_point", x + "_QuantizeLinear",
+                      w + "_quantized", w + "_scale", w + "_zero_point", n.output[0] + "_output_quantized",
+                      n.output[0] + "_output_quantized_cast_output", n.output[0] + "_output_quantized_cast",
+                      q, q + "_scales_mul", q + "_scales_mul:0", q + "_output_scale_mul"}
+    if new_names & taken:
+        return False
+
+    done_x: set[str] = set()
+    done_w: set[str] = set()
+    new_inits = []
+    out_nodes = []
+    for n in graph.node:
+        if n.name not in wanted:
+            out_nodes.append(n)
+            continue
+        x, w = n.input
+        y = n.output[0]
+        if x not in done_x:
+            done_x.add(x)
+            out_nodes.append(helper.make_node("DynamicQuantizeLinear", [x],
+                                              [x + "_quantized", x + "_scale", x + "_zero_point"], x + "_QuantizeLinear"))
+        if w not in done_w:
+            done_w.add(w)
+            arr = arrays[w] if arrays is not None and w in arrays else numpy_helper.to_array(inits[w])
+            wq, scale = _int8_weight(arr, per_channel)
+            dims = [int(wq.shape[1])] if per_channel else []
+            new_inits += [helper.make_tensor(w + "_scale", TensorProto.FLOAT, dims, scale.reshape(-1).tolist()),
+                          helper.make_tensor(w + "_zero_point", TensorProto.INT8, dims, [0] * int(scale.size)),
+                          numpy_helper.from_array(wq, w + "_quantized")]
+        q = n.name + "_quant"
+        mm = y + "_output_quantized"
+        out_nodes += [
+            helper.make_node("MatMulInteger", [x + "_quantized", w + "_quantized", x + "_zero_point",
+                                               w + "_zero_point"], [mm], q),
+            helper.make_node("Cast", [mm], [mm + "_cast_output"], mm + "_cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [x + "_scale", w + "_scale"], [q + "_scales_mul:0"], q + "_scales_mul"),
+            helper.make_node("Mul", [mm + "_cast_output", q + "_scales_mul:0"], [y], q + "_output_scale_mul")]
+    graph.ClearField("node")
+    graph.node.extend(out_nodes)
+    graph.initializer.extend(new_inits)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dropped = {t.name for t in graph.initializer} - used
+    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name in dropped]):
+        del graph.initializer[i]            # one by one: rebuilding the list would copy every weight
+    for i in reversed([i for i, v in enumerate(graph.input) if v.name in dropped]):
+        del graph.input[i]
+    return True
 
 
 @contextlib.contextmanager
@@ -315,7 +471,8 @@ def to_int8(tmp: str, pm, plan: dict, cfg, report, verify: bool, stages: dict) -
     t = time.perf_counter()
     qtmp = tmp[:-len(".onnx")] + ".int8.onnx"
     feeds = [] if cfg.calibration is not None or cfg.keep_float is None else _verification_feeds(plan)
-    picked = quantize_file(tmp, qtmp, cfg, feeds)
+    picked = quantize_file(tmp, qtmp, cfg, feeds,
+                           metadata={"peftfx.dtype": "int8", "peftfx.int8": json.dumps(cfg.describe())})
     stages["int8"] = time.perf_counter() - t
     report.quantization = cfg.describe() | {"float32_bytes": report.size_bytes} | picked
     if verify:
@@ -323,9 +480,10 @@ def to_int8(tmp: str, pm, plan: dict, cfg, report, verify: bool, stages: dict) -
         report.quantization.update(int8_accuracy(qtmp, pm, plan, cfg))
         stages["int8 check"] = time.perf_counter() - t
     os.replace(qtmp, tmp)
-    if os.path.exists(tmp + ".data"):       # the quantizer wrote the weights inline
+    if os.path.exists(tmp + ".data"):       # the int8 file holds its weights inline
         os.remove(tmp + ".data")
-    set_dtype(tmp, report, "int8", {"peftfx.int8": json.dumps(cfg.describe())})
+    report.dtype = "int8"
+    report.size_bytes = os.path.getsize(tmp)
 
 
 def to_bfloat16(path: str) -> None:
