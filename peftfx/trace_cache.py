@@ -58,6 +58,9 @@ MAX_ENTRIES = 16
 class _Entry:
     graph: fx.Graph
     constants: dict[str, torch.Tensor]
+    #: the rule-independent analysis of the graphs this entry gives (sites, roles, modules without a site), as
+    #: :func:`peftfx.plan.plan` found it on the first hit: fingerprint → frozen analysis (see :func:`analysis_slot`)
+    analysis: dict[Any, Any] = field(default_factory=dict)
 
 
 _CACHE: "OrderedDict[str, _Entry]" = OrderedDict()
@@ -195,7 +198,19 @@ def _bind(model: nn.Module, entry: _Entry) -> tuple[dict[str, torch.Tensor], fx.
         if node.op == "get_attr":
             t = _lookup(model, node.target)
             tensors[node.target] = entry.constants[node.target].clone() if t is None else t
-    return tensors, copy_graph(entry.graph)
+    graph = copy_graph(entry.graph)
+    graph._peftfx_trace_entry = entry        # read (once) by the first plan of this graph: see analysis_slot
+    return tensors, graph
+
+
+def analysis_slot(graph: fx.Graph) -> dict[Any, Any] | None:
+    """The analysis store of the trace-cache entry ``graph`` was copied from, once: the tag is taken off, so only the
+    first plan of a graph fresh from a hit may use it (later plans see a graph that passes have changed). The
+    store is keyed by a fingerprint of the graph as planned (node names in order, the count of passes that
+    modified it, the role-detector pipeline; :func:`peftfx.plan.plan`), so a graph a pass changed between the
+    trace and its first plan misses it."""
+    entry = graph.__dict__.pop("_peftfx_trace_entry", None)
+    return None if entry is None else entry.analysis
 
 
 def _lookup(model: nn.Module, target: str) -> Any:

@@ -314,3 +314,90 @@ def test_a_mode_switch_on_a_hit_reuses_the_graph_another_model_switched_to(monke
     with torch.no_grad():
         hit.eval(), cold.eval()
         assert torch.equal(hit(input_ids=x).logits, cold(input_ids=x).logits)
+
+
+# ---------------------------------------------------------- a trace-cache hit with other rules (apply's cache off)
+
+
+def _assert_same_result(cold, hit, fresh, x):
+    """``hit`` is ``cold`` bit for bit: state_dict (keys in order, values bitwise), module tree, trainable names,
+    adapter records, code, modes, train-mode outputs and gradients; ``fresh()`` the base model, which they differ
+    from."""
+    a, b = _state(cold), _state(hit)
+    assert [k for k, _ in a] == [k for k, _ in b]
+    assert all(torch.equal(u, v) and u.requires_grad == v.requires_grad for (_, u), (_, v) in zip(a, b))
+    assert [n for n, _ in cold.named_modules()] == [n for n, _ in hit.named_modules()]
+    assert [n for n, p in cold.named_parameters() if p.requires_grad] == \
+        [n for n, p in hit.named_parameters() if p.requires_grad]
+    assert cold.peft_info.adapters == hit.peft_info.adapters
+    assert hit.code == cold.code and hit.training == cold.training
+    assert all(m.training == cold.get_submodule(n).training for n, m in hit.named_modules())
+    with torch.no_grad():            # live adapters (B starts at zero), the same perturbation on both
+        for (_, p), (_, q) in zip(cold.named_parameters(), hit.named_parameters()):
+            if p.requires_grad:
+                noise = 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                p.add_(noise), q.add_(noise)
+    out_a, grads_a = _train_out_and_grads(cold, x)
+    out_b, grads_b = _train_out_and_grads(hit, x)
+    assert torch.equal(out_a, out_b) and (out_a - _logits(fresh().train(), x)).abs().max() > 1e-4
+    assert [n for n, _ in grads_a] == [n for n, _ in grads_b]
+    assert all(torch.equal(g, h) for (_, g), (_, h) in zip(grads_a, grads_b))
+    assert peftfx.print_trainable(hit, file=None) == peftfx.print_trainable(cold, file=None)
+
+
+@pytest.mark.parametrize("factory,rule", [
+    (M.llama, LoRA(rank=4, alpha=8, dropout=0.1, targets=select.role("attn.q", "attn.v", "mlp.down"))),
+    (M.llama, IA3()),
+    (M.llama, Houlsby(bottleneck=8)),
+    (M.gpt2, LoRA(rank=4, targets=select.role("attn.qkv"), init="gaussian")),
+    (M.llama, LoRA(rank=2, targets=select.name("*.mlp.*_proj"))),
+], ids=["lora-roles", "ia3", "houlsby", "lora-gpt2-fused", "lora-name-glob"])
+def test_a_trace_cache_hit_with_new_rules_equals_a_cold_apply_bit_for_bit(monkeypatch, factory, rule):
+    """apply's cache off: the graph is reused, and the sites and roles found on the first hit (another rule) are
+    reused by later hits (no role detection runs), and the result equals an apply with every cache off."""
+    import peftfx.plan as plan_module
+
+    ids, x = M.ids(2, 8), M.ids(3, 5, seed=3)
+    monkeypatch.setenv("PEFTFX_APPLY_CACHE", "0")
+    monkeypatch.setenv("PEFTFX_TRACE_CACHE", "0")
+    torch.manual_seed(7)
+    cold = peftfx.apply(factory(seed=1), rule, {"input_ids": ids})
+    rng_cold = torch.get_rng_state()
+    monkeypatch.setenv("PEFTFX_TRACE_CACHE", "1")
+    other = LoRA(rank=3, targets=select.role("attn.o"))
+    peftfx.apply(factory(seed=0), other, {"input_ids": ids})                     # a miss: traced
+    peftfx.apply(factory(seed=2), other, {"input_ids": ids})                     # a hit: analysis kept
+    runs = []
+    real = plan_module.assign_roles
+    monkeypatch.setattr(plan_module, "assign_roles", lambda *a: (runs.append(1), real(*a))[1])
+    torch.manual_seed(7)
+    hit = peftfx.apply(factory(seed=1), rule, {"input_ids": ids})
+    assert torch.equal(torch.get_rng_state(), rng_cold)
+    assert trace_cache.info()["hits"] == 2 and trace_cache.info()["applied_hits"] == 0 and not runs
+    _assert_same_result(cold, hit, lambda: factory(seed=1), x)
+
+
+def test_the_cached_analysis_never_takes_a_change():
+    """Sites handed out from the cached analysis are new objects on the new graph's nodes: changing them, and
+    passes changing the graph they sit on, leave what later hits get unchanged."""
+    ids = M.ids(2, 8)
+    ex = {"input_ids": ids}
+    want = str(peftfx.inspect(M.gpt2(seed=0), None, ex))                          # a miss: traced
+    first = peftfx.inspect(M.gpt2(seed=1), None, ex)                             # the first hit keeps its analysis
+    (entry,) = trace_cache._CACHE.values()
+    assert len(entry.analysis) == 1 and str(first) == want
+    again = peftfx.inspect(M.gpt2(seed=2), None, ex)                             # from the cache
+    assert str(again) == want
+    graph = again.plan.sites[0].node.graph
+    assert graph is not first.plan.sites[0].node.graph and all(s.node.graph is graph for s in again.plan.sites)
+    for s in again.plan.sites:                                   # change everything a pass or rule could
+        s.roles.add("attn.bogus")
+        s.slices["attn.q"] = (0, 1)
+        s.key += ".x"
+    qkv = next(s for s in again.plan.sites if "attn.qkv" in s.roles)
+    qkv.node.name = "renamed"
+    peft = peftfx.apply(M.gpt2(seed=3), LoRA(rank=4, targets=select.role("attn.qkv")), ex)  # splices a hit graph
+    assert any("lora" in n.name for n in peft.graph.nodes)
+    peftfx.merge(peft, inplace=True)
+    assert str(peftfx.inspect(M.gpt2(seed=4), None, ex)) == want
+    assert trace_cache.info()["misses"] == 1

@@ -76,6 +76,8 @@ class Pass:
         if in_place_run and result.graph_module is not gm:
             raise fail(self.name, "is an in-place run but returned a different module")
         if result.modified:
+            graph = result.graph_module.graph       # counted: a cached analysis is keyed by it (peftfx.plan)
+            graph.__dict__["_peftfx_edits"] = graph.__dict__.get("_peftfx_edits", 0) + 1
             try:
                 result.graph_module.graph.lint()
             except Exception as e:  # lint raises RuntimeError with the bad node in its text
