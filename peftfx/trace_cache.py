@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -169,11 +170,62 @@ def key_of(model: nn.Module, kwargs: dict[str, Any], dynamic: bool, general: boo
                        transformers.__version__, switches], default=repr)
 
 
+#: what :func:`peftfx.passes.cleanup.cleanup_pass` removes from every traced graph (where unused)
+_CLEANED = frozenset({torch.ops.aten._assert_tensor_metadata.default})
+
 #: environment switches that choose how a model is traced (so which graph it gets)
 _TRACE_SWITCHES = frozenset({"PEFTFX_TRACE_REPLICATE", "PEFTFX_SYMBOLIC_TRACE"})
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """``graph`` copied node by node, as ``Graph.graph_copy`` + ``output`` copy it (the same names, in the same
+    order, the same namespace state, ``meta`` dicts shallow-copied), without what ``create_node`` does for nodes
+    made anew (name generation, a scan of every argument for raw symbolic values): those names and arguments
+    are already a valid graph's. Falls back to ``graph_copy`` where fx lacks the internals this uses."""
+    new = fx.Graph()
+    try:
+        ns, insert, table = new._graph_namespace, new._insert, new._find_nodes_lookup_table
+        used, to_name, counts = ns._used_names, ns._obj_to_name, ns._base_count
+    except AttributeError:
+        return _fx_copy_graph(graph)
+    env: dict[fx.Node, fx.Node] = {}
+
+    def remap(a: Any) -> Any:
+        if type(a) is fx.Node:
+            return env[a]
+        if type(a) is tuple:
+            return tuple(remap(x) for x in a)
+        if type(a) is list:
+            return [remap(x) for x in a]
+        if isinstance(a, (tuple, list, dict, slice, fx.Node)):   # other containers: fx's own mapping
+            return fx.node.map_arg(a, env.__getitem__)
+        return a
+
+    for node in graph.nodes:
+        name, output = node.name, node.op == "output"
+        n = fx.Node(new, name, node.op, node.target, remap(node.args),
+                    fx.node.map_arg(node.kwargs, env.__getitem__) if node.kwargs else {},
+                    None if output else node.type)
+        m = _NAME.match(name)                      # what Namespace.create_name records for an unused valid name
+        base, num = m.group(1, 2) if m else (name, None)
+        counts[base] = int(num) if num is not None else counts.get(base, 0)
+        used.add(name)
+        to_name[n] = name
+        insert(n)
+        table.insert(n)
+        new._len += 1
+        if output:                      # graph_copy stops at the output, which Graph.output makes anew
+            break
+        n.meta = copy.copy(node.meta)
+        env[node] = n
+    new._codegen = copy.deepcopy(graph._codegen)
+    return new
+
+
+_NAME = re.compile(r"^([a-zA-Z_][0-9a-zA-Z_]*?)(?:_(\d+))?$")      # fx's own: a name's base and numeric suffix
+
+
+def _fx_copy_graph(graph: fx.Graph) -> fx.Graph:
     new = fx.Graph()
     out = new.graph_copy(graph, {})
     new.output(out)
@@ -260,8 +312,10 @@ def cached_export(model: nn.Module, kwargs: dict[str, Any], dynamic: bool,
     graph = _copy_graph(gm.graph)
     constants = {}
     for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
-            graph.erase_node(node)                 # torch.export's input guards; the cleanup pass drops them too
+        if not node.users and ((node.op == "call_module" and node.target == "_guards_fn")
+                               or (node.op == "call_function" and node.target in _CLEANED)):
+            graph.erase_node(node)      # torch.export's input guards and metadata asserts: what the cleanup pass
+            #                             (run on every trace) drops, dropped once here so it finds nothing on a hit
         elif node.op == "call_module":
             return gm, gm.graph                    # a graph that calls modules of its own: not cacheable
         elif node.op == "get_attr" and _lookup(model, node.target) is None:

@@ -401,3 +401,65 @@ def test_the_cached_analysis_never_takes_a_change():
     peftfx.merge(peft, inplace=True)
     assert str(peftfx.inspect(M.gpt2(seed=4), None, ex)) == want
     assert trace_cache.info()["misses"] == 1
+
+
+def test_a_pass_manager_lints_once_and_names_the_pass_that_broke_the_graph():
+    """In-place passes under a PassManager are linted once, when it ends (not after each pass): a graph one of them
+    left invalid raises PassError naming it, and the module keeps no mark of the run."""
+    from peftfx._errors import PassError
+    from peftfx.passes.base import PassManager, PassResult, graph_pass
+
+    pm = peftfx.trace(M.llama(), {"input_ids": M.ids()})
+
+    @graph_pass("use_before_def")
+    def broken(gm):
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        first, last = nodes[0], nodes[-1]
+        first.args = (last,) + tuple(first.args[1:])           # reads a value computed after it
+        return PassResult(gm, True)
+
+    @graph_pass("touch")
+    def touch(gm):
+        return PassResult(gm, True)
+
+    lints = []
+    real = type(pm.graph).lint
+    type(pm.graph).lint = lambda g: (lints.append(1), real(g))[1]
+    try:
+        PassManager([touch.bind(), touch.bind()])(pm)
+        assert len(lints) == 1
+        with pytest.raises(PassError, match=r"pass 'use_before_def': left an invalid graph \(or one run after it: "
+                                            r"touch\)"):
+            PassManager([broken.bind(), touch.bind()])(pm)
+    finally:
+        type(pm.graph).lint = real
+    assert not {"_peftfx_lint", "_peftfx_defer_recompile"} & set(pm.__dict__)
+
+
+@pytest.mark.parametrize("factory", [M.llama, M.gpt2, M.bert, M.t5], ids=["llama", "gpt2", "bert", "t5"])
+def test_the_fast_graph_copy_equals_fxs_own(factory):
+    """trace_cache's node-by-node copy gives what ``Graph.graph_copy`` + ``Graph.output`` give: the same nodes (name,
+    op, target, arguments, type, meta), the same name bookkeeping (so nodes added later get the same names) and the
+    same code; nothing shared but the meta values."""
+    from peftfx.trace_cache import _copy_graph, _fx_copy_graph
+
+    model = factory()
+    ex = {"input_ids": M.ids()} if factory is not M.t5 else {"input_ids": M.ids(), "decoder_input_ids": M.ids()}
+    pm = peftfx.trace(model, ex)
+    fast, ref = _copy_graph(pm.graph), _fx_copy_graph(pm.graph)
+
+    def describe(g):
+        return [(n.name, n.op, n.target, str(n.args), str(n.kwargs), n.type, list(n.meta)) for n in g.nodes]
+
+    assert describe(fast) == describe(ref) and len(fast.nodes) == len(ref.nodes) == len(pm.graph.nodes)
+    fns, rns = fast._graph_namespace, ref._graph_namespace
+    assert fns._used_names == rns._used_names and fns._base_count == rns._base_count
+    assert {n.name: v for n, v in fns._obj_to_name.items()} == {n.name: v for n, v in rns._obj_to_name.items()}
+    assert fast.python_code("self").src == ref.python_code("self").src
+    for g in (fast, ref):                                   # names made later agree too
+        with g.inserting_before(next(iter(g.nodes))):
+            g.placeholder("x"), g.call_function(torch.ops.aten.add.Tensor, ()), g.get_attr("add")
+    assert describe(fast) == describe(ref)
+    assert all(a is not b and a.meta is not b.meta for a, b in zip(fast.nodes, pm.graph.nodes))
+    assert [n for n in fast.nodes if n.op != "output"][-1].users                # user lists rebuilt
+    fast.lint()

@@ -5,7 +5,8 @@ and a contract, in the manner of ``torch.fx.passes.infra.pass_base`` and onnx-ir
 
   ``requires``   checks run on the input before the body (a failing one raises, nothing has changed yet)
   ``call``       the body; returns ``PassResult(graph_module, modified)``
-  ``ensures``    checks run on the result after the graph is linted and recompiled
+  ``ensures``    checks run on the result (after the graph is linted: in a :class:`PassManager` run, the in-place
+                 passes that modified a module are linted once, when the manager ends, and a failure names them)
 
 Kinds, told apart by ``functional``:
   *in-place* passes (the default) rewrite the module they are given and return it;
@@ -76,13 +77,13 @@ class Pass:
         if in_place_run and result.graph_module is not gm:
             raise fail(self.name, "is an in-place run but returned a different module")
         if result.modified:
-            graph = result.graph_module.graph       # counted: a cached analysis is keyed by it (peftfx.plan)
-            graph.__dict__["_peftfx_edits"] = graph.__dict__.get("_peftfx_edits", 0) + 1
-            try:
-                result.graph_module.graph.lint()
-            except Exception as e:  # lint raises RuntimeError with the bad node in its text
-                raise fail(self.name, f"left an invalid graph: {e}") from e
             out = result.graph_module
+            graph = out.graph              # counted: a cached analysis is keyed by it (peftfx.plan)
+            graph.__dict__["_peftfx_edits"] = graph.__dict__.get("_peftfx_edits", 0) + 1
+            if "_peftfx_lint" in out.__dict__:     # a PassManager runs on it: linted once when it ends
+                out.__dict__["_peftfx_lint"].append(self.name)
+            else:
+                _lint(out, [self.name])
             if out.__dict__.get("_peftfx_defer_recompile") and not getattr(type(out), "_peftfx_defers", False):
                 out.__dict__["_peftfx_dirty"] = True     # one recompile when the manager ends
             else:
@@ -100,6 +101,16 @@ class Pass:
 
     def __repr__(self) -> str:
         return f"<{'functional' if self.functional else 'in-place'} pass {self.name!r}>"
+
+
+def _lint(gm: fx.GraphModule, names: list[str]) -> None:
+    """``graph.lint()`` once for the in-place passes ``names`` that modified ``gm`` in one manager run (a lint of a
+    4,000-node graph takes milliseconds); a failure names them, the first as the pass that failed."""
+    try:
+        gm.graph.lint()
+    except Exception as e:  # lint raises RuntimeError with the bad node in its text
+        later = f" (or one run after it: {', '.join(names[1:])})" if len(names) > 1 else ""
+        raise fail(names[0], f"left an invalid graph{later}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -133,15 +144,23 @@ class PassManager:
         """Code is generated once, after the last pass (a 4,000-node graph takes ~45 ms per recompile): in-place
         passes on the same module mark it dirty instead; passes and their checks read the graph, not the code."""
         modified = False
-        touched = []
+        touched, linted = [], []
         try:
             for p in self.passes:
                 if "_peftfx_defer_recompile" not in gm.__dict__:
                     gm.__dict__["_peftfx_defer_recompile"] = True
                     touched.append(gm)
+                if "_peftfx_lint" not in gm.__dict__:      # the passes that modify it, linted once at the end
+                    gm.__dict__["_peftfx_lint"] = []
+                    linted.append(gm)
                 result = p(gm)
                 gm, modified = result.graph_module, modified or result.modified
+            for m in linted:
+                if m.__dict__["_peftfx_lint"]:
+                    _lint(m, m.__dict__["_peftfx_lint"])
         finally:
+            for m in linted:
+                del m.__dict__["_peftfx_lint"]
             for m in touched:
                 del m.__dict__["_peftfx_defer_recompile"]
                 if m.__dict__.pop("_peftfx_dirty", False):
