@@ -6,7 +6,8 @@ and a contract, in the manner of ``torch.fx.passes.infra.pass_base`` and onnx-ir
   ``requires``   checks run on the input before the body (a failing one raises, nothing has changed yet)
   ``call``       the body; returns ``PassResult(graph_module, modified)``
   ``ensures``    checks run on the result (after the graph is linted: in a :class:`PassManager` run, the in-place
-                 passes that modified a module are linted once, when the manager ends, and a failure names them)
+                 passes that modified a module are linted once, when the manager ends, and a failure names them;
+                 a pass declared ``structural=False`` — it writes constant arguments or metadata only — is not)
 
 Kinds, told apart by ``functional``:
   *in-place* passes (the default) rewrite the module they are given and return it;
@@ -54,9 +55,9 @@ class Pass:
     """A named graph pass with its contract (see the module docstring). Call it like the function it wraps."""
 
     def __init__(self, fn: Callable[..., PassResult], name: str, *, functional: bool = False,
-                 requires: Sequence[Check] = (), ensures: Sequence[Check] = ()):
+                 requires: Sequence[Check] = (), ensures: Sequence[Check] = (), structural: bool = True):
         functools.update_wrapper(self, fn)
-        self.fn, self.name, self.functional = fn, name, functional
+        self.fn, self.name, self.functional, self.structural = fn, name, functional, structural
         self.requires, self.ensures = tuple(requires), tuple(ensures)
 
     @property
@@ -80,7 +81,9 @@ class Pass:
             out = result.graph_module
             graph = out.graph              # counted: a cached analysis is keyed by it (peftfx.plan)
             graph.__dict__["_peftfx_edits"] = graph.__dict__.get("_peftfx_edits", 0) + 1
-            if "_peftfx_lint" in out.__dict__:     # a PassManager runs on it: linted once when it ends
+            if not self.structural:               # it only rewrote constant arguments or metadata: no lint
+                pass
+            elif "_peftfx_lint" in out.__dict__:  # a PassManager runs on it: linted once when it ends
                 out.__dict__["_peftfx_lint"].append(self.name)
             else:
                 _lint(out, [self.name])
@@ -124,11 +127,13 @@ class BoundPass:
 
 
 def graph_pass(name: str, *, functional: bool = False, requires: Sequence[Check] = (),
-               ensures: Sequence[Check] = ()) -> Callable[[Callable[..., PassResult]], Pass]:
-    """Decorate a pass body: ``@graph_pass("splice", ensures=[...])``. See the module docstring."""
+               ensures: Sequence[Check] = (), structural: bool = True) -> Callable[[Callable[..., PassResult]], Pass]:
+    """Decorate a pass body: ``@graph_pass("splice", ensures=[...])``. See the module docstring. ``structural=False``:
+    the pass never adds, removes or rewires a node, nor changes a target — it only writes constant arguments or
+    node metadata — so its result is not linted."""
 
     def deco(fn: Callable[..., PassResult]) -> Pass:
-        return Pass(fn, name, functional=functional, requires=requires, ensures=ensures)
+        return Pass(fn, name, functional=functional, requires=requires, ensures=ensures, structural=structural)
 
     return deco
 
