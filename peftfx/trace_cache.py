@@ -239,8 +239,26 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     new = _copy_graph(graph)
     for node in new.nodes:
         if "peftfx" in node.meta:
-            node.meta["peftfx"] = copy.deepcopy(node.meta["peftfx"])
+            node.meta["peftfx"] = _copy_value(node.meta["peftfx"])
     return new
+
+
+_ATOMS = (str, int, float, bool, type(None))
+
+
+def _copy_value(v: Any) -> Any:
+    """``copy.deepcopy(v)`` for the plain data passes keep in ``meta["peftfx"]`` (strings and numbers kept, dicts,
+    lists and tuples rebuilt), done by hand where it can be; anything else goes through ``deepcopy``."""
+    t = type(v)
+    if t in _ATOMS:
+        return v
+    if t is dict:
+        return {k: _copy_value(x) for k, x in v.items()}
+    if t is list:
+        return [_copy_value(x) for x in v]
+    if t is tuple:
+        return tuple(_copy_value(x) for x in v)
+    return copy.deepcopy(v)
 
 
 def _bind(model: nn.Module, entry: _Entry) -> tuple[dict[str, torch.Tensor], fx.Graph]:

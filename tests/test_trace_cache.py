@@ -463,3 +463,28 @@ def test_the_fast_graph_copy_equals_fxs_own(factory):
     assert all(a is not b and a.meta is not b.meta for a, b in zip(fast.nodes, pm.graph.nodes))
     assert [n for n in fast.nodes if n.op != "output"][-1].users                # user lists rebuilt
     fast.lint()
+
+
+def test_a_graph_a_pass_changed_before_its_first_plan_is_analysed_anew(monkeypatch):
+    """The cached analysis serves only a graph as its trace-cache hit gave it: a pass that modified the graph before
+    its first plan (even one keeping every node name) makes that plan run the detectors, and stores nothing."""
+    import peftfx.plan as plan_module
+    from peftfx.passes.base import PassManager, PassResult, graph_pass
+
+    ex = {"input_ids": M.ids()}
+    peftfx.inspect(M.llama(seed=0), None, ex)                       # a miss
+    want = str(peftfx.inspect(M.llama(seed=1), None, ex))           # the first hit: analysis kept
+    (entry,) = trace_cache._CACHE.values()
+    kept = dict(entry.analysis)
+
+    @graph_pass("same_names")
+    def same_names(gm):
+        return PassResult(gm, True)
+
+    runs = []
+    real = plan_module.assign_roles
+    monkeypatch.setattr(plan_module, "assign_roles", lambda *a: (runs.append(1), real(*a))[1])
+    pm = peftfx.trace(M.llama(seed=2), ex)
+    PassManager([same_names.bind()])(pm)
+    assert str(peftfx.inspect(pm)) == want and runs == [1] and entry.analysis == kept
+    assert str(peftfx.inspect(M.llama(seed=3), None, ex)) == want and runs == [1]       # a plain hit: reused
