@@ -488,3 +488,21 @@ def test_a_graph_a_pass_changed_before_its_first_plan_is_analysed_anew(monkeypat
     PassManager([same_names.bind()])(pm)
     assert str(peftfx.inspect(pm)) == want and runs == [1] and entry.analysis == kept
     assert str(peftfx.inspect(M.llama(seed=3), None, ex)) == want and runs == [1]       # a plain hit: reused
+
+
+def test_site_calls_from_the_call_index_equal_a_scan_of_the_graph():
+    """splice looks every site's calls up in one index of the graph (sites.call_index) instead of scanning it per
+    site: the same calls for every site node, on a model whose layer is called three times (ALBERT) and on Llama."""
+    import transformers
+
+    from peftfx.sites import call_index, find_sites, site_calls
+
+    cfg = transformers.AlbertConfig(vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=3,
+                                    num_attention_heads=4, intermediate_size=128)
+    for model, shared in ((transformers.AlbertModel(cfg).eval(), 18), (M.llama(), 0)):
+        pm = peftfx.trace(model, {"input_ids": M.ids()})
+        index = call_index(pm)
+        nodes = [n for s in find_sites(pm) for n in s.nodes]
+        for n in nodes:
+            assert site_calls(pm, n, index) == site_calls(pm, n)
+        assert sum(len(site_calls(pm, n, index)) == 3 for n in nodes) == shared     # 6 sites × 3 calls (ALBERT)
