@@ -190,22 +190,26 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
         return _fx_copy_graph(graph)
     env: dict[fx.Node, fx.Node] = {}
 
-    def remap(a: Any) -> Any:
-        if type(a) is fx.Node:
+    def remap(a: Any) -> Any:         # Node() turns lists and dicts into fx's immutable ones, as create_node does
+        t = type(a)
+        if t is fx.Node:
             return env[a]
-        if type(a) is tuple:
-            return tuple(remap(x) for x in a)
-        if type(a) is list:
+        if t is tuple:
+            return tuple([remap(x) for x in a])
+        if isinstance(a, list):
             return [remap(x) for x in a]
-        if isinstance(a, (tuple, list, dict, slice, fx.Node)):   # other containers: fx's own mapping
+        if isinstance(a, dict):
+            return {k: remap(x) for k, x in a.items()}
+        if isinstance(a, (tuple, slice, fx.Node)):   # a named tuple, a slice: fx's own mapping
             return fx.node.map_arg(a, env.__getitem__)
         return a
 
     for node in graph.nodes:
         name, output = node.name, node.op == "output"
-        n = fx.Node(new, name, node.op, node.target, remap(node.args),
-                    fx.node.map_arg(node.kwargs, env.__getitem__) if node.kwargs else {},
+        n = fx.Node(new, name, node.op, node.target, remap(node.args), remap(node.kwargs) if node.kwargs else {},
                     None if output else node.type)
+        if not output:                  # (graph_copy stops at the output, which Graph.output makes anew)
+            n.meta = copy.copy(node.meta)       # before the lookup table has it: no remove and re-insert
         m = _NAME.match(name)                      # what Namespace.create_name records for an unused valid name
         base, num = m.group(1, 2) if m else (name, None)
         counts[base] = int(num) if num is not None else counts.get(base, 0)
@@ -214,9 +218,8 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
         insert(n)
         table.insert(n)
         new._len += 1
-        if output:                      # graph_copy stops at the output, which Graph.output makes anew
+        if output:
             break
-        n.meta = copy.copy(node.meta)
         env[node] = n
     new._codegen = copy.deepcopy(graph._codegen)
     return new

@@ -449,7 +449,12 @@ def test_the_fast_graph_copy_equals_fxs_own(factory):
     fast, ref = _copy_graph(pm.graph), _fx_copy_graph(pm.graph)
 
     def describe(g):
-        return [(n.name, n.op, n.target, str(n.args), str(n.kwargs), n.type, list(n.meta)) for n in g.nodes]
+        def types(a):
+            return [type(a).__name__, [types(x) for x in a]] if isinstance(a, (tuple, list)) else \
+                [type(a).__name__, {k: types(x) for k, x in a.items()}] if isinstance(a, dict) else type(a).__name__
+
+        return [(n.name, n.op, n.target, str(n.args), str(n.kwargs), types(n.args), types(n.kwargs), n.type,
+                 list(n.meta)) for n in g.nodes]
 
     assert describe(fast) == describe(ref) and len(fast.nodes) == len(ref.nodes) == len(pm.graph.nodes)
     fns, rns = fast._graph_namespace, ref._graph_namespace
