@@ -99,7 +99,7 @@ def _analyse(pm: PeftModel) -> tuple[list[Site], list[Unadaptable]]:
         return _analysis(pm)
     nodes = {n.name: n for n in graph.nodes}
     fingerprint = (tuple(nodes), graph.__dict__.get("_peftfx_edits", 0),
-                   tuple((d.name, id(d.run)) for d in pipeline()))
+                   tuple((d.name, d.run) for d in pipeline()))
     frozen = slot.get(fingerprint)
     if frozen is None:
         sites, others = _analysis(pm)

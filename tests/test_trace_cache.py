@@ -511,3 +511,25 @@ def test_site_calls_from_the_call_index_equal_a_scan_of_the_graph():
         for n in nodes:
             assert site_calls(pm, n, index) == site_calls(pm, n)
         assert sum(len(site_calls(pm, n, index)) == 3 for n in nodes) == shared     # 6 sites × 3 calls (ALBERT)
+
+
+def test_a_detector_registered_after_the_first_hit_is_run_on_later_hits():
+    """The kept analysis is keyed by the role-detector pipeline: a detector registered since is not skipped."""
+    from peftfx.roles import register_detector, unregister_detector
+
+    ex = {"input_ids": M.ids()}
+    peftfx.inspect(M.llama(seed=0), None, ex)                       # a miss
+    peftfx.inspect(M.llama(seed=1), None, ex)                       # the first hit: analysis kept
+
+    @register_detector("test_every_site", roles=("test.seen",), order=99)
+    def every_site(ctx):
+        for s in ctx.sites:
+            s.roles.add("test.seen")
+
+    try:
+        report = peftfx.inspect(M.llama(seed=2), None, ex)
+        assert report.plan.sites and all("test.seen" in s.roles for s in report.plan.sites)
+    finally:
+        unregister_detector("test_every_site")
+    again = peftfx.inspect(M.llama(seed=3), None, ex)               # the pipeline as at the first hit: reused
+    assert not any("test.seen" in s.roles for s in again.plan.sites)
