@@ -8,8 +8,11 @@ Cold means the in-process trace cache is off (``PEFTFX_TRACE_CACHE=0``): every a
 ``peftfx.trace_symbolic``: a static export re-marked symbolic); "before" sets ``PEFTFX_TRACE_REPLICATE=0`` and
 ``PEFTFX_SYMBOLIC_TRACE=0`` (one dynamic torch.export of the whole model); "hit" is apply() with the caches on, on a
 model of an architecture applied once before with the same rules (apply's cache: no trace, plan, passes or code
-generation); "trace hit" the same with apply's cache off (``PEFTFX_APPLY_CACHE=0``: the traced graph is reused, plan,
-passes and code generation run). Per model the five are interleaved (rotating order), each on a fresh
+generation); "trace hit" the same with apply's cache off (``PEFTFX_APPLY_CACHE=0``: the traced graph and the
+rule-independent analysis — sites, roles — are reused, plan, passes and code generation run; what every
+``load_adapter`` on a second instance does); "new rules" apply() with both caches on and rules never applied before
+(each call a LoRA with another ``alpha``: a miss of apply's cache, a trace-cache hit, and apply's cache records the
+result). Per model the six are interleaved (rotating order), each on a fresh
 deep copy of the same base model, medians of ``--repeats``; LoRA r=8 α=16 on the attention q/v projections (GPT-2's
 fused ``c_attn`` whole, as HF PEFT takes it), trainable counts asserted equal to HF PEFT's. Models: Llama 4×512
 (random init), all-MiniLM-L6-v2 (real weights, the bundled package), GPT-2 small (random init, 12×768), and the
@@ -54,13 +57,16 @@ def bench_model(base, hf_targets, fan_in_fan_out, roles, repeats):
     ids = torch.randint(0, 1000, (2, 32))
     rule = peftfx.LoRA(rank=8, alpha=16, targets=peftfx.select.role(*roles))
 
-    def ours(new, cache=False, applied=True):
+    fresh = iter(range(1, 10_000))
+
+    def ours(new, cache=False, applied=True, new_rules=False):
         def run(m):
             os.environ["PEFTFX_TRACE_REPLICATE"] = os.environ["PEFTFX_SYMBOLIC_TRACE"] = "1" if new else "0"
             os.environ["PEFTFX_TRACE_CACHE"] = "1" if cache else "0"
             os.environ["PEFTFX_APPLY_CACHE"] = "1" if applied else "0"
+            r = peftfx.LoRA(rank=8, alpha=16 + next(fresh) / 64, targets=rule.selector) if new_rules else rule
             try:
-                return peftfx.apply(m, rule, {"input_ids": ids})
+                return peftfx.apply(m, r, {"input_ids": ids})
             finally:
                 os.environ["PEFTFX_TRACE_CACHE"] = "0"
         return run
@@ -70,7 +76,8 @@ def bench_model(base, hf_targets, fan_in_fan_out, roles, repeats):
                                             fan_in_fan_out=fan_in_fan_out))
 
     fns = {"new": ours(True), "before": ours(False), "hit": ours(True, cache=True),
-           "trace_hit": ours(True, cache=True, applied=False), "hf": hf}
+           "trace_hit": ours(True, cache=True, applied=False), "new_rules": ours(True, cache=True, new_rules=True),
+           "hf": hf}
     ours(True, cache=True)(copy.deepcopy(base))       # the caches hold this architecture (and rules) for the hits
     times = {k: [] for k in fns}
     counts = {}
@@ -130,21 +137,22 @@ def main():
 
     transformers.logging.set_verbosity_error()
     results = {"threads": args.threads, "repeats": args.repeats, "load_average": os.getloadavg()}
-    table = [("model", "peftfx new s", "peftfx before s", "cache hit s", "trace-cache hit s", "HF get_peft_model s",
-              "new/HF", "before/HF", "hit/HF", "trace hit/HF", "before/new")]
+    table = [("model", "peftfx new s", "peftfx before s", "cache hit s", "trace-cache hit s", "new rules s",
+              "HF get_peft_model s", "new/HF", "before/HF", "hit/HF", "trace hit/HF", "new rules/HF", "before/new")]
     for name, (model, targets, fif, roles) in models().items():
         r = bench_model(model, targets, fif, roles, args.repeats)
         results[name] = r
         table.append((name, f"{r['new']:.2f}", f"{r['before']:.2f}", f"{r['hit']:.4f}", f"{r['trace_hit']:.3f}",
-                      f"{r['hf']:.3f}", f"{r['new'] / r['hf']:.0f}×", f"{r['before'] / r['hf']:.0f}×",
-                      f"{r['hit'] / r['hf']:.2f}×", f"{r['trace_hit'] / r['hf']:.1f}×",
+                      f"{r['new_rules']:.3f}", f"{r['hf']:.3f}", f"{r['new'] / r['hf']:.0f}×",
+                      f"{r['before'] / r['hf']:.0f}×", f"{r['hit'] / r['hf']:.2f}×",
+                      f"{r['trace_hit'] / r['hf']:.2f}×", f"{r['new_rules'] / r['hf']:.2f}×",
                       f"{r['before'] / r['new']:.2f}×"))
         print(name, json.dumps(r))
     meta = bench_meta(args.threads, args.meta_repeats)
     results["llama-7b-meta"] = meta
     rep, whole = meta["new"], meta["before"]
     table.append(("llama-7B meta (peak RSS MB)", f"{rep['apply_s']:.2f} ({rep['peak_rss_mb']:.0f})",
-                  f"{whole['apply_s']:.2f} ({whole['peak_rss_mb']:.0f})", "", "", "", "", "", "", "",
+                  f"{whole['apply_s']:.2f} ({whole['peak_rss_mb']:.0f})", "", "", "", "", "", "", "", "", "",
                   f"{whole['apply_s'] / rep['apply_s']:.2f}×"))
     results["load_average_after"] = os.getloadavg()
     write("apply", results, table)

@@ -12,6 +12,8 @@ the declines. ``inspect`` (``allow_empty``) records them without raising. Adapte
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import fnmatch
 from collections import Counter
@@ -19,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 
+from . import trace_cache
 from ._errors import ConflictError, NoMatchError, RuleError
 from .methods import MethodConfig
 from .model import PeftModel, adapter_name
-from .roles import assign_roles
+from .roles import assign_roles, pipeline
 from .rules import quote
-from .sites import Site, find_sites, unadaptable_modules
+from .sites import Site, Unadaptable, find_sites, unadaptable_modules
 
 __all__ = ["Plan", "Match", "plan", "adapter_name"]
 
@@ -51,10 +54,8 @@ class Plan:
 
 def plan(pm: PeftModel, rules: Sequence[MethodConfig], *, allow_empty: bool = False) -> Plan:
     """Match every rule against the sites of a traced model. Raises before anything is changed."""
-    sites = find_sites(pm)
-    assign_roles(pm.graph, sites)
+    sites, others = _analyse(pm)
     p = Plan(sites=sites, rules=list(rules))
-    others = unadaptable_modules(pm, sites) if any(not r.graph_level for r in p.rules) else []
     for i, rule in enumerate(p.rules):
         if rule.graph_level:         # graph-level methods plan themselves (GraphMethod.prepare, below)
             continue
@@ -85,6 +86,54 @@ def plan(pm: PeftModel, rules: Sequence[MethodConfig], *, allow_empty: bool = Fa
         if rule.graph_level:
             p.graph_edits[i] = rule.prepare(pm, p, i)   # validates; raises before anything is changed
     return p
+
+
+def _analyse(pm: PeftModel) -> tuple[list[Site], list[Unadaptable]]:
+    """The sites (with roles and slices) and the modules without a site: everything planning derives from the graph
+    and not from the rules. The first plan of a graph fresh from a trace-cache hit reuses what the first plan of an
+    earlier hit of the same entry found (:func:`peftfx.trace_cache.analysis_slot`), rebuilt on this graph's nodes
+    (by name) as new objects, so nothing a later pass or rule does to them reaches the cache."""
+    graph = pm.graph
+    slot = trace_cache.analysis_slot(graph)
+    if slot is None:
+        return _analysis(pm)
+    nodes = {n.name: n for n in graph.nodes}
+    fingerprint = (tuple(nodes), graph.__dict__.get("_peftfx_edits", 0),
+                   tuple((d.name, d.run) for d in pipeline()))
+    frozen = slot.get(fingerprint)
+    if frozen is None:
+        sites, others = _analysis(pm)
+        if not slot:                      # one analysis per entry: the graph its hits give
+            slot[fingerprint] = (_freeze(sites), [dataclasses.replace(u) for u in others])
+        return sites, others
+    return _thaw(frozen[0], nodes), [dataclasses.replace(u) for u in frozen[1]]
+
+
+def _analysis(pm: PeftModel) -> tuple[list[Site], list[Unadaptable]]:
+    sites = find_sites(pm)
+    assign_roles(pm.graph, sites)
+    return sites, unadaptable_modules(pm, sites)
+
+
+def _freeze(sites: list[Site]) -> list[tuple[Site, str, tuple[str, ...], tuple[str, ...]]]:
+    """Each site with its nodes as names: (site without nodes, node, calls, expert products)."""
+    out = []
+    for s in sites:
+        products = tuple(n.name for n in s.experts.products) if s.experts is not None else ()
+        bare = dataclasses.replace(s, node=None, calls=(), roles=set(s.roles), slices=copy.deepcopy(s.slices),
+                                   experts=None if s.experts is None else dataclasses.replace(s.experts, products=()))
+        out.append((bare, s.node.name, tuple(n.name for n in s.calls), products))
+    return out
+
+
+def _thaw(frozen: list, nodes: dict[str, Any]) -> list[Site]:
+    out = []
+    for bare, node, calls, products in frozen:
+        experts = None if bare.experts is None else \
+            dataclasses.replace(bare.experts, products=tuple(nodes[n] for n in products))
+        out.append(dataclasses.replace(bare, node=nodes[node], calls=tuple(nodes[n] for n in calls),
+                                       roles=set(bare.roles), slices=copy.deepcopy(bare.slices), experts=experts))
+    return out
 
 
 def _check_conflicts(p: Plan) -> None:

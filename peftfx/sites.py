@@ -38,7 +38,7 @@ from torch import fx
 
 __all__ = ["Site", "ConvSpec", "find_sites", "canonical_weight", "site_input", "set_site_input", "conv_spec",
            "WEIGHT_INDEX", "KINDS", "Unadaptable", "unadaptable_modules", "ExpertSpec", "slice_ranges",
-           "site_calls"]
+           "site_calls", "call_index"]
 
 aten = torch.ops.aten
 
@@ -397,18 +397,37 @@ def _expert_sites(gm: fx.GraphModule) -> list[Site]:
     return found
 
 
-def site_calls(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+def call_index(gm: fx.GraphModule) -> dict[tuple[Any, Any], list[fx.Node]]:
+    """The call_function nodes of ops that can be sites, by (target, the target of the node behind the weight
+    operand), in graph order: :func:`site_calls` for many sites in one scan of the graph (valid while no such
+    node is added, removed or given another weight: splicing adds modules and rewires activations only)."""
+    index: dict[tuple[Any, Any], list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            op = getattr(n.target, "_opname", None)
+            if op in WEIGHT_INDEX:
+                index.setdefault((n.target, _weight_source(n, op)), []).append(n)
+    return index
+
+
+def site_calls(gm: fx.GraphModule, node: fx.Node,
+               index: dict[tuple[Any, Any], list[fx.Node]] | None = None) -> list[fx.Node]:
     """Every call of the site whose (first) call is ``node``: the nodes running the same op on the same weight
-    from the same module (one node unless the module is called several times), in graph order."""
+    from the same module (one node unless the module is called several times), in graph order. ``index``: from
+    :func:`call_index` on this graph, to look candidates up rather than scan every node."""
     m = _match(gm, node) if node.op == "call_function" else None
     if m is None:
         return [node]
     same, key = [], _weight_source(node, m[0])
-    for n in gm.graph.nodes:               # the same op on the same weight (usually just ``node``)
-        if n.op == "call_function" and n.target == node.target and _weight_source(n, m[0]) == key:
-            o = _match(gm, n)
-            if o is not None and o[0] == m[0] and o[2][0] == m[2][0]:
-                same.append(n)
+    if index is not None and getattr(node.target, "_opname", None) == m[0]:
+        candidates: Any = index.get((node.target, key), ())
+    else:
+        candidates = (n for n in gm.graph.nodes if n.op == "call_function" and n.target == node.target
+                      and _weight_source(n, m[0]) == key)
+    for n in candidates:                   # the same op on the same weight (usually just ``node``)
+        o = _match(gm, n)
+        if o is not None and o[0] == m[0] and o[2][0] == m[2][0]:
+            same.append(n)
     if len(same) < 2:
         return same or [node]
     ran = {_path_of(n) for n in gm.graph.nodes if n.op == "call_function"}

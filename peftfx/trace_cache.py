@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ MAX_ENTRIES = 16
 class _Entry:
     graph: fx.Graph
     constants: dict[str, torch.Tensor]
+    #: the rule-independent analysis of the graphs this entry gives (sites, roles, modules without a site), as
+    #: :func:`peftfx.plan.plan` found it on the first hit: fingerprint → frozen analysis (see :func:`analysis_slot`)
+    analysis: dict[Any, Any] = field(default_factory=dict)
 
 
 _CACHE: "OrderedDict[str, _Entry]" = OrderedDict()
@@ -166,11 +170,65 @@ def key_of(model: nn.Module, kwargs: dict[str, Any], dynamic: bool, general: boo
                        transformers.__version__, switches], default=repr)
 
 
+#: what :func:`peftfx.passes.cleanup.cleanup_pass` removes from every traced graph (where unused)
+_CLEANED = frozenset({torch.ops.aten._assert_tensor_metadata.default})
+
 #: environment switches that choose how a model is traced (so which graph it gets)
 _TRACE_SWITCHES = frozenset({"PEFTFX_TRACE_REPLICATE", "PEFTFX_SYMBOLIC_TRACE"})
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """``graph`` copied node by node, as ``Graph.graph_copy`` + ``output`` copy it (the same names, in the same
+    order, the same namespace state, ``meta`` dicts shallow-copied), without what ``create_node`` does for nodes
+    made anew (name generation, a scan of every argument for raw symbolic values): those names and arguments
+    are already a valid graph's. Falls back to ``graph_copy`` where fx lacks the internals this uses."""
+    new = fx.Graph()
+    try:
+        ns, insert, table = new._graph_namespace, new._insert, new._find_nodes_lookup_table
+        used, to_name, counts = ns._used_names, ns._obj_to_name, ns._base_count
+    except AttributeError:
+        return _fx_copy_graph(graph)
+    env: dict[fx.Node, fx.Node] = {}
+
+    def remap(a: Any) -> Any:         # Node() turns lists and dicts into fx's immutable ones, as create_node does
+        t = type(a)
+        if t is fx.Node:
+            return env[a]
+        if t is tuple:
+            return tuple([remap(x) for x in a])
+        if isinstance(a, list):
+            return [remap(x) for x in a]
+        if isinstance(a, dict):
+            return {k: remap(x) for k, x in a.items()}
+        if isinstance(a, (tuple, slice, fx.Node)):   # a named tuple, a slice: fx's own mapping
+            return fx.node.map_arg(a, env.__getitem__)
+        return a
+
+    for node in graph.nodes:
+        name, output = node.name, node.op == "output"
+        n = fx.Node(new, name, node.op, node.target, remap(node.args), remap(node.kwargs) if node.kwargs else {},
+                    None if output else node.type)
+        if not output:                  # (graph_copy stops at the output, which Graph.output makes anew)
+            n.meta = copy.copy(node.meta)       # before the lookup table has it: no remove and re-insert
+        m = _NAME.match(name)                      # what Namespace.create_name records for an unused valid name
+        base, num = m.group(1, 2) if m else (name, None)
+        counts[base] = int(num) if num is not None else counts.get(base, 0)
+        used.add(name)
+        to_name[n] = name
+        insert(n)
+        table.insert(n)
+        new._len += 1
+        if output:
+            break
+        env[node] = n
+    new._codegen = copy.deepcopy(graph._codegen)
+    return new
+
+
+_NAME = re.compile(r"^([a-zA-Z_][0-9a-zA-Z_]*?)(?:_(\d+))?$")      # fx's own: a name's base and numeric suffix
+
+
+def _fx_copy_graph(graph: fx.Graph) -> fx.Graph:
     new = fx.Graph()
     out = new.graph_copy(graph, {})
     new.output(out)
@@ -184,8 +242,26 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     new = _copy_graph(graph)
     for node in new.nodes:
         if "peftfx" in node.meta:
-            node.meta["peftfx"] = copy.deepcopy(node.meta["peftfx"])
+            node.meta["peftfx"] = _copy_value(node.meta["peftfx"])
     return new
+
+
+_ATOMS = (str, int, float, bool, type(None))
+
+
+def _copy_value(v: Any) -> Any:
+    """``copy.deepcopy(v)`` for the plain data passes keep in ``meta["peftfx"]`` (strings and numbers kept, dicts,
+    lists and tuples rebuilt), done by hand where it can be; anything else goes through ``deepcopy``."""
+    t = type(v)
+    if t in _ATOMS:
+        return v
+    if t is dict:
+        return {k: _copy_value(x) for k, x in v.items()}
+    if t is list:
+        return [_copy_value(x) for x in v]
+    if t is tuple:
+        return tuple(_copy_value(x) for x in v)
+    return copy.deepcopy(v)
 
 
 def _bind(model: nn.Module, entry: _Entry) -> tuple[dict[str, torch.Tensor], fx.Graph]:
@@ -195,7 +271,19 @@ def _bind(model: nn.Module, entry: _Entry) -> tuple[dict[str, torch.Tensor], fx.
         if node.op == "get_attr":
             t = _lookup(model, node.target)
             tensors[node.target] = entry.constants[node.target].clone() if t is None else t
-    return tensors, copy_graph(entry.graph)
+    graph = copy_graph(entry.graph)
+    graph._peftfx_trace_entry = entry        # read (once) by the first plan of this graph: see analysis_slot
+    return tensors, graph
+
+
+def analysis_slot(graph: fx.Graph) -> dict[Any, Any] | None:
+    """The analysis store of the trace-cache entry ``graph`` was copied from, once: the tag is taken off, so only the
+    first plan of a graph fresh from a hit may use it (later plans see a graph that passes have changed). The
+    store is keyed by a fingerprint of the graph as planned (node names in order, the count of passes that
+    modified it, the role-detector pipeline; :func:`peftfx.plan.plan`), so a graph a pass changed between the
+    trace and its first plan misses it."""
+    entry = graph.__dict__.pop("_peftfx_trace_entry", None)
+    return None if entry is None else entry.analysis
 
 
 def _lookup(model: nn.Module, target: str) -> Any:
@@ -245,8 +333,10 @@ def cached_export(model: nn.Module, kwargs: dict[str, Any], dynamic: bool,
     graph = _copy_graph(gm.graph)
     constants = {}
     for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
-            graph.erase_node(node)                 # torch.export's input guards; the cleanup pass drops them too
+        if not node.users and ((node.op == "call_module" and node.target == "_guards_fn")
+                               or (node.op == "call_function" and node.target in _CLEANED)):
+            graph.erase_node(node)      # torch.export's input guards and metadata asserts: what the cleanup pass
+            #                             (run on every trace) drops, dropped once here so it finds nothing on a hit
         elif node.op == "call_module":
             return gm, gm.graph                    # a graph that calls modules of its own: not cacheable
         elif node.op == "get_attr" and _lookup(model, node.target) is None:

@@ -314,3 +314,222 @@ def test_a_mode_switch_on_a_hit_reuses_the_graph_another_model_switched_to(monke
     with torch.no_grad():
         hit.eval(), cold.eval()
         assert torch.equal(hit(input_ids=x).logits, cold(input_ids=x).logits)
+
+
+# ---------------------------------------------------------- a trace-cache hit with other rules (apply's cache off)
+
+
+def _assert_same_result(cold, hit, fresh, x):
+    """``hit`` is ``cold`` bit for bit: state_dict (keys in order, values bitwise), module tree, trainable names,
+    adapter records, code, modes, train-mode outputs and gradients; ``fresh()`` the base model, which they differ
+    from."""
+    a, b = _state(cold), _state(hit)
+    assert [k for k, _ in a] == [k for k, _ in b]
+    assert all(torch.equal(u, v) and u.requires_grad == v.requires_grad for (_, u), (_, v) in zip(a, b))
+    assert [n for n, _ in cold.named_modules()] == [n for n, _ in hit.named_modules()]
+    assert [n for n, p in cold.named_parameters() if p.requires_grad] == \
+        [n for n, p in hit.named_parameters() if p.requires_grad]
+    assert cold.peft_info.adapters == hit.peft_info.adapters
+    assert hit.code == cold.code and hit.training == cold.training
+    assert all(m.training == cold.get_submodule(n).training for n, m in hit.named_modules())
+    with torch.no_grad():            # live adapters (B starts at zero), the same perturbation on both
+        for (_, p), (_, q) in zip(cold.named_parameters(), hit.named_parameters()):
+            if p.requires_grad:
+                noise = 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                p.add_(noise), q.add_(noise)
+    out_a, grads_a = _train_out_and_grads(cold, x)
+    out_b, grads_b = _train_out_and_grads(hit, x)
+    assert torch.equal(out_a, out_b) and (out_a - _logits(fresh().train(), x)).abs().max() > 1e-4
+    assert [n for n, _ in grads_a] == [n for n, _ in grads_b]
+    assert all(torch.equal(g, h) for (_, g), (_, h) in zip(grads_a, grads_b))
+    assert peftfx.print_trainable(hit, file=None) == peftfx.print_trainable(cold, file=None)
+
+
+@pytest.mark.parametrize("factory,rule", [
+    (M.llama, LoRA(rank=4, alpha=8, dropout=0.1, targets=select.role("attn.q", "attn.v", "mlp.down"))),
+    (M.llama, IA3()),
+    (M.llama, Houlsby(bottleneck=8)),
+    (M.gpt2, LoRA(rank=4, targets=select.role("attn.qkv"), init="gaussian")),
+    (M.llama, LoRA(rank=2, targets=select.name("*.mlp.*_proj"))),
+], ids=["lora-roles", "ia3", "houlsby", "lora-gpt2-fused", "lora-name-glob"])
+def test_a_trace_cache_hit_with_new_rules_equals_a_cold_apply_bit_for_bit(monkeypatch, factory, rule):
+    """apply's cache off: the graph is reused, and the sites and roles found on the first hit (another rule) are
+    reused by later hits (no role detection runs), and the result equals an apply with every cache off."""
+    import peftfx.plan as plan_module
+
+    ids, x = M.ids(2, 8), M.ids(3, 5, seed=3)
+    monkeypatch.setenv("PEFTFX_APPLY_CACHE", "0")
+    monkeypatch.setenv("PEFTFX_TRACE_CACHE", "0")
+    torch.manual_seed(7)
+    cold = peftfx.apply(factory(seed=1), rule, {"input_ids": ids})
+    rng_cold = torch.get_rng_state()
+    monkeypatch.setenv("PEFTFX_TRACE_CACHE", "1")
+    other = LoRA(rank=3, targets=select.role("attn.o"))
+    peftfx.apply(factory(seed=0), other, {"input_ids": ids})                     # a miss: traced
+    peftfx.apply(factory(seed=2), other, {"input_ids": ids})                     # a hit: analysis kept
+    runs = []
+    real = plan_module.assign_roles
+    monkeypatch.setattr(plan_module, "assign_roles", lambda *a: (runs.append(1), real(*a))[1])
+    torch.manual_seed(7)
+    hit = peftfx.apply(factory(seed=1), rule, {"input_ids": ids})
+    assert torch.equal(torch.get_rng_state(), rng_cold)
+    assert trace_cache.info()["hits"] == 2 and trace_cache.info()["applied_hits"] == 0 and not runs
+    _assert_same_result(cold, hit, lambda: factory(seed=1), x)
+
+
+def test_the_cached_analysis_never_takes_a_change():
+    """Sites handed out from the cached analysis are new objects on the new graph's nodes: changing them, and
+    passes changing the graph they sit on, leave what later hits get unchanged."""
+    ids = M.ids(2, 8)
+    ex = {"input_ids": ids}
+    want = str(peftfx.inspect(M.gpt2(seed=0), None, ex))                          # a miss: traced
+    first = peftfx.inspect(M.gpt2(seed=1), None, ex)                             # the first hit keeps its analysis
+    (entry,) = trace_cache._CACHE.values()
+    assert len(entry.analysis) == 1 and str(first) == want
+    again = peftfx.inspect(M.gpt2(seed=2), None, ex)                             # from the cache
+    assert str(again) == want
+    graph = again.plan.sites[0].node.graph
+    assert graph is not first.plan.sites[0].node.graph and all(s.node.graph is graph for s in again.plan.sites)
+    for s in again.plan.sites:                                   # change everything a pass or rule could
+        s.roles.add("attn.bogus")
+        s.slices["attn.q"] = (0, 1)
+        s.key += ".x"
+    qkv = next(s for s in again.plan.sites if "attn.qkv" in s.roles)
+    qkv.node.name = "renamed"
+    peft = peftfx.apply(M.gpt2(seed=3), LoRA(rank=4, targets=select.role("attn.qkv")), ex)  # splices a hit graph
+    assert any("lora" in n.name for n in peft.graph.nodes)
+    peftfx.merge(peft, inplace=True)
+    assert str(peftfx.inspect(M.gpt2(seed=4), None, ex)) == want
+    assert trace_cache.info()["misses"] == 1
+
+
+def test_a_pass_manager_lints_once_and_names_the_pass_that_broke_the_graph():
+    """In-place passes under a PassManager are linted once, when it ends (not after each pass): a graph one of them
+    left invalid raises PassError naming it, and the module keeps no mark of the run."""
+    from peftfx._errors import PassError
+    from peftfx.passes.base import PassManager, PassResult, graph_pass
+
+    pm = peftfx.trace(M.llama(), {"input_ids": M.ids()})
+
+    @graph_pass("use_before_def")
+    def broken(gm):
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        first, last = nodes[0], nodes[-1]
+        first.args = (last,) + tuple(first.args[1:])           # reads a value computed after it
+        return PassResult(gm, True)
+
+    @graph_pass("touch")
+    def touch(gm):
+        return PassResult(gm, True)
+
+    lints = []
+    real = type(pm.graph).lint
+    type(pm.graph).lint = lambda g: (lints.append(1), real(g))[1]
+    try:
+        PassManager([touch.bind(), touch.bind()])(pm)
+        assert len(lints) == 1
+        with pytest.raises(PassError, match=r"pass 'use_before_def': left an invalid graph \(or one run after it: "
+                                            r"touch\)"):
+            PassManager([broken.bind(), touch.bind()])(pm)
+    finally:
+        type(pm.graph).lint = real
+    assert not {"_peftfx_lint", "_peftfx_defer_recompile"} & set(pm.__dict__)
+
+
+@pytest.mark.parametrize("factory", [M.llama, M.gpt2, M.bert, M.t5], ids=["llama", "gpt2", "bert", "t5"])
+def test_the_fast_graph_copy_equals_fxs_own(factory):
+    """trace_cache's node-by-node copy gives what ``Graph.graph_copy`` + ``Graph.output`` give: the same nodes (name,
+    op, target, arguments, type, meta), the same name bookkeeping (so nodes added later get the same names) and the
+    same code; nothing shared but the meta values."""
+    from peftfx.trace_cache import _copy_graph, _fx_copy_graph
+
+    model = factory()
+    ex = {"input_ids": M.ids()} if factory is not M.t5 else {"input_ids": M.ids(), "decoder_input_ids": M.ids()}
+    pm = peftfx.trace(model, ex)
+    fast, ref = _copy_graph(pm.graph), _fx_copy_graph(pm.graph)
+
+    def describe(g):
+        def types(a):
+            return [type(a).__name__, [types(x) for x in a]] if isinstance(a, (tuple, list)) else \
+                [type(a).__name__, {k: types(x) for k, x in a.items()}] if isinstance(a, dict) else type(a).__name__
+
+        return [(n.name, n.op, n.target, str(n.args), str(n.kwargs), types(n.args), types(n.kwargs), n.type,
+                 list(n.meta)) for n in g.nodes]
+
+    assert describe(fast) == describe(ref) and len(fast.nodes) == len(ref.nodes) == len(pm.graph.nodes)
+    fns, rns = fast._graph_namespace, ref._graph_namespace
+    assert fns._used_names == rns._used_names and fns._base_count == rns._base_count
+    assert {n.name: v for n, v in fns._obj_to_name.items()} == {n.name: v for n, v in rns._obj_to_name.items()}
+    assert fast.python_code("self").src == ref.python_code("self").src
+    for g in (fast, ref):                                   # names made later agree too
+        with g.inserting_before(next(iter(g.nodes))):
+            g.placeholder("x"), g.call_function(torch.ops.aten.add.Tensor, ()), g.get_attr("add")
+    assert describe(fast) == describe(ref)
+    assert all(a is not b and a.meta is not b.meta for a, b in zip(fast.nodes, pm.graph.nodes))
+    assert [n for n in fast.nodes if n.op != "output"][-1].users                # user lists rebuilt
+    fast.lint()
+
+
+def test_a_graph_a_pass_changed_before_its_first_plan_is_analysed_anew(monkeypatch):
+    """The cached analysis serves only a graph as its trace-cache hit gave it: a pass that modified the graph before
+    its first plan (even one keeping every node name) makes that plan run the detectors, and stores nothing."""
+    import peftfx.plan as plan_module
+    from peftfx.passes.base import PassManager, PassResult, graph_pass
+
+    ex = {"input_ids": M.ids()}
+    peftfx.inspect(M.llama(seed=0), None, ex)                       # a miss
+    want = str(peftfx.inspect(M.llama(seed=1), None, ex))           # the first hit: analysis kept
+    (entry,) = trace_cache._CACHE.values()
+    kept = dict(entry.analysis)
+
+    @graph_pass("same_names")
+    def same_names(gm):
+        return PassResult(gm, True)
+
+    runs = []
+    real = plan_module.assign_roles
+    monkeypatch.setattr(plan_module, "assign_roles", lambda *a: (runs.append(1), real(*a))[1])
+    pm = peftfx.trace(M.llama(seed=2), ex)
+    PassManager([same_names.bind()])(pm)
+    assert str(peftfx.inspect(pm)) == want and runs == [1] and entry.analysis == kept
+    assert str(peftfx.inspect(M.llama(seed=3), None, ex)) == want and runs == [1]       # a plain hit: reused
+
+
+def test_site_calls_from_the_call_index_equal_a_scan_of_the_graph():
+    """splice looks every site's calls up in one index of the graph (sites.call_index) instead of scanning it per
+    site: the same calls for every site node, on a model whose layer is called three times (ALBERT) and on Llama."""
+    import transformers
+
+    from peftfx.sites import call_index, find_sites, site_calls
+
+    cfg = transformers.AlbertConfig(vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=3,
+                                    num_attention_heads=4, intermediate_size=128)
+    for model, shared in ((transformers.AlbertModel(cfg).eval(), 18), (M.llama(), 0)):
+        pm = peftfx.trace(model, {"input_ids": M.ids()})
+        index = call_index(pm)
+        nodes = [n for s in find_sites(pm) for n in s.nodes]
+        for n in nodes:
+            assert site_calls(pm, n, index) == site_calls(pm, n)
+        assert sum(len(site_calls(pm, n, index)) == 3 for n in nodes) == shared     # 6 sites × 3 calls (ALBERT)
+
+
+def test_a_detector_registered_after_the_first_hit_is_run_on_later_hits():
+    """The kept analysis is keyed by the role-detector pipeline: a detector registered since is not skipped."""
+    from peftfx.roles import register_detector, unregister_detector
+
+    ex = {"input_ids": M.ids()}
+    peftfx.inspect(M.llama(seed=0), None, ex)                       # a miss
+    peftfx.inspect(M.llama(seed=1), None, ex)                       # the first hit: analysis kept
+
+    @register_detector("test_every_site", roles=("test.seen",), order=99)
+    def every_site(ctx):
+        for s in ctx.sites:
+            s.roles.add("test.seen")
+
+    try:
+        report = peftfx.inspect(M.llama(seed=2), None, ex)
+        assert report.plan.sites and all("test.seen" in s.roles for s in report.plan.sites)
+    finally:
+        unregister_detector("test_every_site")
+    again = peftfx.inspect(M.llama(seed=3), None, ex)               # the pipeline as at the first hit: reused
+    assert not any("test.seen" in s.roles for s in again.plan.sites)

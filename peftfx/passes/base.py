@@ -5,7 +5,9 @@ and a contract, in the manner of ``torch.fx.passes.infra.pass_base`` and onnx-ir
 
   ``requires``   checks run on the input before the body (a failing one raises, nothing has changed yet)
   ``call``       the body; returns ``PassResult(graph_module, modified)``
-  ``ensures``    checks run on the result after the graph is linted and recompiled
+  ``ensures``    checks run on the result (after the graph is linted: in a :class:`PassManager` run, the in-place
+                 passes that modified a module are linted once, when the manager ends, and a failure names them;
+                 a pass declared ``structural=False`` — it writes constant arguments or metadata only — is not)
 
 Kinds, told apart by ``functional``:
   *in-place* passes (the default) rewrite the module they are given and return it;
@@ -53,9 +55,9 @@ class Pass:
     """A named graph pass with its contract (see the module docstring). Call it like the function it wraps."""
 
     def __init__(self, fn: Callable[..., PassResult], name: str, *, functional: bool = False,
-                 requires: Sequence[Check] = (), ensures: Sequence[Check] = ()):
+                 requires: Sequence[Check] = (), ensures: Sequence[Check] = (), structural: bool = True):
         functools.update_wrapper(self, fn)
-        self.fn, self.name, self.functional = fn, name, functional
+        self.fn, self.name, self.functional, self.structural = fn, name, functional, structural
         self.requires, self.ensures = tuple(requires), tuple(ensures)
 
     @property
@@ -76,11 +78,15 @@ class Pass:
         if in_place_run and result.graph_module is not gm:
             raise fail(self.name, "is an in-place run but returned a different module")
         if result.modified:
-            try:
-                result.graph_module.graph.lint()
-            except Exception as e:  # lint raises RuntimeError with the bad node in its text
-                raise fail(self.name, f"left an invalid graph: {e}") from e
             out = result.graph_module
+            graph = out.graph              # counted: a cached analysis is keyed by it (peftfx.plan)
+            graph.__dict__["_peftfx_edits"] = graph.__dict__.get("_peftfx_edits", 0) + 1
+            if not self.structural:               # it only rewrote constant arguments or metadata: no lint
+                pass
+            elif "_peftfx_lint" in out.__dict__:  # a PassManager runs on it: linted once when it ends
+                out.__dict__["_peftfx_lint"].append(self.name)
+            else:
+                _lint(out, [self.name])
             if out.__dict__.get("_peftfx_defer_recompile") and not getattr(type(out), "_peftfx_defers", False):
                 out.__dict__["_peftfx_dirty"] = True     # one recompile when the manager ends
             else:
@@ -100,6 +106,16 @@ class Pass:
         return f"<{'functional' if self.functional else 'in-place'} pass {self.name!r}>"
 
 
+def _lint(gm: fx.GraphModule, names: list[str]) -> None:
+    """``graph.lint()`` once for the in-place passes ``names`` that modified ``gm`` in one manager run (a lint of a
+    4,000-node graph takes milliseconds); a failure names them, the first as the pass that failed."""
+    try:
+        gm.graph.lint()
+    except Exception as e:  # lint raises RuntimeError with the bad node in its text
+        later = f" (or one run after it: {', '.join(names[1:])})" if len(names) > 1 else ""
+        raise fail(names[0], f"left an invalid graph{later}: {e}") from e
+
+
 @dataclass(frozen=True)
 class BoundPass:
     pass_: Pass
@@ -111,11 +127,13 @@ class BoundPass:
 
 
 def graph_pass(name: str, *, functional: bool = False, requires: Sequence[Check] = (),
-               ensures: Sequence[Check] = ()) -> Callable[[Callable[..., PassResult]], Pass]:
-    """Decorate a pass body: ``@graph_pass("splice", ensures=[...])``. See the module docstring."""
+               ensures: Sequence[Check] = (), structural: bool = True) -> Callable[[Callable[..., PassResult]], Pass]:
+    """Decorate a pass body: ``@graph_pass("splice", ensures=[...])``. See the module docstring. ``structural=False``:
+    the pass never adds, removes or rewires a node, nor changes a target — it only writes constant arguments or
+    node metadata — so its result is not linted."""
 
     def deco(fn: Callable[..., PassResult]) -> Pass:
-        return Pass(fn, name, functional=functional, requires=requires, ensures=ensures)
+        return Pass(fn, name, functional=functional, requires=requires, ensures=ensures, structural=structural)
 
     return deco
 
@@ -131,15 +149,23 @@ class PassManager:
         """Code is generated once, after the last pass (a 4,000-node graph takes ~45 ms per recompile): in-place
         passes on the same module mark it dirty instead; passes and their checks read the graph, not the code."""
         modified = False
-        touched = []
+        touched, linted = [], []
         try:
             for p in self.passes:
                 if "_peftfx_defer_recompile" not in gm.__dict__:
                     gm.__dict__["_peftfx_defer_recompile"] = True
                     touched.append(gm)
+                if "_peftfx_lint" not in gm.__dict__:      # the passes that modify it, linted once at the end
+                    gm.__dict__["_peftfx_lint"] = []
+                    linted.append(gm)
                 result = p(gm)
                 gm, modified = result.graph_module, modified or result.modified
+            for m in linted:
+                if m.__dict__["_peftfx_lint"]:
+                    _lint(m, m.__dict__["_peftfx_lint"])
         finally:
+            for m in linted:
+                del m.__dict__["_peftfx_lint"]
             for m in touched:
                 del m.__dict__["_peftfx_defer_recompile"]
                 if m.__dict__.pop("_peftfx_dirty", False):

@@ -18,7 +18,7 @@ _FLAG_DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha
                   aten.feature_alpha_dropout.default}
 
 
-@graph_pass("mode_dropout")
+@graph_pass("mode_dropout", structural=False)      # metadata only
 def mode_dropout_pass(gm: fx.GraphModule) -> PassResult:
     modified = False
     for node in gm.graph.nodes:
@@ -40,7 +40,7 @@ def mode_dropout_pass(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, modified)
 
 
-@graph_pass("dropout_mode")
+@graph_pass("dropout_mode", structural=False)      # constant arguments only
 def dropout_mode_pass(gm: fx.GraphModule, mode: bool) -> PassResult:
     """Every recorded dropout argument set for ``mode`` (train: the traced rate; eval: off)."""
     changed = False

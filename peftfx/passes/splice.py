@@ -17,19 +17,21 @@ from torch import fx, nn
 
 from .._util import find_submodule
 from ..model import adapter_of, output_chain
-from ..sites import WEIGHT_INDEX, set_site_input, site_calls, site_input
+from ..sites import WEIGHT_INDEX, call_index, set_site_input, site_calls, site_input
 from .base import PassResult, fail, graph_pass
 from .checks import adapters_called_once
 
 __all__ = ["splice_pass", "splice_one", "adapter_calls"]
 
 
-def splice_one(gm: fx.GraphModule, site_node: fx.Node, op: str, name: str, module: nn.Module) -> fx.Node:
+def splice_one(gm: fx.GraphModule, site_node: fx.Node, op: str, name: str, module: nn.Module, *,
+               index: dict | None = None) -> fx.Node:
     """Splice ``module`` (registered as ``name``) at ``site_node`` and at every other call of the same site (a
-    module called several times: :func:`peftfx.sites.site_calls`); returns the node at ``site_node``."""
+    module called several times: :func:`peftfx.sites.site_calls`, ``index`` its :func:`~peftfx.sites.call_index`);
+    returns the node at ``site_node``."""
     if find_submodule(gm, name) is None:
         gm.add_submodule(name, module)
-    calls = site_calls(gm, site_node)
+    calls = site_calls(gm, site_node, index)
     if site_node not in calls:
         calls = [site_node]
     new = [_splice_at(gm, n, op, name, module) for n in calls]
@@ -96,9 +98,10 @@ def _rewire_outputs(site_node: fx.Node, old: fx.Node, new: fx.Node) -> None:
 
 @graph_pass("splice", ensures=[adapters_called_once])
 def splice_pass(gm: fx.GraphModule, items: Sequence[tuple[fx.Node, str, str, nn.Module]]) -> PassResult:
+    index = call_index(gm) if len(items) > 1 else None      # one scan of the graph for every site's calls
     for site_node, op, name, module in items:
         if site_node.graph is not gm.graph:
             raise fail("splice", f"site node for {name} is not in this graph", site_node)
-        splice_one(gm, site_node, op, name, module)
+        splice_one(gm, site_node, op, name, module, index=index)
     return PassResult(gm, bool(items))
 
