@@ -112,6 +112,32 @@ def _train_out_and_grads(pm, x, seed=11):
     return out.detach(), [(n, p.grad.clone()) for n, p in pm.named_parameters() if p.requires_grad]
 
 
+def _assert_same_result(cold, hit, fresh, x):
+    """``hit`` is ``cold`` bit for bit: state_dict (keys in order, values bitwise), module tree, trainable names,
+    adapter records, code, modes, train-mode outputs and gradients; ``fresh()`` the base model, which they differ
+    from."""
+    a, b = _state(cold), _state(hit)
+    assert [k for k, _ in a] == [k for k, _ in b]
+    assert all(torch.equal(u, v) and u.requires_grad == v.requires_grad for (_, u), (_, v) in zip(a, b))
+    assert [n for n, _ in cold.named_modules()] == [n for n, _ in hit.named_modules()]
+    assert [n for n, p in cold.named_parameters() if p.requires_grad] == \
+        [n for n, p in hit.named_parameters() if p.requires_grad]
+    assert cold.peft_info.adapters == hit.peft_info.adapters
+    assert hit.code == cold.code and hit.training == cold.training
+    assert all(m.training == cold.get_submodule(n).training for n, m in hit.named_modules())
+    with torch.no_grad():            # live adapters (B starts at zero), the same perturbation on both
+        for (_, p), (_, q) in zip(cold.named_parameters(), hit.named_parameters()):
+            if p.requires_grad:
+                noise = 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                p.add_(noise), q.add_(noise)
+    out_a, grads_a = _train_out_and_grads(cold, x)
+    out_b, grads_b = _train_out_and_grads(hit, x)
+    assert torch.equal(out_a, out_b) and (out_a - _logits(fresh().train(), x)).abs().max() > 1e-4
+    assert [n for n, _ in grads_a] == [n for n, _ in grads_b]
+    assert all(torch.equal(g, h) for (_, g), (_, h) in zip(grads_a, grads_b))
+    assert peftfx.print_trainable(hit, file=None) == peftfx.print_trainable(cold, file=None)
+
+
 @pytest.mark.parametrize("factory,rule", [
     (M.llama, LoRA(rank=4, alpha=8, dropout=0.1)),
     (M.gpt2, LoRA(rank=4, targets=select.role("attn.qkv"), init="gaussian")),
@@ -134,26 +160,8 @@ def test_a_hit_of_applys_cache_equals_a_cold_apply_bit_for_bit(monkeypatch, fact
     hit = peftfx.apply(factory(seed=1), rule, {"input_ids": ids})
     assert torch.equal(torch.get_rng_state(), rng_cold)
     assert trace_cache.info()["applied_hits"] == 1 and "_peftfx_shared_graph" in hit.__dict__
-    a, b = _state(cold), _state(hit)
-    assert [k for k, _ in a] == [k for k, _ in b]
-    assert all(torch.equal(u, v) and u.requires_grad == v.requires_grad for (_, u), (_, v) in zip(a, b))
-    assert [n for n, _ in cold.named_modules()] == [n for n, _ in hit.named_modules()]
-    assert [n for n, p in cold.named_parameters() if p.requires_grad] == \
-        [n for n, p in hit.named_parameters() if p.requires_grad]
-    assert hit.code == cold.code and hit.training == cold.training
-    assert all(m.training == cold.get_submodule(n).training for n, m in hit.named_modules())
-    with torch.no_grad():            # live adapters (B starts at zero), the same perturbation on both
-        for (_, p), (_, q) in zip(cold.named_parameters(), hit.named_parameters()):
-            if p.requires_grad:
-                noise = 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
-                p.add_(noise), q.add_(noise)
-    out_a, grads_a = _train_out_and_grads(cold, x)
-    out_b, grads_b = _train_out_and_grads(hit, x)
-    assert torch.equal(out_a, out_b) and (out_a - _logits(factory(seed=1).train(), x)).abs().max() > 1e-4
-    assert [n for n, _ in grads_a] == [n for n, _ in grads_b]
-    assert all(torch.equal(g, h) for (_, g), (_, h) in zip(grads_a, grads_b))
+    _assert_same_result(cold, hit, lambda: factory(seed=1), x)
     assert sorted(hit.__dict__) == sorted(cold.__dict__)          # its own graph now (taken by the variant)
-    assert peftfx.print_trainable(hit, file=None) == peftfx.print_trainable(cold, file=None)
 
 
 def test_models_built_from_applys_cache_share_no_mutable_state():
@@ -317,32 +325,6 @@ def test_a_mode_switch_on_a_hit_reuses_the_graph_another_model_switched_to(monke
 
 
 # ---------------------------------------------------------- a trace-cache hit with other rules (apply's cache off)
-
-
-def _assert_same_result(cold, hit, fresh, x):
-    """``hit`` is ``cold`` bit for bit: state_dict (keys in order, values bitwise), module tree, trainable names,
-    adapter records, code, modes, train-mode outputs and gradients; ``fresh()`` the base model, which they differ
-    from."""
-    a, b = _state(cold), _state(hit)
-    assert [k for k, _ in a] == [k for k, _ in b]
-    assert all(torch.equal(u, v) and u.requires_grad == v.requires_grad for (_, u), (_, v) in zip(a, b))
-    assert [n for n, _ in cold.named_modules()] == [n for n, _ in hit.named_modules()]
-    assert [n for n, p in cold.named_parameters() if p.requires_grad] == \
-        [n for n, p in hit.named_parameters() if p.requires_grad]
-    assert cold.peft_info.adapters == hit.peft_info.adapters
-    assert hit.code == cold.code and hit.training == cold.training
-    assert all(m.training == cold.get_submodule(n).training for n, m in hit.named_modules())
-    with torch.no_grad():            # live adapters (B starts at zero), the same perturbation on both
-        for (_, p), (_, q) in zip(cold.named_parameters(), hit.named_parameters()):
-            if p.requires_grad:
-                noise = 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
-                p.add_(noise), q.add_(noise)
-    out_a, grads_a = _train_out_and_grads(cold, x)
-    out_b, grads_b = _train_out_and_grads(hit, x)
-    assert torch.equal(out_a, out_b) and (out_a - _logits(fresh().train(), x)).abs().max() > 1e-4
-    assert [n for n, _ in grads_a] == [n for n, _ in grads_b]
-    assert all(torch.equal(g, h) for (_, g), (_, h) in zip(grads_a, grads_b))
-    assert peftfx.print_trainable(hit, file=None) == peftfx.print_trainable(cold, file=None)
 
 
 @pytest.mark.parametrize("factory,rule", [
