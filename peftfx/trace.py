@@ -28,7 +28,7 @@ from .trace_replicate import clean_path as _clean_path
 from .trace_replicate import export_replicated
 from .trace_symbolic import symbolic_export
 
-__all__ = ["trace", "trace_deferred", "trace_inputs", "normalize_inputs", "hf_extra_inputs"]
+__all__ = ["trace", "trace_deferred", "trace_inputs", "normalize_inputs", "hf_extra_inputs", "widen_unit_sequence"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _dynamic_shapes(kwargs: dict[str, Any], dynamic: bool, model: nn.Module | No
             spec[name] = _tree_shapes(v)      # a registered container (a KV cache): every leaf dim AUTO
         elif not isinstance(v, torch.Tensor) or v.dim() == 0:
             spec[name] = None
-        elif v.dim() == 2 or (v.dim() == 3 and v.is_floating_point()):
+        elif _has_sequence(v):
             # (batch, sequence[, hidden]); a sequence of 1 (a decode step) stays static, as torch.export would
             spec[name] = {0: auto, 1: auto} if v.shape[1] != 1 else {0: auto}
         else:
@@ -115,6 +115,12 @@ def _dynamic_shapes(kwargs: dict[str, Any], dynamic: bool, model: nn.Module | No
         if var_kw and extra:
             spec[var_kw] = {n: spec.pop(n) for n in extra}
     return spec
+
+
+def _has_sequence(v: torch.Tensor) -> bool:
+    """Whether dim 1 of an input is its sequence: token-shaped (batch, sequence) or embeddings (batch, sequence,
+    hidden)."""
+    return v.dim() == 2 or (v.dim() == 3 and v.is_floating_point())
 
 
 def _tree_node(v: Any) -> bool:
@@ -197,6 +203,24 @@ def _annotate(gm: torch.fx.GraphModule) -> None:
         if node.op == "get_attr":
             path = node.target.rsplit(".", 1)[0] if "." in node.target else ""
         node.meta["peftfx"] = {"path": path, "layer": layer_index(path), "module_type": mtype.rsplit(".", 1)[-1]}
+
+
+def widen_unit_sequence(example: dict[str, Any]) -> dict[str, Any]:
+    """A call with a 1-token sequence and no KV cache (not a generation step) is traced with the sequence repeated to
+    2, so its graph stays dynamic in the sequence, as the graph a trace-cache hit serves for it is (a graph traced at
+    1 pins the length, and prompt tuning or p-tuning cannot widen it with their virtual tokens). Every input with a
+    sequence axis (:func:`_has_sequence`) of 1 is repeated along it; the graph's outputs at length 1 are those of the
+    model (checked by the symbolic trace at another length, and by the callers' tests)."""
+    if any(_tree_node(v) for v in example.values()):
+        return example                 # a cache object: a decode step, traced as it is called
+    ids = example.get("input_ids", example.get("inputs_embeds"))
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2 or ids.shape[1] != 1:
+        return example
+
+    def unit(v):
+        return isinstance(v, torch.Tensor) and _has_sequence(v) and v.shape[1] == 1
+
+    return {k: v.repeat(1, 2, *([1] * (v.dim() - 2))) if unit(v) else v for k, v in example.items()}
 
 
 def trace(model: nn.Module, example_inputs: Any = None, *, dynamic: bool = True,

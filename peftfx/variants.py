@@ -41,7 +41,7 @@ from .passes.cleanup import simplify_pass
 from .passes.rewrite import rewrite_pass
 from .passes.splice import splice_pass
 from .plan import plan
-from .trace import hf_extra_inputs, trace
+from .trace import hf_extra_inputs, trace, widen_unit_sequence
 
 __all__ = ["Variants", "disable_adapter", "enable_variants", "variant_for"]
 
@@ -216,7 +216,7 @@ class Variants:
             return v
 
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
-            example = _widen_unit_sequence({k: own(v) for k, v in kwargs.items()})
+            example = widen_unit_sequence({k: own(v) for k, v in kwargs.items()})
             flags = {k: example.pop(k) for k in _CONFIG_FLAGS if self._strict and k in example}
             patched = self.source.__dict__.pop("forward", None)     # generate() routes forward here; trace the model's
             try:
@@ -400,27 +400,6 @@ def _config_flags(source: nn.Module, flags: dict[str, Any]) -> Iterator[None]:
     finally:
         for k, v in old.items():
             setattr(config, k, v)
-
-
-def _widen_unit_sequence(example: dict[str, Any]) -> dict[str, Any]:
-    """A call with a 1-token sequence and no KV cache (not a generation step) is traced with the sequence repeated to
-    2, so its graph stays dynamic in the sequence, as the graph a trace-cache hit serves for it is (a graph traced at
-    1 pins the length, and prompt tuning or p-tuning cannot widen it with their virtual tokens). Every 2-D tensor
-    input, and 3-D float (embeddings), with a sequence of 1 is repeated along dim 1; the graph's outputs at length 1
-    are those of the model (checked by the symbolic trace at another length, and by the callers' tests)."""
-    from torch.utils import _pytree as pytree
-
-    if any(type(v) in pytree.SUPPORTED_NODES and type(v) not in (list, tuple, dict) for v in example.values()):
-        return example                 # a cache object: a decode step, traced as it is called
-    ids = example.get("input_ids", example.get("inputs_embeds"))
-    if not isinstance(ids, torch.Tensor) or ids.dim() < 2 or ids.shape[1] != 1:
-        return example
-
-    def seq(v):
-        return isinstance(v, torch.Tensor) and (v.dim() == 2 or (v.dim() == 3 and v.is_floating_point())) \
-            and v.shape[1] == 1
-
-    return {k: v.repeat(1, 2, *([1] * (v.dim() - 2))) if seq(v) else v for k, v in example.items()}
 
 
 @contextlib.contextmanager
