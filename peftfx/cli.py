@@ -294,7 +294,9 @@ def _kv_mode(value: str) -> str:
     return value
 
 
-def _parse_ids(texts: list[str], ragged: bool = False):
+def _parse_ids(texts: list[str], ragged: bool):
+    """``(ids, mask)``: the rows left-padded to the longest (``ragged``: rows may differ in length; otherwise they
+    must not), the mask 0 at padding."""
     import numpy as np
 
     rows = []
@@ -313,7 +315,7 @@ def _parse_ids(texts: list[str], ragged: bool = False):
     mask = np.zeros((len(rows), width), np.int64)
     for i, r in enumerate(rows):
         ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    return (ids, mask) if ragged else ids
+    return ids, mask
 
 
 def _tokenizer(args, rt):
@@ -364,10 +366,7 @@ def cmd_run(args) -> int:
         feeds = {k: enc[k] for k in rt.inputs if k in enc}
         prompt_mask = enc.get("attention_mask")
     else:
-        ids, prompt_mask = _parse_ids(args.ids, ragged=True)
-        if not args.generate and not prompt_mask.all():
-            raise _fail("every --ids row must be of the same length (rows of different lengths need --generate "
-                        "with a file exported with --kv-cache padded).")
+        ids, prompt_mask = _parse_ids(args.ids, ragged=bool(args.generate))
         feeds = {"input_ids": ids}
         for name in ("attention_mask", "token_type_ids"):
             if name in rt.inputs:
