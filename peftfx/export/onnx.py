@@ -373,6 +373,7 @@ def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations
     names. ``plan["reuse"]["decompositions"]`` says which path ran (and why the full one, logged)."""
     reuse = plan.setdefault("reuse", {"graph": False})
     reason = "PEFTFX_EXPORT_REUSE=0" if os.environ.get("PEFTFX_EXPORT_REUSE", "1") == "0" else None
+    registry = None
     try:
         from torch.onnx._internal._lazy_import import onnxscript_apis
         from torch.onnx._internal.exporter import (
@@ -399,6 +400,9 @@ def _to_onnx(ep, opset: int, input_names: list, output_names: list, translations
     if reason is not None:
         reuse["decompositions"] = f"ran: {reason}"
         log.info("export_onnx: the exporter's decompositions run: %s", reason)
+        if registry is not None:        # what torch.onnx.export does for a program, with the table built above
+            return _core.export(ep, registry=registry, input_names=input_names, output_names=output_names,
+                                opset_version=opset, optimize=True, verbose=False)
         return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, verbose=False, optimize=True,
                                  input_names=input_names, output_names=output_names,
                                  custom_translation_table=translations)
