@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from ._errors import PeftfxError
 from ._util import find_submodule, is_tensor_attr
+from ._graphcopy import copy_graph
 
 __all__ = ["PeftModel", "call_key", "register_service", "PeftInfo", "AdapterRecord", "require_peft", "adapter_name", "adapter_of", "adapter_nodes", "output_chain",
            "chain_end"]
@@ -149,13 +150,13 @@ class PeftModel(fx.GraphModule):
         self.__dict__.pop("_peftfx_shared_graph", None)
         fx.GraphModule.graph.fset(self, g)
 
-    def share_graph(self, template: fx.Graph, copy_graph: Any, modes: dict[bool, tuple[fx.Graph, dict]]) -> None:
+    def share_graph(self, template: fx.Graph, modes: dict[bool, tuple[fx.Graph, dict]]) -> None:
         """Run on ``template``'s code without a graph of its own until one is needed: then ``copy_graph(template)``
         becomes this model's graph (``template`` itself is never handed out, nor changed). ``modes``: train/eval
         mode → (template, code record) of the same graph with dropout set for that mode, shared with the cache:
         :meth:`train` switches to one without a pass or code generation, and records it after switching."""
         self.__dict__.pop("_graph", None)
-        self.__dict__["_peftfx_shared_graph"] = (template, copy_graph, modes)
+        self.__dict__["_peftfx_shared_graph"] = (template, modes)
 
     def __reduce__(self):
         if "_peftfx_shared_graph" in self.__dict__:     # fx pickles ``__dict__`` less its graph: take one first
@@ -168,7 +169,7 @@ class PeftModel(fx.GraphModule):
         return super().__reduce_package__(exporter)
 
     def _own_graph(self) -> None:
-        template, copy_graph, _ = self.__dict__.pop("_peftfx_shared_graph")
+        template, _ = self.__dict__.pop("_peftfx_shared_graph")
         graph = copy_graph(template)
         self.__dict__["_graph"] = graph
         graph.owning_module = self
@@ -292,9 +293,9 @@ class PeftModel(fx.GraphModule):
 
             # a graph still shared with apply's cache: its version for this mode, when a model switched before
             shared = self.__dict__.get("_peftfx_shared_graph")
-            if shared is not None and mode in shared[2]:
-                template, code = shared[2][mode]
-                self.__dict__["_peftfx_shared_graph"] = (template, shared[1], shared[2])
+            if shared is not None and mode in shared[1]:
+                template, code = shared[1][mode]
+                self.__dict__["_peftfx_shared_graph"] = (template, shared[1])
                 self.adopt_code(code)
                 self._graph_mode = mode
                 return self
@@ -306,7 +307,7 @@ class PeftModel(fx.GraphModule):
             self._graph_mode = mode
             code = self.code_record() if shared is not None else None
             if code is not None:     # the next model of that cache entry switches without a pass or codegen
-                shared[2][mode] = (shared[1](self.graph), code)
+                shared[1][mode] = (copy_graph(self.graph), code)
         return self
 
     # ---------------------------------------------------------------------------------------- device
@@ -334,13 +335,7 @@ class PeftModel(fx.GraphModule):
         Passes that must not touch the caller's model (merge, unmerge) work on a fork. It keeps activation
         checkpointing when this model has it on (:func:`peftfx.gradient_checkpointing`)."""
         if graph is None:
-            graph = fx.Graph()
-            out = graph.graph_copy(self.graph, {})
-            graph.output(out)
-            graph._codegen = copy.deepcopy(self.graph._codegen)
-            for new in graph.nodes:
-                if "peftfx" in new.meta:
-                    new.meta["peftfx"] = copy.deepcopy(new.meta["peftfx"])
+            graph = copy_graph(self.graph)
         twin = PeftModel(self, graph, class_name=type(self).__name__.replace("GraphModuleImpl", "PeftModel"))
         for name in self.peft_info.adapters:
             if find_submodule(twin, name) is None:

@@ -38,10 +38,8 @@ out).
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +47,8 @@ from typing import Any, Callable
 
 import torch
 from torch import fx, nn
+
+from ._graphcopy import _copy_graph, copy_graph
 
 __all__ = ["cached_export", "clear", "info", "MAX_ENTRIES", "Applied", "assemble", "copy_graph", "key_of"]
 
@@ -177,93 +177,6 @@ _CLEANED = frozenset({torch.ops.aten._assert_tensor_metadata.default})
 _TRACE_SWITCHES = frozenset({"PEFTFX_TRACE_REPLICATE", "PEFTFX_SYMBOLIC_TRACE"})
 
 
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    """``graph`` copied node by node, as ``Graph.graph_copy`` + ``output`` copy it (the same names, in the same
-    order, the same namespace state, ``meta`` dicts shallow-copied), without what ``create_node`` does for nodes
-    made anew (name generation, a scan of every argument for raw symbolic values): those names and arguments
-    are already a valid graph's. Falls back to ``graph_copy`` where fx lacks the internals this uses."""
-    new = fx.Graph()
-    try:
-        ns, insert, table = new._graph_namespace, new._insert, new._find_nodes_lookup_table
-        used, to_name, counts = ns._used_names, ns._obj_to_name, ns._base_count
-    except AttributeError:
-        return _fx_copy_graph(graph)
-    env: dict[fx.Node, fx.Node] = {}
-
-    def remap(a: Any) -> Any:         # Node() turns lists and dicts into fx's immutable ones, as create_node does
-        t = type(a)
-        if t is fx.Node:
-            return env[a]
-        if t is tuple:
-            return tuple([remap(x) for x in a])
-        if isinstance(a, list):
-            return [remap(x) for x in a]
-        if isinstance(a, dict):
-            return {k: remap(x) for k, x in a.items()}
-        if isinstance(a, (tuple, slice, fx.Node)):   # a named tuple, a slice: fx's own mapping
-            return fx.node.map_arg(a, env.__getitem__)
-        return a
-
-    for node in graph.nodes:
-        name, output = node.name, node.op == "output"
-        n = fx.Node(new, name, node.op, node.target, remap(node.args), remap(node.kwargs) if node.kwargs else {},
-                    None if output else node.type)
-        if not output:                  # (graph_copy stops at the output, which Graph.output makes anew)
-            n.meta = copy.copy(node.meta)       # before the lookup table has it: no remove and re-insert
-        m = _NAME.match(name)                      # what Namespace.create_name records for an unused valid name
-        base, num = m.group(1, 2) if m else (name, None)
-        counts[base] = int(num) if num is not None else counts.get(base, 0)
-        used.add(name)
-        to_name[n] = name
-        insert(n)
-        table.insert(n)
-        new._len += 1
-        if output:
-            break
-        env[node] = n
-    new._codegen = copy.deepcopy(graph._codegen)
-    return new
-
-
-_NAME = re.compile(r"^([a-zA-Z_][0-9a-zA-Z_]*?)(?:_(\d+))?$")      # fx's own: a name's base and numeric suffix
-
-
-def _fx_copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    out = new.graph_copy(graph, {})
-    new.output(out)
-    new._codegen = copy.deepcopy(graph._codegen)
-    return new
-
-
-def copy_graph(graph: fx.Graph) -> fx.Graph:
-    """A copy of ``graph`` that shares no mutable state with it: new nodes (same names, so the same generated
-    code), each node's ``meta`` dict new and its ``"peftfx"`` entry (which passes edit) copied too."""
-    new = _copy_graph(graph)
-    for node in new.nodes:
-        if "peftfx" in node.meta:
-            node.meta["peftfx"] = _copy_value(node.meta["peftfx"])
-    return new
-
-
-_ATOMS = (str, int, float, bool, type(None))
-
-
-def _copy_value(v: Any) -> Any:
-    """``copy.deepcopy(v)`` for the plain data passes keep in ``meta["peftfx"]`` (strings and numbers kept, dicts,
-    lists and tuples rebuilt), done by hand where it can be; anything else goes through ``deepcopy``."""
-    t = type(v)
-    if t in _ATOMS:
-        return v
-    if t is dict:
-        return {k: _copy_value(x) for k, x in v.items()}
-    if t is list:
-        return [_copy_value(x) for x in v]
-    if t is tuple:
-        return tuple(_copy_value(x) for x in v)
-    return copy.deepcopy(v)
-
-
 def _bind(model: nn.Module, entry: _Entry) -> tuple[dict[str, torch.Tensor], fx.Graph]:
     """A copy of the cached graph and its ``get_attr`` targets bound to ``model``'s own tensors (by name)."""
     tensors = {}
@@ -370,7 +283,7 @@ def assemble(items: list[tuple[str, Any, bool]], graph: fx.Graph, class_name: st
         else:
             _attach(pm, modules, path, value, persistent)
     if modes is not None:     # apply's cache: the template graph, copied on first use (PeftModel.share_graph)
-        pm.share_graph(graph, copy_graph, modes)
+        pm.share_graph(graph, modes)
     else:
         pm.graph = graph
     tracer = graph._tracer_cls

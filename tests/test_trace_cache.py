@@ -423,7 +423,7 @@ def test_the_fast_graph_copy_equals_fxs_own(factory):
     """trace_cache's node-by-node copy gives what ``Graph.graph_copy`` + ``Graph.output`` give: the same nodes (name,
     op, target, arguments, type, meta), the same name bookkeeping (so nodes added later get the same names) and the
     same code; nothing shared but the meta values."""
-    from peftfx.trace_cache import _copy_graph, _fx_copy_graph
+    from peftfx._graphcopy import _copy_graph, _fx_copy_graph
 
     model = factory()
     ex = {"input_ids": M.ids()} if factory is not M.t5 else {"input_ids": M.ids(), "decoder_input_ids": M.ids()}
