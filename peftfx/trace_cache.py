@@ -49,6 +49,7 @@ import torch
 from torch import fx, nn
 
 from ._graphcopy import _copy_graph, copy_graph
+from .passes.cleanup import droppable
 
 __all__ = ["cached_export", "clear", "info", "MAX_ENTRIES", "Applied", "assemble", "copy_graph", "key_of"]
 
@@ -170,9 +171,6 @@ def key_of(model: nn.Module, kwargs: dict[str, Any], dynamic: bool, general: boo
                        transformers.__version__, switches], default=repr)
 
 
-#: what :func:`peftfx.passes.cleanup.cleanup_pass` removes from every traced graph (where unused)
-_CLEANED = frozenset({torch.ops.aten._assert_tensor_metadata.default})
-
 #: environment switches that choose how a model is traced (so which graph it gets)
 _TRACE_SWITCHES = frozenset({"PEFTFX_TRACE_REPLICATE", "PEFTFX_SYMBOLIC_TRACE"})
 
@@ -246,8 +244,7 @@ def cached_export(model: nn.Module, kwargs: dict[str, Any], dynamic: bool,
     graph = _copy_graph(gm.graph)
     constants = {}
     for node in list(graph.nodes):
-        if not node.users and ((node.op == "call_module" and node.target == "_guards_fn")
-                               or (node.op == "call_function" and node.target in _CLEANED)):
+        if droppable(node):
             graph.erase_node(node)      # torch.export's input guards and metadata asserts: what the cleanup pass
             #                             (run on every trace) drops, dropped once here so it finds nothing on a hit
         elif node.op == "call_module":

@@ -15,19 +15,24 @@ from torch import fx
 
 from .base import PassResult, graph_pass
 
-__all__ = ["cleanup_pass", "simplify_pass"]
+__all__ = ["cleanup_pass", "droppable", "simplify_pass"]
 
 _DROP = {torch.ops.aten._assert_tensor_metadata.default}
 
 aten = torch.ops.aten
 
 
+def droppable(node: fx.Node) -> bool:
+    """What the cleanup pass removes from a traced graph: torch.export's input guards and metadata asserts, unused."""
+    guard = node.op == "call_module" and node.target == "_guards_fn"
+    return not node.users and (guard or (node.op == "call_function" and node.target in _DROP))
+
+
 @graph_pass("cleanup")
 def cleanup_pass(gm: fx.GraphModule) -> PassResult:
     modified = False
     for node in list(gm.graph.nodes):
-        guard = node.op == "call_module" and node.target == "_guards_fn"
-        if not node.users and (guard or (node.op == "call_function" and node.target in _DROP)):
+        if droppable(node):
             gm.graph.erase_node(node)
             modified = True
     if hasattr(gm, "_guards_fn"):
