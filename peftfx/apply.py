@@ -145,9 +145,8 @@ def _remember(key: str, pm: PeftModel, p: Plan, names: list[str], model: nn.Modu
         return
     if host_random_settings(model):         # its trace warns (LayerDrop/SpecAugment off): every apply should
         return
-    if (len(pm._forward_pre_hooks) != 1 or pm._forward_hooks or pm._backward_hooks or pm._backward_pre_hooks
-            or pm._state_dict_hooks or pm._load_state_dict_pre_hooks or pm._load_state_dict_post_hooks
-            or pm._replace_hooks or pm._create_node_hooks or pm._erase_node_hooks or pm._deepcopy_hooks):
+    if trace_cache.hooked(pm, pre_hooks=1) or pm._replace_hooks or pm._create_node_hooks or pm._erase_node_hooks \
+            or pm._deepcopy_hooks:
         return
     code = pm.code_record()
     layout = trace_cache.layout_of(pm, model, set(pm.peft_info.adapters))

@@ -392,6 +392,18 @@ def store_applied(key: str, entry: Applied) -> None:
         _APPLIED.popitem(last=False)
 
 
+#: every hook dict of an ``nn.Module`` but the forward pre-hooks (``hooked`` counts those); the ``*_with_kwargs``
+#: and ``*_always_called`` ones only mark hooks these hold
+_MODULE_HOOKS = ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+                 "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def hooked(mod: nn.Module, pre_hooks: int = 0) -> bool:
+    """Whether ``mod`` has a hook apply's cache would not rebuild: any module hook, or other than ``pre_hooks``
+    forward pre-hooks (a PeftModel's own: its input constants)."""
+    return len(mod._forward_pre_hooks) != pre_hooks or any(getattr(mod, h) for h in _MODULE_HOOKS)
+
+
 def layout_of(pm: nn.Module, model: nn.Module, adapters: set[str]) -> list | None:
     """``pm``'s module tree as :class:`Applied` keeps it (see there), or None when it holds anything else: a
     module in between that is not a plain ``nn.Module`` or has hooks, a parameter that is neither the model's nor
@@ -402,8 +414,7 @@ def layout_of(pm: nn.Module, model: nn.Module, adapters: set[str]) -> list | Non
     out: list = []
 
     def walk(mod: nn.Module, prefix: str) -> bool:
-        if mod is not pm and (type(mod) is not nn.Module or mod._forward_hooks or mod._forward_pre_hooks
-                              or mod._backward_hooks or mod._state_dict_hooks or mod._load_state_dict_pre_hooks):
+        if mod is not pm and (type(mod) is not nn.Module or hooked(mod)):
             return False
         for name, p in mod._parameters.items():
             if p is None or id(p) not in names:
