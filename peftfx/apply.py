@@ -192,7 +192,7 @@ def _replay(entry: trace_cache.Applied, model: nn.Module, kwargs: dict[str, Any]
     pm.__dict__["_peftfx_origin"] = (model, call_key(kwargs, True, dynamic), dynamic)
     pm._graph_mode = entry.graph_mode
     pm.train(entry.training)            # modules (adapters too) in the mode a cold apply leaves them
-    PassManager([freeze_pass.bind(), adapter_mode_pass.bind()])(pm)
+    freeze_pass(pm)
     enable_variants(pm)
     log.info("applied %d rule(s) at %d site(s) (apply's cache)", len(rules), len(built))
     return pm
