@@ -24,6 +24,7 @@ from torch.fx.graph_module import _forward_from_src
 from torch.fx.node import _get_qualified_name
 from torch.utils import _pytree as pytree
 
+from ._util import attr_at
 from .model import _SERVICES, _fill_constants, call_key
 
 __all__ = ["StepGraph", "run_step", "session_key", "step_graph"]
@@ -40,7 +41,7 @@ class StepGraph:
         self.code = gm.__dict__.get("_code")
         graph, env, self.attrs = fx.Graph(), {}, []
         for n in gm.graph.nodes:           # weights first, as arguments
-            if n.op == "get_attr" and isinstance(_resolve(gm, n.target), torch.Tensor):
+            if n.op == "get_attr" and isinstance(attr_at(gm, n.target), torch.Tensor):
                 env[n] = graph.placeholder(n.name)
                 self.attrs.append(n.target)
         for n in gm.graph.nodes:
@@ -56,7 +57,7 @@ class StepGraph:
     def weights(self, gm: nn.Module) -> list[torch.Tensor]:
         """The tensors the graph reads, from ``gm`` now (call once per ``generate()``: weights do not change
         identity during one)."""
-        return [_resolve(gm, t) for t in self.attrs]
+        return [attr_at(gm, t) for t in self.attrs]
 
     def __call__(self, weights: list[torch.Tensor], kwargs: dict[str, Any], cache: Any) -> Any:
         leaves = fx_pytree.tree_flatten_spec(([], kwargs), self.in_spec)
@@ -92,13 +93,6 @@ def _direct_ops(module: fx.GraphModule) -> Any:
             src = src.replace(qual, f"_peftfx_op{i}(")
             glb[f"_peftfx_op{i}"] = op._op
     return _forward_from_src(src, glb).__get__(module)       # FX's own compile (source kept for tracebacks)
-
-
-def _resolve(root: nn.Module, target: str) -> Any:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _plan(spec: Any) -> Any:

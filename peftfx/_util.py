@@ -34,6 +34,14 @@ def delete_submodule(root: nn.Module, name: str) -> None:
     delattr(holder, attr)
 
 
+def attr_at(root: nn.Module, path: str) -> Any:
+    """The attribute at dotted ``path`` under ``root`` (a ``get_attr`` node's target); AttributeError if absent."""
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def is_tensor_attr(root: nn.Module, path: str) -> bool:
     """True when ``path`` names an attribute of ``root`` that exists and is not a module (a parameter or tensor)."""
     if not path:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from .._errors import ExportError
+from .._util import attr_at
+from ..passes.cleanup import _mutates, _same_size
 from ..passes.remove import remove_adapters_pass
 
 __all__ = ["FlatModule", "flatten_outputs", "dynamic_axes", "traced_axes", "resize_inputs", "unique_output_names",
@@ -386,7 +388,7 @@ def program_from_graph(work: nn.Module, inputs: Mapping[str, torch.Tensor], name
         elif target in buffers:
             t, kind = buffers[target], InputKind.BUFFER
         else:
-            t = _get_attr(work, target)
+            t = attr_at(work, target)
             if not isinstance(t, torch.Tensor):
                 raise NotReusable(f"get_attr {target!r} is a {type(t).__name__}, not a tensor")
             kind = InputKind.CONSTANT_TENSOR
@@ -463,13 +465,6 @@ def program_from_graph(work: nn.Module, inputs: Mapping[str, torch.Tensor], name
     return ep, _limits(ep, axes)
 
 
-def _get_attr(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _ordered_outputs(work: nn.Module, node: torch.fx.Node, env: dict, n_outputs: int) -> list:
     """The graph's output leaves in :func:`flatten_outputs` order (the order FlatModule returns them in)."""
     from torch.utils import _pytree as pytree
@@ -526,8 +521,7 @@ def rewrite_untranslatable(gm: torch.fx.GraphModule, translatable) -> int:
     left unchanged (``aten.to`` may return its input, which such an op would then change). Returns how many nodes
     were rewritten."""
     aten = torch.ops.aten
-    if any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in gm.graph.nodes
-           if n.op == "call_function"):
+    if any(_mutates(n) for n in gm.graph.nodes):
         return 0
     simple = {aten.__and__.Tensor: aten.bitwise_and.Tensor, aten.__or__.Tensor: aten.bitwise_or.Tensor,
               aten.__xor__.Tensor: aten.bitwise_xor.Tensor, aten.min.other: aten.minimum.default,
@@ -590,7 +584,7 @@ def drop_identity_reshapes(gm: torch.fx.GraphModule) -> int:
     between the ops ONNX Runtime's attention fusion matches. A graph with an op that mutates its input is left
     unchanged (a view shares its input's storage). Returns how many were removed."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    if any(getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in nodes):
+    if any(_mutates(n) for n in nodes):
         return 0
     ops = {torch.ops.aten.reshape.default, torch.ops.aten.view.default}
     count = 0
@@ -608,17 +602,7 @@ def drop_identity_reshapes(gm: torch.fx.GraphModule) -> int:
 
 
 def _same_shape(a, b) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt):
-            ex = x.node.expr if isinstance(x, torch.SymInt) else x
-            ey = y.node.expr if isinstance(y, torch.SymInt) else y
-            if not (isinstance(x, torch.SymInt) and isinstance(y, torch.SymInt)) or ex != ey:
-                return False
-        elif x != y:
-            return False
-    return True
+    return len(a) == len(b) and all(_same_size(x, y) for x, y in zip(a, b))
 
 
 def _functionalize_sole_inplace(graph: torch.fx.Graph) -> int:

@@ -43,6 +43,7 @@ from .._fs import make_temp_dir
 from .._version import __version__
 from ..apply import fold, merge, unmerge
 from ..model import PeftModel
+from ..passes.cleanup import _mutates
 from ._build import (BATCH, FlatModule, NotReusable, drop_identity_reshapes, dynamic_axes, export_program,
                      flatten_outputs, keep_modes, program_from_graph, rename_dims, rewrite_untranslatable,
                      tensor_inputs, traced_axes, unique_output_names)
@@ -466,8 +467,7 @@ def _needs_decomposition(ep, registry) -> str | None:
             continue
         if not registry.is_registered(target):
             return f"{target} has no ONNX translation of its own"
-        schema = getattr(target, "_schema", None)
-        if schema is not None and schema.is_mutable:
+        if _mutates(node):
             return f"{target} mutates its input"
     return None
 
