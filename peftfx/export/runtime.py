@@ -349,9 +349,10 @@ class Runtime:
 
     def _shares_buffers(self) -> bool:
         if getattr(self, "_shares", None) is None:
-            from ._kv_fusion import shares_buffers
+            from ._kv_fusion import LAYOUTS, shares_buffers
 
-            self._shares = "mask_inputs" in (self.kv or {}) and shares_buffers(self.path)
+            kv = self.kv or {}       # only a fused file (GroupQueryAttention's layout) can: no file read otherwise
+            self._shares = "mask_inputs" in kv and kv.get("layout") == LAYOUTS["bnsh"] and shares_buffers(self.path)
         return self._shares
 
     def _next_tokens(self, last: np.ndarray, done: np.ndarray, eos_token_id: int | None) -> np.ndarray:
