@@ -134,7 +134,8 @@ def _verify_kv(rt, pm, plan: dict, tol: float) -> list[dict]:
 
     ids = plan["inputs"]["input_ids"]
     layout = plan["kv"]
-    pasts, presents = layout.to_dict()["inputs"], layout.to_dict()["outputs"]
+    kv = layout.to_dict()
+    pasts, presents = kv["inputs"], kv["outputs"]
     entries = plan["entries"]
     feeds_adapter = {e.name: plan["model"].get_parameter(e.path).detach().cpu().numpy() for e in entries}
     s = ids.shape[1]
@@ -151,7 +152,7 @@ def _verify_kv(rt, pm, plan: dict, tol: float) -> list[dict]:
         mask = np.ones(tuple(prompt.shape), np.int64)
         mask[0, :pad] = 0
         masks = mask_feeds(mask, prompt.shape[1]) if layout.padded else {}
-        past = {n: np.zeros(cache_shape(layout.to_dict(), prompt.shape[0], 0), dtype) for n in pasts}
+        past = {n: np.zeros(cache_shape(kv, prompt.shape[0], 0), dtype) for n in pasts}
         out = rt.run({"input_ids": prompt.cpu().numpy(), **masks, **past, **feeds_adapter})
         nxt = torch.from_numpy(out["logits"][:, -1].argmax(-1)).to(prompt.device)[:, None]
         past = {i: out[o] for i, o in zip(pasts, presents)}

@@ -238,13 +238,13 @@ def _prepare(pm: PeftModel, inputs: dict, kv_cache: bool, source, adapter_inputs
         work = unmerge(pm)
     plan: dict[str, Any] = {"kv": None, "entries": [], "prefix": ""}
     if kv_cache:
-        from ._kv import PREFIX, build_step_model, past_names
+        from ._kv import MASK_INPUTS, PREFIX, build_step_model, past_names
 
         if "input_ids" not in inputs:
             raise ExportError("kv_cache=True needs example_inputs with 'input_ids'.")
         work, inputs, layout = build_step_model(work, source, inputs["input_ids"], padded=kv_cache == "padded")
         plan.update(kv=layout, prefix=PREFIX + ".", kv_config=getattr(source, "config", None))
-        names = ["input_ids"] + layout.to_dict().get("mask_inputs", []) + past_names(layout.layers)
+        names = ["input_ids"] + (list(MASK_INPUTS) if layout.padded else []) + past_names(layout.layers)
         stages["cache graph"] = time.perf_counter() - t
         t = time.perf_counter()
     else:
@@ -303,8 +303,8 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
         work.eval()
         with torch.no_grad():
             out_keys = [n for n, _ in flatten_outputs(work(**inputs))]
-        out_names = unique_output_names(out_keys, plan["names"] + [e.name for e in entries])
         io_names = plan["names"] + [e.name for e in entries]
+        out_names = unique_output_names(out_keys, io_names)
         translations = grouped_mm_translations(work)
         program = None
         if not entries and os.environ.get("PEFTFX_EXPORT_REUSE", "1") != "0":
@@ -349,11 +349,12 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
     level, target, strict = plan.get("optimize", ("none", "cpu", True))
     plan["optimized"] = optimize_file(tmp, level, target, strict=strict)
     if plan["kv"] is not None:
+        from ._kv import past_names
         from .optimize import optimize_kv_attention
 
         plan["kv"] = optimize_kv_attention(tmp, plan["optimized"], plan["kv"], plan.get("kv_config"))
         if plan["kv"].order == "bnsh":          # the past sequence axis moved from 1 to 2
-            pasts = set(plan["kv"].to_dict()["inputs"])
+            pasts = set(past_names(plan["kv"].layers))
             plan["axes"] = {n: ({0: a[0], 2: a[1]} if n in pasts and 1 in a else a)
                             for n, a in plan["axes"].items()}
     stages["optimize"] = plan["optimized"]["seconds"]

@@ -163,8 +163,7 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
             info["sensitivity"] = {k: round(v, 5) for k, v in sorted(errors.items(), key=lambda kv: -kv[1])}
             info["kept_float"] = {k: v for k, v in info["sensitivity"].items() if v > cfg.keep_float}
     except Exception as e:
-        raise ExportError(f"the int8 sensitivity run failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
+        raise ExportError(f"the int8 sensitivity run failed: {_why(e)}") from e
     chosen = [n for n in nodes if n not in info["kept_float"]]
     info["quantized"] = len(chosen)
     if not chosen:
@@ -181,8 +180,7 @@ def quantize_file(src: str, dst: str, cfg: Int8, feeds: Sequence[Mapping[str, np
                     _set_meta(proto, k, v)
                 onnx.save(proto, dst)
         except Exception as e:
-            raise ExportError(f"peftfx's int8 writer failed: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:300] if str(e) else ''}. PEFTFX_INT8_ORT=1 in the "
+            raise ExportError(f"peftfx's int8 writer failed: {_why(e)}. PEFTFX_INT8_ORT=1 in the "
                               "environment uses ONNX Runtime's quantizer instead; please report the model.") from e
         if done:
             info["quantizer"] = "peftfx"
@@ -249,8 +247,7 @@ def _ort_quantize(proto, src: str, dst: str, cfg: Int8, chosen: list[str], reade
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, extra_options=extra,
                                 op_types_to_quantize=["MatMul"], nodes_to_quantize=chosen)
     except Exception as e:  # ORT's quantizer raises its own types
-        raise ExportError(f"ONNX Runtime's int8 quantizer failed ({cfg.mode}): {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
+        raise ExportError(f"ONNX Runtime's int8 quantizer failed ({cfg.mode}): {_why(e)}") from e
     finally:
         ql.setLevel(level)
         os.remove(src)
@@ -359,6 +356,11 @@ def quantize_dynamic_matmuls(proto, nodes: Sequence[str], per_channel: bool,
     for i in reversed([i for i, v in enumerate(graph.input) if v.name in dropped]):
         del graph.input[i]
     return True
+
+
+def _why(e: Exception) -> str:
+    """``Type: first line`` of an error, for a one-line ExportError."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
 @contextlib.contextmanager
