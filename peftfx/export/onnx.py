@@ -330,11 +330,10 @@ def _write(plan: dict, tmp: str, dtype: str, opset: int, big: bool, stages: dict
                 program = _to_onnx(ep, opset, io_names, out_names, translations, plan, stages)
             except Exception as e:  # the exporter raises its own error types; name the op when it says which
                 raise ExportError(f"torch.onnx could not translate the graph to ONNX: {_first_line(e)}") from e
+        _drop_stack_traces(program.model)
         # a float32 file without adapter inputs or cache: axis names and metadata set in memory, before the one
         # write (the fusions keep both); otherwise _postprocess reads the file back to set them
-        _drop_stack_traces(program.model)
-        plan["named"] = dtype == "float32" and not entries and plan["kv"] is None
-        if plan["named"]:
+        if dtype == "float32" and not entries and plan["kv"] is None:
             plan["io"] = _name_in_memory(program.model, plan, out_names, dtype, opset)
         try:
             ts = time.perf_counter()
@@ -523,7 +522,7 @@ def _postprocess(tmp: str, plan: dict, dtype: str, opset: int, big: bool) -> Non
 
     from .adapters import _set_meta, zero_defaults
 
-    if plan.get("named"):           # named in memory before the write (_name_in_memory): the check alone
+    if plan.get("io") is not None:  # named in memory before the write (_name_in_memory): the check alone
         _check(tmp, plan)
         return
     proto = onnx.load(tmp, load_external_data=(dtype == "float16"))
