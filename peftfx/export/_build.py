@@ -372,6 +372,15 @@ def program_from_graph(work: nn.Module, inputs: Mapping[str, torch.Tensor], name
             raise NotReusable(f"the input {name!r} is {given.dtype} {tuple(given.shape)} on {given.device.type}, "
                               f"the trace took {val.dtype} {tuple(val.shape)} on {val.device.type}")
 
+    sizes = {d.node.expr for n in names for d in by_input[n].meta["val"].shape
+             if isinstance(d, torch.SymInt) and getattr(d.node.expr, "is_Symbol", False)}
+    for name, ax in zip(names, axes):
+        shape = by_input[name].meta["val"].shape
+        for i in ax:
+            if i >= len(shape) or not (isinstance(shape[i], torch.SymInt) and shape[i].node.expr in sizes):
+                raise NotReusable(f"axis {i} of {name!r} is named dynamic but its traced size is "
+                                  f"{shape[i] if i < len(shape) else 'absent'}")
+
     # the weights: one placeholder per distinct tensor, parameters, then buffers, then constants (signature order)
     params = dict(work.named_parameters(remove_duplicate=False))
     buffers = dict(work.named_buffers(remove_duplicate=False))
@@ -445,13 +454,6 @@ def program_from_graph(work: nn.Module, inputs: Mapping[str, torch.Tensor], name
     signature = ExportGraphSignature(
         input_specs=specs,
         output_specs=[OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(o.name), None) for o in outs])
-    sizes = {d.node.expr for n in names for d in by_input[n].meta["val"].shape
-             if isinstance(d, torch.SymInt) and getattr(d.node.expr, "is_Symbol", False)}
-    for name, ax in zip(names, axes):
-        shape = by_input[name].meta["val"].shape
-        for i in ax:
-            if i >= len(shape) or not (isinstance(shape[i], torch.SymInt) and shape[i].node.expr in sizes):
-                raise NotReusable(f"axis {i} of {name!r} is named dynamic but its traced size is {shape[i]}")
     shape_env = fake_mode.shape_env
     ranges = {s: shape_env.var_to_range[s] for s in sizes if s in shape_env.var_to_range}
     in_spec = pytree.tree_structure(((tuple(inputs[n] for n in names)), {}))
