@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -232,23 +232,33 @@ def _export_error(e: Exception) -> ExportError:
                        "must be replaced in the model.")
 
 
+def dim_renamer(axes: Mapping[str, dict[int, str]], inputs) -> Callable[[str], str] | None:
+    """The exporter's symbols (``s17``) → the axis names given for the graph inputs, as a function of a dim's text
+    (an expression such as ``s17 + s42`` too); None when no input symbol is named. ``inputs``: (input name, its dims'
+    symbolic texts, None for a fixed dim)."""
+    table: dict[str, str] = {}
+    for input_name, dims in inputs:
+        for i, d in enumerate(dims):
+            name = axes.get(input_name, {}).get(i)
+            if name and d and re.fullmatch(r"s\d+", d):
+                table[d] = name
+    if not table:
+        return None
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, table)) + r")\b")
+    return lambda text: pattern.sub(lambda m: table[m.group(1)], text)
+
+
 def rename_dims(model_proto, axes: Mapping[str, dict[int, str]]) -> None:
     """Replace the exporter's symbols (``s17``) by the axis names given for the graph inputs, everywhere they appear
     (outputs read ``past_sequence + sequence``)."""
-    table: dict[str, str] = {}
     graph = model_proto.graph
-    for inp in graph.input:
-        for i, d in enumerate(inp.type.tensor_type.shape.dim):
-            name = axes.get(inp.name, {}).get(i)
-            if name and d.dim_param and re.fullmatch(r"s\d+", d.dim_param):
-                table[d.dim_param] = name
-    if not table:
+    rename = dim_renamer(axes, ((i.name, [d.dim_param for d in i.type.tensor_type.shape.dim]) for i in graph.input))
+    if rename is None:
         return
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, table)) + r")\b")
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         for d in vi.type.tensor_type.shape.dim:
             if d.dim_param:
-                d.dim_param = pattern.sub(lambda m: table[m.group(1)], d.dim_param)
+                d.dim_param = rename(d.dim_param)
 
 
 def resize_inputs(inputs: Mapping[str, torch.Tensor], axes: Mapping[str, dict[int, str]],

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import warnings
@@ -44,7 +43,7 @@ from .._version import __version__
 from ..apply import fold, merge, unmerge
 from ..model import PeftModel
 from ..passes.cleanup import _mutates
-from ._build import (BATCH, FlatModule, NotReusable, drop_identity_reshapes, dynamic_axes, export_program,
+from ._build import (BATCH, FlatModule, NotReusable, dim_renamer, drop_identity_reshapes, dynamic_axes, export_program,
                      flatten_outputs, keep_modes, program_from_graph, rename_dims, rewrite_untranslatable,
                      tensor_inputs, traced_axes, unique_output_names)
 from ._moe import grouped_mm_translations
@@ -492,20 +491,17 @@ def _name_in_memory(model, plan: dict, out_names: list, dtype: str, opset: int) 
     outputs as they are)."""
     import onnx_ir as ir
 
-    table: dict[str, str] = {}
-    for value in model.graph.inputs:
-        for i, d in enumerate(value.shape or ()):
-            name = plan["axes"].get(value.name, {}).get(i)
-            if name and isinstance(d, ir.SymbolicDim) and d.value and re.fullmatch(r"s\d+", d.value):
-                table[d.value] = name
-    if table:
-        pattern = re.compile(r"\b(" + "|".join(map(re.escape, table)) + r")\b")
+    def texts(value) -> list:
+        return [d.value if isinstance(d, ir.SymbolicDim) else None for d in (value.shape or ())]
+
+    rename = dim_renamer(plan["axes"], ((v.name, texts(v)) for v in model.graph.inputs))
+    if rename is not None:
         values = list(model.graph.inputs) + list(model.graph.outputs)
         values += [v for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs]
         for v in values:
             if v.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value for d in v.shape):
-                v.shape = ir.Shape([ir.SymbolicDim(pattern.sub(lambda m: table[m.group(1)], d.value))
-                                    if isinstance(d, ir.SymbolicDim) and d.value else d for d in v.shape])
+                v.shape = ir.Shape([ir.SymbolicDim(rename(d.value)) if isinstance(d, ir.SymbolicDim) and d.value
+                                    else d for d in v.shape])
     for k, v in _metadata(plan, dtype, opset, out_names).items():
         model.metadata_props[k] = v
 
