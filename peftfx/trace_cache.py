@@ -165,7 +165,7 @@ def key_of(model: nn.Module, kwargs: dict[str, Any], dynamic: bool, general: boo
                                           + list(model.named_buffers(remove_duplicate=False)))]
     tree = [[n, type(m).__module__ + "." + type(m).__qualname__, m.training,
              bool(getattr(m, "gradient_checkpointing", False))] for n, m in model.named_modules()]
-    switches = {k: v for k, v in os.environ.items() if k.startswith("PEFTFX_") and k in _TRACE_SWITCHES}
+    switches = {k: v for k, v in os.environ.items() if k in _TRACE_SWITCHES}
     return json.dumps([type(model).__module__ + "." + type(model).__qualname__, config, tree, tensors,
                        model.training, _input_key(kwargs, dynamic, general), dynamic, torch.__version__,
                        transformers.__version__, switches], default=repr)
