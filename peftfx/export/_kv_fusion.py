@@ -352,11 +352,12 @@ def _rewrite(proto, layout, heads: int) -> None:
 
     graph = proto.graph
     gr = _Graph(graph)
-    pasts, presents = layout.to_dict()["inputs"], layout.to_dict()["outputs"]
+    kv = layout.to_dict()
+    pasts, presents = kv["inputs"], kv["outputs"]
     inputs = {i.name for i in graph.input}
     if not set(pasts) <= inputs or not set(presents) <= gr.outputs:
         raise KvFusionRefused("the file does not have the cache inputs/outputs of a kv_cache=True export")
-    padded = bool(getattr(layout, "padded", False))
+    padded = layout.padded
     extra = [n for n in inputs if ("mask" in n or "position" in n) and not (padded and n in MASK_INPUTS)]
     if extra:
         raise KvFusionRefused(f"the file takes {extra}: rows of different lengths are handled only through a "
